@@ -1,0 +1,120 @@
+"""One layer of HGA attention over the host pool and the summary pages.
+
+Independent of vLLM's classes so that tests can drive it with planned metadata
+(``HGAMetadata.plan``) on any device.  ``HGAAttentionImpl`` is a thin wrapper.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops, routing
+from .config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
+from .rope import RopeSpec
+
+GROUPS = CHUNK_SIZE // GROUP_SIZE
+PREFILL_QUERY_BLOCK = 256  # queries routed and attended at once (bounds mask memory)
+
+
+class HGALayer:
+    def __init__(self, cfg: HGAConfig, rope: RopeSpec, num_heads: int, num_kv_heads: int,
+                 head_size: int, scale: float, max_model_len: int, dense: bool = False,
+                 device: torch.device | str = "cpu"):
+        self.cfg, self.rope, self.dense = cfg, rope, dense
+        self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
+        self.scale = float(scale)
+        self.rot = ops.SummaryRotation(rope, cfg, device)
+        # Fixed decode widths: never more than a max-length request can use.
+        max_chunks = -(-max_model_len // CHUNK_SIZE)
+        self.sinks = min(cfg.sink_chunks, max_chunks)
+        self.local = min(cfg.local_chunks, max_chunks)
+        self.groups = min(cfg.groups_per_query, max_chunks * GROUPS)
+
+    def forward(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                pool: torch.Tensor, summ: torch.Tensor, md, out: torch.Tensor) -> None:
+        """q [T, Hq, D], key/value [T, Hkv, D] of this step; writes out [T, Hq, D].
+
+        pool [nb, Hkv, 2, 64, D] full K/V; summ [nb, Hkv, 1+M, D] float32 summaries.
+        """
+        ops.write_kv(pool, key, value, md.slot_mapping[: key.shape[0]])
+        if md.closing_blocks.numel():
+            chunk_keys = pool[md.closing_blocks, :, 0].transpose(1, 2)  # [nc, C, H, D]
+            summ[md.closing_blocks] = ops.summarize_blocks(chunk_keys, self.rot)
+        if md.decode_rows.numel():
+            if self.dense:
+                for row, r in zip(md.decode_rows.tolist(), md.decode_reqs.tolist()):
+                    out[row:row + 1] = self.attend_prefix(q, pool, summ, md, r, row, 1)
+            else:
+                out[md.decode_rows] = self.decode(q, pool, summ, md).to(out.dtype)
+        for r in md.prefill_reqs:
+            start, n = md.tok_starts[r], md.q_lens[r]
+            out[start:start + n] = self.attend_prefix(q, pool, summ, md, r, start, n)
+
+    # ------------------------------------------------------------------ prefill
+    def attend_prefix(self, q, pool, summ, md, r: int, row: int, n: int) -> torch.Tensor:
+        """Queries rows [row, row+n) of request r over its whole prefix, HGA-masked."""
+        q_start = md.q_starts[r]
+        S = q_start + n
+        t = torch.arange(S, device=q.device)
+        slots = md.block_table[r, t // CHUNK_SIZE].long() * CHUNK_SIZE + t % CHUNK_SIZE
+        k, v = ops.gather_tokens(pool, slots)
+        n_closed = S // CHUNK_SIZE
+        pages = summ[md.block_table[r, :n_closed].long()]  # [n, H, 1+M, D]
+        chunk_sum = pages[:, :, 0].unsqueeze(0)
+        group_sum = pages[:, :, 1:].transpose(1, 2).unsqueeze(0)
+        outs = []
+        for b in range(0, n, PREFILL_QUERY_BLOCK):
+            qb = q[row + b: row + min(n, b + PREFILL_QUERY_BLOCK)]
+            pos = q_start + b + torch.arange(qb.shape[0], device=q.device)
+            if self.dense:
+                causal = t.unsqueeze(0) <= pos.unsqueeze(1)
+                mask = causal.unsqueeze(1).expand(-1, self.num_heads, -1)
+            else:
+                fixed, routed = routing.route(qb, pos, chunk_sum, group_sum, self.cfg)
+                mask = routing.token_mask(pos, fixed, routed, S, self.cfg)
+            outs.append(ops.attend_masked(qb, k, v, mask, self.scale))
+        return torch.cat(outs).to(q.dtype)
+
+    # ------------------------------------------------------------------ decode
+    def decode_groups(self, q, summ, md) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per decode row and query head, the fixed-width list of 16-token groups it sees.
+
+        Returns (pool K rows [R, Hq, Gt], token_ok [R, Hq, Gt, 16], group ids [R, Hq, Gt])
+        with Gt = (F + L + 1) * 4 + groups_per_query: sinks, local window, own chunk
+        (causal), then the routed groups.
+        """
+        qd = q[md.decode_rows]
+        pos = md.decode_pos
+        R, Hq, _ = qd.shape
+        H, M = self.num_kv_heads, GROUPS
+        dev = q.device
+        bt = md.block_table[md.decode_reqs, : md.decode_chunks].long()  # [R, n]
+        pages = summ[bt]  # [R, n, H, 1+M, D]
+        _, routed = routing.route(qd, pos, pages[:, :, :, 0],
+                                  pages[:, :, :, 1:].transpose(2, 3), self.cfg, self.groups)
+        c = (pos // CHUNK_SIZE).unsqueeze(1)  # [R, 1]
+        sink_j = torch.arange(self.sinks, device=dev).unsqueeze(0).expand(R, -1)
+        local_j = c - self.local + torch.arange(self.local, device=dev).unsqueeze(0)
+        whole_j = torch.cat([sink_j, local_j, c], dim=1)  # chunks seen whole
+        whole_ok = torch.cat([sink_j < c, local_j >= self.cfg.sink_chunks,
+                              torch.ones_like(c, dtype=torch.bool)], dim=1)
+        whole_g = whole_j.clamp(min=0).unsqueeze(-1) * M + torch.arange(M, device=dev)
+        whole_g = whole_g.reshape(R, 1, -1).expand(R, Hq, -1)
+        whole_ok = whole_ok.repeat_interleave(M, dim=1).unsqueeze(1).expand(R, Hq, -1)
+        G = min(self.groups, routed.shape[-1])
+        open_g = torch.sort(routed.to(torch.int8), dim=-1, descending=True,
+                            stable=True).indices[..., :G]  # the routed groups come first
+        open_ok = routed.gather(-1, open_g)
+        gid = torch.cat([whole_g, open_g], dim=-1)  # [R, Hq, Gt]
+        gok = torch.cat([whole_ok, open_ok], dim=-1)
+        chunk = (gid // M).clamp(max=bt.shape[1] - 1)  # invalid slots point anywhere real
+        block = bt.gather(1, chunk.reshape(R, -1)).reshape(gid.shape)
+        kv_head = (torch.arange(Hq, device=dev) // (Hq // H)).view(1, Hq, 1)
+        rows = ((block * H + kv_head) * 2) * M + gid % M
+        key_pos = (gid * GROUP_SIZE).unsqueeze(-1) + torch.arange(GROUP_SIZE, device=dev)
+        token_ok = gok.unsqueeze(-1) & (key_pos <= pos.view(R, 1, 1, 1))  # own chunk causal
+        return rows, token_ok, gid
+
+    def decode(self, q, pool, summ, md) -> torch.Tensor:
+        rows, token_ok, _ = self.decode_groups(q, summ, md)
+        return ops.attend_groups(q[md.decode_rows], pool, rows, token_ok, self.scale)

@@ -1,0 +1,206 @@
+"""The vLLM attention backend: metadata, builder, impl.  Kept thin on purpose.
+
+Per step, ``HGAMetadataBuilder.build`` plans once for all layers (which requests decode,
+which chunks close); per layer, ``HGAAttentionImpl.forward``
+  1. writes the step's K/V to the host pool (store.py),
+  2. summarises chunks that closed this step into vLLM's page (ops.summarize_blocks),
+  3. routes and attends: decode rows gather only their visible groups (ops.attend_groups);
+     prefill rows attend over their prefix under the routed mask (ops.attend_masked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from .attention import GROUPS, HGALayer
+from .config import CHUNK_SIZE, HGAConfig
+from .rope import RopeSpec, spec_from_vllm_rope
+from .store import host_pool, summary_view
+
+
+class HGAAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "HGA"
+
+    @staticmethod
+    def get_impl_cls() -> type["HGAAttentionImpl"]:
+        return HGAAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["HGAMetadataBuilder"]:
+        return HGAMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
+        return [CHUNK_SIZE]
+
+    @classmethod
+    def supports_block_size(cls, block_size: int | None) -> bool:
+        return block_size is None or block_size == CHUNK_SIZE
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        return CHUNK_SIZE
+
+    @classmethod
+    def supports_kv_connector(cls) -> bool:
+        return False  # our pages hold summaries; a connector would ship no K/V
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return True
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """One state per block: the chunk's float32 summaries, [H_kv, 1 + M, D]."""
+        assert spec.block_size == CHUNK_SIZE, f"HGA needs block size {CHUNK_SIZE}"
+        return dataclasses.replace(spec, tokens_per_state=spec.block_size,
+                                   state_content_bytes=(1 + GROUPS) * spec.head_size * 4)
+
+
+@dataclass
+class HGAMetadata:
+    num_actual_tokens: int
+    slot_mapping: torch.Tensor  # [T] block*64 + offset, -1 for padding
+    block_table: torch.Tensor  # [R, max_blocks]
+    q_starts: list[int]  # per request: position of its first query this step
+    q_lens: list[int]
+    tok_starts: list[int]  # per request: row of its first query in the batch
+    prefill_reqs: list[int]  # requests with more than one query this step
+    decode_rows: torch.Tensor  # [Rd] batch rows of single-query requests
+    decode_reqs: torch.Tensor  # [Rd] their request indices
+    decode_pos: torch.Tensor  # [Rd] their positions
+    decode_chunks: int  # 1 + the largest own-chunk index among decode rows
+    closing_blocks: torch.Tensor  # [nc] block ids whose chunk closed this step
+
+    @classmethod
+    def plan(cls, query_start_loc: list[int], seq_lens: list[int], block_table: torch.Tensor,
+             slot_mapping: torch.Tensor, num_actual_tokens: int) -> "HGAMetadata":
+        """Plan one step for all layers from host-side lengths (no device reads)."""
+        qsl = query_start_loc
+        num_reqs = len(seq_lens)
+        q_lens = [qsl[i + 1] - qsl[i] for i in range(num_reqs)]
+        q_starts = [s - q for s, q in zip(seq_lens, q_lens)]
+        decodes = [r for r in range(num_reqs) if q_lens[r] == 1]
+        closing_r, closing_j = [], []
+        for r in range(num_reqs):  # chunk j closes when its last token (64j+63) is computed
+            for j in range(q_starts[r] // CHUNK_SIZE, seq_lens[r] // CHUNK_SIZE):
+                closing_r.append(r)
+                closing_j.append(j)
+        dev = block_table.device
+
+        def idx(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(dev, non_blocking=True)
+
+        return cls(
+            num_actual_tokens=num_actual_tokens, slot_mapping=slot_mapping,
+            block_table=block_table, q_starts=q_starts, q_lens=q_lens,
+            tok_starts=qsl[:num_reqs],
+            prefill_reqs=[r for r in range(num_reqs) if q_lens[r] > 1],
+            decode_rows=idx([qsl[r] for r in decodes]), decode_reqs=idx(decodes),
+            decode_pos=idx([q_starts[r] for r in decodes]),
+            decode_chunks=1 + max((q_starts[r] // CHUNK_SIZE for r in decodes), default=-1),
+            closing_blocks=block_table[idx(closing_r), idx(closing_j)].long(),
+        )
+
+
+class HGAMetadataBuilder(AttentionMetadataBuilder[HGAMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
+                 vllm_config: VllmConfig, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        assert kv_cache_spec.block_size == CHUNK_SIZE
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> HGAMetadata:
+        cm = common_attn_metadata
+        seq_cpu = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None \
+            else cm.seq_lens.cpu()
+        return HGAMetadata.plan(cm.query_start_loc_cpu.tolist(), seq_cpu.tolist()[: cm.num_reqs],
+                                cm.block_table_tensor, cm.slot_mapping, cm.num_actual_tokens)
+
+
+def model_rope_spec(vllm_config: VllmConfig, head_size: int, neox: bool) -> RopeSpec:
+    """The model's own RoPE frequencies, read from vLLM's rotary embedding."""
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    hf = vllm_config.model_config.hf_text_config
+    rope = get_rope(head_size, max_position=getattr(hf, "max_position_embeddings", 8192),
+                    is_neox_style=neox, rope_parameters=getattr(hf, "rope_parameters", None),
+                    dtype=torch.float32)
+    return spec_from_vllm_rope(rope, head_size)
+
+
+class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
+    def __init__(self, num_heads: int, head_size: int, scale: float,
+                 num_kv_heads: int | None = None, alibi_slopes: list[float] | None = None,
+                 sliding_window: int | None = None, kv_cache_dtype: str = "auto",
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, **extra) -> None:
+        problems = []
+        if alibi_slopes is not None:
+            problems.append("ALiBi")
+        if sliding_window is not None:
+            problems.append("sliding window")
+        if logits_soft_cap:
+            problems.append("logit soft-capping")
+        if attn_type != AttentionType.DECODER:
+            problems.append(f"attention type {attn_type}")
+        if kv_sharing_target_layer_name is not None:
+            problems.append("cross-layer KV sharing")
+        if extra.get("sinks") is not None:
+            problems.append("learned attention sinks")
+        if problems:
+            raise ValueError(f"HGA does not support {', '.join(problems)} in this layer")
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        from .startup import rope_is_neox
+
+        vllm_config = get_current_vllm_config()
+        self.cfg = HGAConfig.from_vllm_config(vllm_config)
+        self.rope = model_rope_spec(vllm_config, head_size,
+                                    bool(rope_is_neox(vllm_config, self.cfg)))
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.layer: HGALayer | None = None  # built on first forward (needs the layer name)
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: HGAMetadata, output: torch.Tensor,
+                output_scale=None, output_block_scale=None) -> torch.Tensor:
+        if attn_metadata is None:  # memory-profiling run
+            return output.fill_(0)
+        if self.layer is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            dense = extract_layer_index(layer.layer_name) in self.cfg.dense_layers
+            self.layer = HGALayer(self.cfg, self.rope, self.num_heads, self.num_kv_heads,
+                                  self.head_size, self.scale, self.max_model_len, dense,
+                                  query.device)
+        T = attn_metadata.num_actual_tokens
+        pool = host_pool().layer(layer.layer_name, kv_cache.shape[0], self.num_kv_heads,
+                                 self.head_size, key.dtype, key.device)
+        H, D = self.num_heads, self.head_size
+        self.layer.forward(query[:T].view(T, H, D), key[:T], value[:T], pool,
+                           summary_view(kv_cache, GROUPS, D), attn_metadata,
+                           output[:T].view(T, H, D))
+        return output

@@ -1,0 +1,179 @@
+"""HGA configuration: one frozen, validated object per engine.
+
+Sources, later ones winning key by key:
+  1. the defaults below (the paper's: F=2, L=8, K_c=20, K_g=32),
+  2. a YAML preset (``"preset": "paper"`` names ``configs/paper.yaml``; a path works too),
+  3. the keys of ``--additional-config '{"hga": {...}}'``.
+
+Every value is checked when the object is built, so a bad value stops start-up with the
+reason and the fix instead of failing at request time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+CHUNK_SIZE = 64  # tokens per chunk; one chunk is one vLLM KV block
+GROUP_SIZE = 16  # tokens per group; 4 groups per chunk
+
+# Presets live in the repository's configs/ (the package is installed editable).
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class HGAConfigError(ValueError):
+    """A configuration HGA cannot run with. The message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class HGAConfig:
+    # Budgets (names follow the paper: F, L, K_c, K_g).
+    sink_chunks: int = 2  # F: first chunks every query sees (attention sinks)
+    local_chunks: int = 8  # L: last closed chunks every query sees (local window)
+    topk_chunks: int = 20  # K_c: chunks kept by chunk routing, per query head
+    topk_groups: int = 32  # K_g: groups opened inside the kept chunks
+    # Groups each query attends to; the paper lets a query see K_g // 2 of the K_g opened.
+    groups_per_query: int | None = None
+    # RoPE pair i is "high frequency" (summed after rotation) when
+    # (chunk_size - 1) * inv_freq_i > rope_threshold radians; else it is summed before
+    # rotation and rotated at the span's middle position.  0.5 is the authors' value.
+    rope_threshold: float = 0.5
+    # RoPE pairing of the model: "neox" (rotate-half) or "gptj" (interleaved).  None: take it
+    # from the known architectures list (startup.NEOX_ARCHITECTURES) and refuse others.
+    rope_style: str | None = None
+    chunk_size: int = CHUNK_SIZE
+    group_size: int = GROUP_SIZE
+    # Layers (by index) that stay exactly dense, e.g. (0, 1).  Empty: every layer routes.
+    dense_layers: tuple[int, ...] = ()
+    # Host tier: bytes of full K/V the host pool may hold (None: as much as vLLM's KV
+    # budget for this platform would give dense attention).
+    host_kv_bytes: int | None = None
+    # Optional NVMe tier: directory for cold blocks, and its byte budget.
+    disk_dir: str | None = None
+    disk_kv_bytes: int | None = None
+    # Device working set: chunks of K/V kept on the device for routed groups (LRU).
+    bank_chunks: int = 512
+    preset: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.groups_per_query is None:
+            object.__setattr__(self, "groups_per_query", self.topk_groups // 2)
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(self.dense_layers))))
+        self._validate()
+
+    # ------------------------------------------------------------------ checks
+    def _validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise HGAConfigError(f"hga config: {msg}")
+
+        need(self.chunk_size == CHUNK_SIZE,
+             f"chunk_size must be {CHUNK_SIZE} (one chunk is one vLLM block); got {self.chunk_size}")
+        need(self.group_size == GROUP_SIZE,
+             f"group_size must be {GROUP_SIZE}; got {self.group_size}")
+        for name in ("sink_chunks", "local_chunks"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0; got {v!r}")
+        for name in ("topk_chunks", "topk_groups", "groups_per_query", "bank_chunks"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1; got {v!r}")
+        need(self.sink_chunks + self.local_chunks >= 1,
+             "sink_chunks + local_chunks must be >= 1 so every query keeps some context")
+        need(self.groups_per_query <= self.topk_groups,
+             f"groups_per_query ({self.groups_per_query}) cannot exceed topk_groups "
+             f"({self.topk_groups}): a query only sees opened groups")
+        groups_in_kept = self.topk_chunks * self.groups_per_chunk
+        need(self.topk_groups <= groups_in_kept,
+             f"topk_groups ({self.topk_groups}) exceeds the {groups_in_kept} groups inside "
+             f"topk_chunks={self.topk_chunks} chunks; raise topk_chunks or lower topk_groups")
+        need(isinstance(self.rope_threshold, (int, float)) and self.rope_threshold >= 0,
+             f"rope_threshold must be a number >= 0 (radians); got {self.rope_threshold!r}")
+        need(self.rope_style in (None, "neox", "gptj"),
+             f"rope_style must be 'neox' or 'gptj'; got {self.rope_style!r}")
+        need(all(isinstance(i, int) and i >= 0 for i in self.dense_layers),
+             f"dense_layers must be layer indices >= 0; got {self.dense_layers!r}")
+        for name in ("host_kv_bytes", "disk_kv_bytes"):
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, int) and v > 0),
+                 f"{name} must be a positive number of bytes; got {v!r}")
+        need((self.disk_dir is None) == (self.disk_kv_bytes is None),
+             "disk_dir and disk_kv_bytes go together: set both to enable the NVMe tier")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def groups_per_chunk(self) -> int:
+        return self.chunk_size // self.group_size
+
+    @property
+    def keys_per_query_bound(self) -> int:
+        """Largest number of real keys one query of one head can see."""
+        fixed = (self.sink_chunks + self.local_chunks + 1) * self.chunk_size
+        return fixed + self.groups_per_query * self.group_size
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> "HGAConfig":
+        values = dict(values or {})
+        merged: dict[str, Any] = {}
+        preset = values.get("preset") or os.environ.get("VLLM_HGA_PRESET")
+        if preset:
+            merged.update(load_preset(preset))
+            merged["preset"] = preset
+        merged.update(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise HGAConfigError(
+                f"hga config: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        for key in ("host_kv_bytes", "disk_kv_bytes"):
+            merged[key] = _parse_bytes(merged.get(key), key)
+        if "dense_layers" in merged:
+            merged["dense_layers"] = tuple(merged["dense_layers"] or ())
+        return cls(**merged)
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> "HGAConfig":
+        extra = getattr(vllm_config, "additional_config", None) or {}
+        return cls.from_mapping(extra.get("hga"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    import yaml
+
+    path = Path(name)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise HGAConfigError(f"hga config: preset {name!r} not found; known presets: {known}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise HGAConfigError(f"hga config: preset {path} must hold a mapping of keys")
+    data = data.get("hga", data)
+    data.pop("preset", None)
+    return data
+
+
+_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def _parse_bytes(value: Any, key: str) -> int | None:
+    """Accept 123, "512MiB", "8GiB", "8G" so users need not count bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    text = str(value).strip().lower().replace("ib", "").replace("b", "")
+    try:
+        if text and text[-1] in _UNITS:
+            return int(float(text[:-1]) * _UNITS[text[-1]])
+        return int(text)
+    except ValueError:
+        raise HGAConfigError(
+            f"hga config: {key}={value!r} is not a size; write e.g. 8GiB or 536870912") from None

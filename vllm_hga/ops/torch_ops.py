@@ -1,0 +1,119 @@
+"""Torch implementations of HGA's ops (CPU, and the fallback on CUDA).
+
+Pool layout (see store.py): pool[block, kv_head, 0|1 (K|V), 64, D], so one 16-token group
+of one head is a contiguous run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import HGAConfig
+from ..rope import RopeSpec
+
+
+def _math_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half types (fp32 softmax and sums), float64 stays float64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+class SummaryRotation:
+    """Rotations that move each key of a chunk to its span's middle position.
+
+    For a chunk-aligned block, token t sits at offset t inside the chunk, so the relative
+    rotation (anchor - position) is the same for every chunk: two [64, pairs] tables,
+    identity on high-frequency pairs (those are averaged as rotated).
+    """
+
+    def __init__(self, rope: RopeSpec, cfg: HGAConfig, device: torch.device | str = "cpu"):
+        C, gs = cfg.chunk_size, cfg.group_size
+        t = torch.arange(C, dtype=torch.float64)
+        low = (~rope.high_frequency(C, cfg.rope_threshold)).to(torch.float64)
+        f = torch.tensor(rope.inv_freq, dtype=torch.float64) * low
+        chunk_delta = (C - 1) // 2 - t
+        group_delta = (t // gs) * gs + (gs - 1) // 2 - t
+        # kept in float64 (tiny) so float64 test runs stay exact; cast on use
+        self.cos = torch.stack([torch.cos(chunk_delta[:, None] * f),
+                                torch.cos(group_delta[:, None] * f)]).to(device)
+        self.sin = torch.stack([torch.sin(chunk_delta[:, None] * f),
+                                torch.sin(group_delta[:, None] * f)]).to(device)
+        a, b = rope.pair_index()
+        self.a, self.b = a.to(device), b.to(device)
+        self.groups = cfg.groups_per_chunk
+
+    def rotated(self, k: torch.Tensor, level: int) -> torch.Tensor:
+        """k [nb, C, H, D] (float32/64) rotated to the chunk (level 0) or group (1) middles."""
+        cos = self.cos[level][None, :, None, :].to(k.dtype)
+        sin = self.sin[level][None, :, None, :].to(k.dtype)
+        out = k.clone()
+        ka, kb = k[..., self.a], k[..., self.b]
+        out[..., self.a] = ka * cos - kb * sin
+        out[..., self.b] = ka * sin + kb * cos
+        return out
+
+
+def summarize_blocks(k: torch.Tensor, rot: SummaryRotation) -> torch.Tensor:
+    """Summaries [nb, H, 1+M, D] float32 of full chunks k [nb, C, H, D] (post-RoPE).
+
+    Row 0 is the chunk summary, rows 1..M the group summaries: means of keys, with
+    low-frequency RoPE pairs first rotated to the span's middle position.
+    """
+    nb, C, H, D = k.shape
+    k32 = k.to(_math_dtype(k))
+    chunk = rot.rotated(k32, 0).mean(dim=1)  # [nb, H, D]
+    group = rot.rotated(k32, 1).view(nb, rot.groups, C // rot.groups, H, D).mean(dim=2)
+    return torch.cat([chunk.unsqueeze(1), group], dim=1).transpose(1, 2).contiguous()
+
+
+def write_kv(pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Write key/value [T, H, D] of token slots [T] (block*64 + offset; <0 = padding)."""
+    C = pool.shape[3]
+    keep = slots >= 0
+    if not bool(keep.all()):
+        key, value, slots = key[keep], value[keep], slots[keep]
+    blocks, offs = slots // C, slots % C
+    pool[blocks, :, 0, offs] = key.to(pool.dtype)
+    pool[blocks, :, 1, offs] = value.to(pool.dtype)
+
+
+def gather_tokens(pool: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V [N, H, D] of token slots [N] (all valid)."""
+    C = pool.shape[3]
+    blocks, offs = slots // C, slots % C
+    return pool[blocks, :, 0, offs], pool[blocks, :, 1, offs]
+
+
+def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """Exact attention of q [T, Hq, D] over k, v [S, Hkv, D] where mask [T, Hq, S]; fp32 math."""
+    T, Hq, D = q.shape
+    dt = _math_dtype(q)
+    qf = q.to(dt).transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D]
+    kf = k.to(dt).transpose(0, 1).unsqueeze(0)
+    vf = v.to(dt).transpose(0, 1).unsqueeze(0)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qf, kf, vf, attn_mask=mask.transpose(0, 1).unsqueeze(0), scale=scale,
+        enable_gqa=Hq != k.shape[1])
+    return out[0].transpose(0, 1)
+
+
+def attend_groups(q: torch.Tensor, pool: torch.Tensor, group_rows: torch.Tensor,
+                  token_ok: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode attention over gathered 16-token groups.
+
+    q [R, Hq, D]; group_rows [R, Hq, G] are K rows of the pool viewed as
+    [blocks*H*2*M, 16, D], i.e. ((block*H + kv_head)*2)*M + group (the V row is M later);
+    token_ok [R, Hq, G, 16] marks real, visible keys.  Returns [R, Hq, D] float32.
+    """
+    nb, H, _, C, D = pool.shape
+    M = C // 16
+    rows = pool.view(nb * H * 2 * M, 16, D)
+    dt = _math_dtype(q)
+    k = rows[group_rows].to(dt)  # [R, Hq, G, 16, D]
+    v = rows[group_rows + M].to(dt)  # V half of the same block/head sits M rows later
+    R, Hq, G = group_rows.shape
+    logits = torch.einsum("rhd,rhgtd->rhgt", q.to(dt), k) * scale
+    logits = logits.masked_fill(~token_ok, float("-inf")).view(R, Hq, G * 16)
+    probs = torch.softmax(logits, dim=-1).view(R, Hq, G, 16)
+    return torch.einsum("rhgt,rhgtd->rhd", probs, v)

@@ -1,0 +1,63 @@
+"""Thin subclasses of vLLM's CPU and CUDA platforms that make ``--attention-backend HGA`` work.
+
+They behave exactly like the built-in platform unless HGA is selected.  Then they
+  * validate the model and the HGA config at start-up (clear errors, no weights loaded),
+  * fix the block size to 64 and cap the block count to what the host tier holds,
+  * on CPU, return HGA from backend selection (the CPU platform ignores the choice).
+"""
+
+from __future__ import annotations
+
+
+class HGAPlatformMixin:
+    @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        super().check_and_update_config(vllm_config)  # type: ignore[misc]
+        from .startup import configure_engine
+
+        configure_engine(vllm_config)
+
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        if selected_backend is not None and getattr(selected_backend, "name", "") == "HGA":
+            backend = selected_backend.get_class()
+            reasons = backend.validate_configuration(
+                device_capability=cls.get_device_capability() if cls.device_type == "cuda" else None,
+                **attn_selector_config._asdict())
+            if reasons:
+                raise ValueError("HGA backend cannot run this layer: " + "; ".join(reasons))
+            return selected_backend.get_path()
+        return super().get_attn_backend_cls(  # type: ignore[misc]
+            selected_backend, attn_selector_config, num_heads)
+
+
+def _cpu_platform():
+    from vllm.platforms.cpu import CpuPlatform
+
+    class HGACpuPlatform(HGAPlatformMixin, CpuPlatform):
+        pass
+
+    return HGACpuPlatform
+
+
+def _cuda_platform():
+    from vllm.platforms.cuda import CudaPlatform
+
+    class HGACudaPlatform(HGAPlatformMixin, CudaPlatform):
+        pass
+
+    return HGACudaPlatform
+
+
+def __getattr__(name: str):
+    # Built lazily: importing vllm.platforms.cuda on a CPU build (or vice versa) fails.
+    if name == "HGACpuPlatform":
+        cls = _cpu_platform()
+    elif name == "HGACudaPlatform":
+        cls = _cuda_platform()
+    else:
+        raise AttributeError(name)
+    cls.__module__ = __name__
+    cls.__qualname__ = name
+    globals()[name] = cls
+    return cls

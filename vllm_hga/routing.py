@@ -1,0 +1,93 @@
+"""HGA routing, vectorised over queries: which groups of closed chunks each query sees.
+
+Same rules as ``reference.visible_mask`` (see there), computed for many queries at once
+from stored summaries.  Works on any device; no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import HGAConfig
+
+NEG_INF = float("-inf")
+
+
+def window_masks(pos: torch.Tensor, n_chunks: int, cfg: HGAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fixed, pool), both bool [N, n_chunks], for queries at positions pos [N].
+
+    fixed = sinks + local window (always visible); pool = chunks routing chooses from.
+    """
+    c = (pos // cfg.chunk_size).unsqueeze(1)  # [N, 1] the query's own chunk
+    j = torch.arange(n_chunks, device=pos.device).unsqueeze(0)
+    F, L = cfg.sink_chunks, cfg.local_chunks
+    sinks = j < torch.clamp(c, max=F)
+    local = (j >= torch.clamp(c - L, min=F)) & (j < c)
+    pool = (j >= F) & (j < c - L)
+    return sinks | local, pool
+
+
+def _first_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k best scores along the last dim, ties to the lower index."""
+    if scores.shape[-1] <= k:
+        return torch.arange(scores.shape[-1], device=scores.device).expand(scores.shape)
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def route(q: torch.Tensor, pos: torch.Tensor, chunk_sum: torch.Tensor, group_sum: torch.Tensor,
+          cfg: HGAConfig, groups_per_query: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route queries q [N, Hq, D] at positions pos [N].
+
+    chunk_sum [B, n, Hkv, D] and group_sum [B, n, M, Hkv, D] are the summaries of chunk
+    slots 0..n-1 (B = N, or 1 to share one request's summaries); slots a query may not
+    see are masked by position, so their contents never matter.
+
+    Returns (fixed [N, n] bool, routed [N, Hq, n*M] bool): whole chunks every head sees,
+    and the groups each head opened by routing.
+    """
+    N, Hq, _ = q.shape
+    n, Hkv = chunk_sum.shape[1], chunk_sum.shape[2]
+    M = cfg.groups_per_chunk
+    rep = Hq // Hkv
+    fixed, pool = window_masks(pos, n, cfg)
+    routed = torch.zeros(N, Hq, n * M, dtype=torch.bool, device=q.device)
+    if n == 0 or (q.device.type == "cpu" and not bool(pool.any())):
+        return fixed, routed  # nothing to route (the check would sync a GPU, so CPU only)
+    qd = q.to(chunk_sum.dtype).view(N, Hkv, rep, -1)
+    shared = chunk_sum.shape[0] == 1 and N > 1  # one request's summaries for all queries
+    b = "" if shared else "n"
+    if shared:
+        chunk_sum, group_sum = chunk_sum[0], group_sum[0]
+    # level 1: chunk scores per query head (a KV head's summary serves its GQA group)
+    chunk_scores = torch.einsum(f"nkrd,{b}jkd->nkrj", qd, chunk_sum).reshape(N, Hq, n)
+    pool_h = pool.unsqueeze(1)
+    chunk_scores = chunk_scores.masked_fill(~pool_h, NEG_INF)
+    if cfg.local_chunks == 0:  # the preceding chunk is then in the pool: always keep it
+        prev = (torch.arange(n, device=q.device) == (pos // cfg.chunk_size - 1).unsqueeze(1))
+        chunk_scores = chunk_scores.masked_fill((prev & pool).unsqueeze(1), float("inf"))
+    kept_idx = _first_k(chunk_scores, cfg.topk_chunks)
+    kept = torch.zeros(N, Hq, n, dtype=torch.bool, device=q.device)
+    kept = kept.scatter_(-1, kept_idx, True) & pool_h
+    # level 2: group scores inside the kept chunks
+    group_scores = torch.einsum(f"nkrd,{b}jmkd->nkrjm", qd, group_sum).reshape(N, Hq, n * M)
+    kept_groups = kept.repeat_interleave(M, dim=-1)
+    group_scores = group_scores.masked_fill(~kept_groups, NEG_INF)
+    G = cfg.groups_per_query if groups_per_query is None else groups_per_query
+    open_idx = _first_k(group_scores, G)
+    routed.scatter_(-1, open_idx, True)
+    return fixed, routed & kept_groups
+
+
+def token_mask(pos: torch.Tensor, fixed: torch.Tensor, routed: torch.Tensor, n_keys: int,
+               cfg: HGAConfig) -> torch.Tensor:
+    """Bool [N, Hq, n_keys] over keys 0..n_keys-1 of one request, own chunk causal."""
+    C, gs = cfg.chunk_size, cfg.group_size
+    N, Hq, nM = routed.shape
+    groups = routed | fixed.repeat_interleave(cfg.groups_per_chunk, dim=-1).unsqueeze(1)
+    mask = groups.repeat_interleave(gs, dim=-1)
+    if mask.shape[-1] < n_keys:
+        mask = torch.nn.functional.pad(mask, (0, n_keys - mask.shape[-1]))
+    mask = mask[..., :n_keys]
+    key = torch.arange(n_keys, device=pos.device).unsqueeze(0)
+    own = (key >= (pos // C * C).unsqueeze(1)) & (key <= pos.unsqueeze(1))
+    return mask | own.unsqueeze(1)

@@ -1,0 +1,188 @@
+"""Start-up checks and engine sizing, run once in the API-server process.
+
+Everything HGA cannot serve is refused here, with the reason and the fix, before any
+weights load: a request must never be the first to find out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from .config import CHUNK_SIZE, HGAConfig, HGAConfigError
+
+logger = logging.getLogger("vllm_hga")
+
+SUPPORTED_KV_DTYPES = ("auto", "bfloat16", "float16", "float32")
+# RoPE variants that are a plain per-position rotation (HGA's summaries rely on it).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "ntk", None)
+# Architectures whose vLLM model rotates keys NeoX style (rotate-half pairs).
+NEOX_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
+    "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+})
+
+
+def rope_is_neox(vllm_config, cfg: HGAConfig) -> bool | None:
+    """The model's RoPE pairing, or None when we do not know it."""
+    if cfg.rope_style is not None:
+        return cfg.rope_style == "neox"
+    archs = set(getattr(vllm_config.model_config.hf_config, "architectures", None) or ())
+    return True if archs & NEOX_ARCHITECTURES else None
+
+
+def is_hga_selected(vllm_config) -> bool:
+    backend = getattr(vllm_config.attention_config, "backend", None)
+    return backend is not None and getattr(backend, "name", None) == "HGA"
+
+
+def unsupported_features(vllm_config) -> list[str]:
+    """Reasons (with fixes) why this engine configuration cannot run HGA."""
+    reasons: list[str] = []
+    model = vllm_config.model_config
+    cache = vllm_config.cache_config
+    hf = model.hf_text_config
+    if model.use_mla:
+        reasons.append("the model uses MLA (latent attention); HGA routes GQA/MHA keys. "
+                       "Serve this model with vLLM's own MLA backends.")
+    if model.is_encoder_decoder:
+        reasons.append("encoder-decoder / cross attention is not supported; HGA is for "
+                       "decoder-only causal models.")
+    if model.get_sliding_window() is not None or getattr(hf, "layer_types", None) and any(
+            "sliding" in str(t) or "chunked" in str(t) for t in hf.layer_types):
+        reasons.append("the model has sliding-window or local-attention layers; HGA replaces "
+                       "full causal attention only. Use a full-attention model.")
+    if getattr(hf, "attention_chunk_size", None):
+        reasons.append("the model uses chunked local attention; not supported by HGA.")
+    if model.uses_alibi:
+        reasons.append("ALiBi position bias is not supported (HGA summaries assume RoPE).")
+    for key in ("attn_logit_softcapping", "attn_logit_softcap"):
+        if getattr(hf, key, None):
+            reasons.append("attention logit soft-capping is not supported by HGA.")
+    if str(cache.cache_dtype) not in SUPPORTED_KV_DTYPES:
+        reasons.append(f"--kv-cache-dtype {cache.cache_dtype} is not supported; HGA keeps "
+                       "K/V in the model dtype. Drop --kv-cache-dtype (or use 'auto').")
+    rope = _rope_parameters(hf)
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        reasons.append(f"RoPE type {rope_type!r} is not supported (supported: "
+                       f"{[t for t in SUPPORTED_ROPE_TYPES if t]}).")
+    if getattr(hf, "dual_chunk_attention_config", None):
+        reasons.append("dual-chunk attention is not supported with HGA.")
+    if vllm_config.speculative_config is not None:
+        reasons.append("speculative decoding is not supported with HGA yet; drop "
+                       "--speculative-config.")
+    par = vllm_config.parallel_config
+    if getattr(par, "decode_context_parallel_size", 1) > 1 or getattr(
+            par, "prefill_context_parallel_size", 1) > 1:
+        reasons.append("context parallelism (DCP/PCP) is not supported with HGA.")
+    if vllm_config.kv_transfer_config is not None:
+        reasons.append("KV connectors / disaggregated prefill are not supported with HGA: "
+                       "HGA's device pages hold summaries, not K/V.")
+    return reasons
+
+
+def _rope_parameters(hf) -> dict:
+    for key in ("rope_parameters", "rope_scaling"):
+        value = getattr(hf, key, None)
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """How many 64-token blocks the host tier can hold, and what that means."""
+
+    host_bytes_per_block: int  # full K+V of one block, all layers
+    device_bytes_per_block: int  # summaries of one block, all layers
+    host_budget_bytes: int
+    num_blocks: int
+
+    @property
+    def max_tokens(self) -> int:
+        return self.num_blocks * CHUNK_SIZE
+
+
+def plan_capacity(vllm_config, cfg: HGAConfig) -> Capacity:
+    """Host pool = num_blocks x (layers x kv_heads x 2 x 64 x head_size x dtype bytes)."""
+    model = vllm_config.model_config
+    par = vllm_config.parallel_config
+    layers = model.get_num_layers(par)
+    kv_heads = model.get_num_kv_heads(par)
+    head = model.get_head_size()
+    itemsize = model.dtype.itemsize
+    host_block = layers * kv_heads * 2 * CHUNK_SIZE * head * itemsize
+    device_block = layers * kv_heads * (1 + cfg.groups_per_chunk) * head * 4
+    budget = cfg.host_kv_bytes or vllm_config.cache_config.kv_cache_memory_bytes \
+        or _default_host_budget()
+    available = _available_host_bytes()
+    if available is not None and budget > available:
+        raise HGAConfigError(
+            f"hga: the host K/V budget is {budget / 2**30:.2f} GiB but only "
+            f"{available / 2**30:.2f} GiB of RAM is available. Set a smaller "
+            "--additional-config '{\"hga\": {\"host_kv_bytes\": \"4GiB\"}}' (or "
+            "VLLM_CPU_KVCACHE_SPACE / --kv-cache-memory-bytes), or free memory.")
+    num_blocks = budget // host_block
+    needed = -(-model.max_model_len // CHUNK_SIZE) + 1  # one request of max length
+    if num_blocks < needed:
+        raise HGAConfigError(
+            f"hga: the host K/V budget of {budget / 2**30:.2f} GiB holds {num_blocks} blocks "
+            f"({num_blocks * CHUNK_SIZE} tokens) but one request of --max-model-len "
+            f"{model.max_model_len} needs {needed} blocks "
+            f"({needed * host_block / 2**30:.2f} GiB). Raise host_kv_bytes or lower "
+            "--max-model-len.")
+    return Capacity(host_block, device_block, budget, int(num_blocks))
+
+
+def _available_host_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # psutil is a vLLM dependency; be tolerant anyway
+        return None
+
+
+def _default_host_budget() -> int:
+    """Half of the RAM available now, at most 64 GiB (set host_kv_bytes to change)."""
+    available = _available_host_bytes() or 8 * 2**30
+    return int(min(available // 2, 64 * 2**30))
+
+
+def configure_engine(vllm_config) -> HGAConfig | None:
+    """Validate and size an engine that selected HGA.  No-op for other backends."""
+    if not is_hga_selected(vllm_config):
+        return None
+    cfg = HGAConfig.from_vllm_config(vllm_config)
+    reasons = unsupported_features(vllm_config)
+    if rope_is_neox(vllm_config, cfg) is None:
+        archs = getattr(vllm_config.model_config.hf_config, "architectures", None)
+        reasons.append(
+            f"HGA has not been validated on architecture {archs}; its summaries must know the "
+            "model's RoPE pairing. If you know it, set --additional-config "
+            "'{\"hga\": {\"rope_style\": \"neox\"}}' (rotate-half, Llama-like) or \"gptj\" "
+            f"(interleaved). Validated: {sorted(NEOX_ARCHITECTURES)}.")
+    if reasons:
+        raise HGAConfigError("HGA cannot serve this configuration:\n  - " + "\n  - ".join(reasons))
+    cache = vllm_config.cache_config
+    if cache.user_specified_block_size and cache.block_size != CHUNK_SIZE:
+        raise HGAConfigError(
+            f"HGA needs --block-size {CHUNK_SIZE} (one chunk is one KV block); got "
+            f"{cache.block_size}. Drop --block-size or set it to {CHUNK_SIZE}.")
+    cache.block_size = CHUNK_SIZE
+    cap = plan_capacity(vllm_config, cfg)
+    if cache.num_gpu_blocks_override is None or cache.num_gpu_blocks_override > cap.num_blocks:
+        cache.num_gpu_blocks_override = cap.num_blocks
+    logger.warning(
+        "HGA: %s; host K/V pool %.2f GiB for %d blocks = %d tokens (%d B/token host, "
+        "%d B/token device summaries)", _describe(cfg), cap.host_budget_bytes / 2**30,
+        cache.num_gpu_blocks_override, cache.num_gpu_blocks_override * CHUNK_SIZE,
+        cap.host_bytes_per_block // CHUNK_SIZE, cap.device_bytes_per_block // CHUNK_SIZE)
+    return cfg
+
+
+def _describe(cfg: HGAConfig) -> str:
+    return (f"F={cfg.sink_chunks} L={cfg.local_chunks} K_c={cfg.topk_chunks} "
+            f"K_g={cfg.topk_groups} groups/query={cfg.groups_per_query}")
