@@ -71,7 +71,8 @@ class HGAConfig:
                 raise HGAConfigError(f"hga config: {msg}")
 
         need(self.chunk_size == CHUNK_SIZE,
-             f"chunk_size must be {CHUNK_SIZE} (one chunk is one vLLM block); got {self.chunk_size}")
+             f"chunk_size must be {CHUNK_SIZE} (one chunk is one vLLM block); "
+             f"got {self.chunk_size}")
         need(self.group_size == GROUP_SIZE,
              f"group_size must be {GROUP_SIZE}; got {self.group_size}")
         for name in ("sink_chunks", "local_chunks"):

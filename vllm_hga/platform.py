@@ -21,9 +21,9 @@ class HGAPlatformMixin:
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
         if selected_backend is not None and getattr(selected_backend, "name", "") == "HGA":
             backend = selected_backend.get_class()
+            capability = cls.get_device_capability() if cls.device_type == "cuda" else None
             reasons = backend.validate_configuration(
-                device_capability=cls.get_device_capability() if cls.device_type == "cuda" else None,
-                **attn_selector_config._asdict())
+                device_capability=capability, **attn_selector_config._asdict())
             if reasons:
                 raise ValueError("HGA backend cannot run this layer: " + "; ".join(reasons))
             return selected_backend.get_path()

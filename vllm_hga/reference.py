@@ -8,7 +8,8 @@ tested against this file.  The rules, for a query at position p in chunk c = p /
 * sinks: chunks [0, min(F, c)); local window: chunks [max(F, c - L), c);
 * the pool is the chunks in between, [F, c - L); per query head, chunk scores
   q . chunk_summary(kv head) pick the top K_c pool chunks (the immediately preceding chunk
-  c - 1 is always kept: it is in the local window when L >= 1, else forced into the pick);
+  c - 1 is always kept: it is in the local window when L >= 1, else forced into the pick,
+  after which its groups compete with the others', as in the authors' code);
 * group scores q . group_summary over the groups of the kept chunks pick the top
   G = groups_per_query groups (the paper's K_g // 2);
 * attention is exact softmax over the real keys of sinks + local + own chunk + groups.

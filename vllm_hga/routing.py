@@ -13,7 +13,8 @@ from .config import HGAConfig
 NEG_INF = float("-inf")
 
 
-def window_masks(pos: torch.Tensor, n_chunks: int, cfg: HGAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def window_masks(pos: torch.Tensor, n_chunks: int,
+                 cfg: HGAConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(fixed, pool), both bool [N, n_chunks], for queries at positions pos [N].
 
     fixed = sinks + local window (always visible); pool = chunks routing chooses from.

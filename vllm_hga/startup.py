@@ -6,13 +6,13 @@ weights load: a request must never be the first to find out.
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
+
+from vllm.logger import init_logger
 
 from .config import CHUNK_SIZE, HGAConfig, HGAConfigError
 
-logger = logging.getLogger("vllm_hga")
+logger = init_logger("vllm_hga")
 
 SUPPORTED_KV_DTYPES = ("auto", "bfloat16", "float16", "float32")
 # RoPE variants that are a plain per-position rotation (HGA's summaries rely on it).
@@ -175,7 +175,7 @@ def configure_engine(vllm_config) -> HGAConfig | None:
     cap = plan_capacity(vllm_config, cfg)
     if cache.num_gpu_blocks_override is None or cache.num_gpu_blocks_override > cap.num_blocks:
         cache.num_gpu_blocks_override = cap.num_blocks
-    logger.warning(
+    logger.info(
         "HGA: %s; host K/V pool %.2f GiB for %d blocks = %d tokens (%d B/token host, "
         "%d B/token device summaries)", _describe(cfg), cap.host_budget_bytes / 2**30,
         cache.num_gpu_blocks_override, cache.num_gpu_blocks_override * CHUNK_SIZE,

@@ -10,14 +10,9 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from .config import CHUNK_SIZE
-
-logger = logging.getLogger("vllm_hga")
-
 
 def summary_view(kv_cache: torch.Tensor, groups: int, head_size: int) -> torch.Tensor:
     """vLLM's page tensor [num_blocks, H, 1, bytes/itemsize] seen as float32 [nb, H, 1+M, D]."""
