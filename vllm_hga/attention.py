@@ -13,7 +13,6 @@ from .config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
 from .rope import RopeSpec
 
 GROUPS = CHUNK_SIZE // GROUP_SIZE
-PREFILL_QUERY_BLOCK = 256  # queries routed and attended at once (bounds mask memory)
 
 
 class HGALayer:
@@ -52,7 +51,12 @@ class HGALayer:
 
     # ------------------------------------------------------------------ prefill
     def attend_prefix(self, q, pool, summ, md, r: int, row: int, n: int) -> torch.Tensor:
-        """Queries rows [row, row+n) of request r over its whole prefix, HGA-masked."""
+        """Queries rows [row, row+n) of request r, one chunk of queries at a time.
+
+        The queries of one chunk share their sinks, local window and own chunk; only the
+        routed groups differ, so each chunk gathers its window plus the union of the
+        groups its queries opened, and attends under a per-query mask.
+        """
         q_start = md.q_starts[r]
         S = q_start + n
         t = torch.arange(S, device=q.device)
@@ -62,18 +66,42 @@ class HGALayer:
         pages = summ[md.block_table[r, :n_closed].long()]  # [n, H, 1+M, D]
         chunk_sum = pages[:, :, 0].unsqueeze(0)
         group_sum = pages[:, :, 1:].transpose(1, 2).unsqueeze(0)
-        outs = []
-        for b in range(0, n, PREFILL_QUERY_BLOCK):
-            qb = q[row + b: row + min(n, b + PREFILL_QUERY_BLOCK)]
-            pos = q_start + b + torch.arange(qb.shape[0], device=q.device)
-            if self.dense:
-                causal = t.unsqueeze(0) <= pos.unsqueeze(1)
-                mask = causal.unsqueeze(1).expand(-1, self.num_heads, -1)
-            else:
-                fixed, routed = routing.route(qb, pos, chunk_sum, group_sum, self.cfg)
-                mask = routing.token_mask(pos, fixed, routed, S, self.cfg)
-            outs.append(ops.attend_masked(qb, k, v, mask, self.scale))
-        return torch.cat(outs).to(q.dtype)
+        out = torch.empty(n, self.num_heads, self.head_size, dtype=q.dtype, device=q.device)
+        first = q_start
+        while first < S:
+            last = min(S, (first // CHUNK_SIZE + 1) * CHUNK_SIZE)  # queries of one chunk
+            pos = torch.arange(first, last, device=q.device)
+            qb = q[row + first - q_start: row + last - q_start]
+            keys, mask = self._block_keys(qb, pos, chunk_sum, group_sum)
+            out[first - q_start: last - q_start] = ops.attend_masked(
+                qb, k[keys], v[keys], mask, self.scale).to(q.dtype)
+            first = last
+        return out
+
+    def _block_keys(self, qb, pos, chunk_sum, group_sum) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key indices [K] and visibility [Tb, Hq, K] for queries of one chunk."""
+        C, gs = CHUNK_SIZE, GROUP_SIZE
+        dev = qb.device
+        c = int(pos[0]) // C
+        F, L = self.cfg.sink_chunks, self.cfg.local_chunks
+        window = [torch.arange(min(F, c) * C, device=dev),
+                  torch.arange(min(c, max(F, c - L)) * C, c * C, device=dev),
+                  torch.arange(c * C, int(pos[-1]) + 1, device=dev)]
+        if self.dense:
+            window = [torch.arange(int(pos[-1]) + 1, device=dev)]
+        win = torch.cat(window)
+        win_ok = (win.unsqueeze(0) <= pos.unsqueeze(1)).unsqueeze(1)  # own chunk causal
+        win_ok = win_ok.expand(qb.shape[0], self.num_heads, -1)
+        if self.dense or c <= F + L:
+            return win, win_ok
+        _, ids, ok = routing.route(qb, pos, chunk_sum[:, :c], group_sum[:, :c], self.cfg)
+        union = torch.unique(ids[ok])  # sorted group ids any query of the chunk opened
+        member = torch.zeros(*ids.shape[:2], union.numel() + 1, dtype=torch.bool, device=dev)
+        slot = torch.where(ok, torch.searchsorted(union, ids), union.numel())
+        member = member.scatter_(-1, slot, True)[..., :-1]  # [Tb, Hq, U]
+        keys = torch.cat([win, (union.unsqueeze(1) * gs + torch.arange(gs, device=dev)).flatten()])
+        mask = torch.cat([win_ok, member.repeat_interleave(gs, dim=-1)], dim=-1)
+        return keys, mask
 
     # ------------------------------------------------------------------ decode
     def decode_groups(self, q, summ, md) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,8 +118,9 @@ class HGALayer:
         dev = q.device
         bt = md.block_table[md.decode_reqs, : md.decode_chunks].long()  # [R, n]
         pages = summ[bt]  # [R, n, H, 1+M, D]
-        _, routed = routing.route(qd, pos, pages[:, :, :, 0],
-                                  pages[:, :, :, 1:].transpose(2, 3), self.cfg, self.groups)
+        _, open_g, open_ok = routing.route(qd, pos, pages[:, :, :, 0],
+                                           pages[:, :, :, 1:].transpose(2, 3), self.cfg,
+                                           self.groups)
         c = (pos // CHUNK_SIZE).unsqueeze(1)  # [R, 1]
         sink_j = torch.arange(self.sinks, device=dev).unsqueeze(0).expand(R, -1)
         local_j = c - self.local + torch.arange(self.local, device=dev).unsqueeze(0)
@@ -101,10 +130,6 @@ class HGALayer:
         whole_g = whole_j.clamp(min=0).unsqueeze(-1) * M + torch.arange(M, device=dev)
         whole_g = whole_g.reshape(R, 1, -1).expand(R, Hq, -1)
         whole_ok = whole_ok.repeat_interleave(M, dim=1).unsqueeze(1).expand(R, Hq, -1)
-        G = min(self.groups, routed.shape[-1])
-        open_g = torch.sort(routed.to(torch.int8), dim=-1, descending=True,
-                            stable=True).indices[..., :G]  # the routed groups come first
-        open_ok = routed.gather(-1, open_g)
         gid = torch.cat([whole_g, open_g], dim=-1)  # [R, Hq, Gt]
         gok = torch.cat([whole_ok, open_ok], dim=-1)
         chunk = (gid // M).clamp(max=bt.shape[1] - 1)  # invalid slots point anywhere real

@@ -37,6 +37,9 @@ class HGAConfig:
     topk_groups: int = 32  # K_g: groups opened inside the kept chunks
     # Groups each query attends to; the paper lets a query see K_g // 2 of the K_g opened.
     groups_per_query: int | None = None
+    # How a chunk is scored for level-1 routing: "summary" (q . chunk summary, the paper)
+    # or "max_group" (the best of its group scores: a short span is not averaged away).
+    chunk_score: str = "summary"
     # RoPE pair i is "high frequency" (summed after rotation) when
     # (chunk_size - 1) * inv_freq_i > rope_threshold radians; else it is summed before
     # rotation and rotated at the span's middle position.  0.5 is the authors' value.
@@ -92,6 +95,8 @@ class HGAConfig:
              f"topk_chunks={self.topk_chunks} chunks; raise topk_chunks or lower topk_groups")
         need(isinstance(self.rope_threshold, (int, float)) and self.rope_threshold >= 0,
              f"rope_threshold must be a number >= 0 (radians); got {self.rope_threshold!r}")
+        need(self.chunk_score in ("summary", "max_group"),
+             f"chunk_score must be 'summary' or 'max_group'; got {self.chunk_score!r}")
         need(self.rope_style in (None, "neox", "gptj"),
              f"rope_style must be 'neox' or 'gptj'; got {self.rope_style!r}")
         need(all(isinstance(i, int) and i >= 0 for i in self.dense_layers),

@@ -14,7 +14,8 @@ tested against this file.  The rules, for a query at position p in chunk c = p /
   G = groups_per_query groups (the paper's K_g // 2);
 * attention is exact softmax over the real keys of sinks + local + own chunk + groups.
 
-Ties in top-k go to the lower index (stable sort), so implementations can agree exactly.
+Ties in top-k go to the lower index here; production paths use torch.topk, whose order
+among exactly equal scores is unspecified (equal float scores do not occur in practice).
 Routing is per query (not pooled over a block), which keeps it causal and makes prefill,
 chunked prefill and token-by-token decode give the same result.
 """
@@ -92,7 +93,10 @@ def visible_mask(q: torch.Tensor, q_start: int, seq_len: int, summ: Summaries,
             continue
         for h in range(Hq):
             kv = h // rep
-            chunk_scores = summ.chunk[pool, kv] @ qd[t, h]
+            if cfg.chunk_score == "max_group":
+                chunk_scores = (summ.group[pool, :, kv] @ qd[t, h]).amax(dim=1)
+            else:
+                chunk_scores = summ.chunk[pool, kv] @ qd[t, h]
             if L == 0 and c - 1 >= F:  # keep the immediately preceding chunk
                 rest = pool[pool != c - 1]
                 rest_scores = chunk_scores[pool != c - 1]

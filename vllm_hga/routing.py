@@ -28,62 +28,70 @@ def window_masks(pos: torch.Tensor, n_chunks: int,
     return sinks | local, pool
 
 
-def _first_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k best scores along the last dim, ties to the lower index."""
-    if scores.shape[-1] <= k:
-        return torch.arange(scores.shape[-1], device=scores.device).expand(scores.shape)
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-
-
 def route(q: torch.Tensor, pos: torch.Tensor, chunk_sum: torch.Tensor, group_sum: torch.Tensor,
-          cfg: HGAConfig, groups_per_query: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          cfg: HGAConfig, groups_per_query: int | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Route queries q [N, Hq, D] at positions pos [N].
 
     chunk_sum [B, n, Hkv, D] and group_sum [B, n, M, Hkv, D] are the summaries of chunk
     slots 0..n-1 (B = N, or 1 to share one request's summaries); slots a query may not
     see are masked by position, so their contents never matter.
 
-    Returns (fixed [N, n] bool, routed [N, Hq, n*M] bool): whole chunks every head sees,
-    and the groups each head opened by routing.
+    Returns (fixed [N, n] bool, open_ids [N, Hq, G] long, open_ok [N, Hq, G] bool): whole
+    chunks every head sees, and per head the group ids (chunk * M + group) routing opened;
+    slots with open_ok False are padding.
     """
     N, Hq, _ = q.shape
     n, Hkv = chunk_sum.shape[1], chunk_sum.shape[2]
     M = cfg.groups_per_chunk
     rep = Hq // Hkv
+    G = cfg.groups_per_query if groups_per_query is None else groups_per_query
     fixed, pool = window_masks(pos, n, cfg)
-    routed = torch.zeros(N, Hq, n * M, dtype=torch.bool, device=q.device)
-    if n == 0 or (q.device.type == "cpu" and not bool(pool.any())):
-        return fixed, routed  # nothing to route (the check would sync a GPU, so CPU only)
-    qd = q.to(chunk_sum.dtype).view(N, Hkv, rep, -1)
+    Kc = min(cfg.topk_chunks, n)
+    G = min(G, Kc * M)
+    if Kc == 0 or G == 0:
+        empty = torch.zeros(N, Hq, 0, dtype=torch.long, device=q.device)
+        return fixed, empty, empty.bool()
     shared = chunk_sum.shape[0] == 1 and N > 1  # one request's summaries for all queries
     b = "" if shared else "n"
     if shared:
         chunk_sum, group_sum = chunk_sum[0], group_sum[0]
+    qd = q.to(chunk_sum.dtype).view(N, Hkv, rep, -1)
+    group_scores = torch.einsum(f"nkrd,{b}jmkd->nkrjm", qd, group_sum).reshape(N, Hq, n, M)
     # level 1: chunk scores per query head (a KV head's summary serves its GQA group)
-    chunk_scores = torch.einsum(f"nkrd,{b}jkd->nkrj", qd, chunk_sum).reshape(N, Hq, n)
-    pool_h = pool.unsqueeze(1)
+    if cfg.chunk_score == "max_group":
+        chunk_scores = group_scores.amax(dim=-1)
+    else:
+        chunk_scores = torch.einsum(f"nkrd,{b}jkd->nkrj", qd, chunk_sum).reshape(N, Hq, n)
+    pool_h = pool.unsqueeze(1).expand(N, Hq, n)
     chunk_scores = chunk_scores.masked_fill(~pool_h, NEG_INF)
     if cfg.local_chunks == 0:  # the preceding chunk is then in the pool: always keep it
-        prev = (torch.arange(n, device=q.device) == (pos // cfg.chunk_size - 1).unsqueeze(1))
+        prev = torch.arange(n, device=q.device) == (pos // cfg.chunk_size - 1).unsqueeze(1)
         chunk_scores = chunk_scores.masked_fill((prev & pool).unsqueeze(1), float("inf"))
-    kept_idx = _first_k(chunk_scores, cfg.topk_chunks)
-    kept = torch.zeros(N, Hq, n, dtype=torch.bool, device=q.device)
-    kept = kept.scatter_(-1, kept_idx, True) & pool_h
-    # level 2: group scores inside the kept chunks
-    group_scores = torch.einsum(f"nkrd,{b}jmkd->nkrjm", qd, group_sum).reshape(N, Hq, n * M)
-    kept_groups = kept.repeat_interleave(M, dim=-1)
-    group_scores = group_scores.masked_fill(~kept_groups, NEG_INF)
-    G = cfg.groups_per_query if groups_per_query is None else groups_per_query
-    open_idx = _first_k(group_scores, G)
-    routed.scatter_(-1, open_idx, True)
-    return fixed, routed & kept_groups
+    kept = torch.topk(chunk_scores, Kc, dim=-1).indices  # [N, Hq, Kc]
+    kept_ok = pool_h.gather(-1, kept)
+    # level 2: group scores inside the kept chunks only
+    group_scores = group_scores.gather(2, kept.unsqueeze(-1).expand(N, Hq, Kc, M))
+    group_scores = group_scores.masked_fill(~kept_ok.unsqueeze(-1), NEG_INF).view(N, Hq, Kc * M)
+    best = torch.topk(group_scores, G, dim=-1).indices  # [N, Hq, G] into kept x M
+    open_ids = kept.gather(-1, best // M) * M + best % M
+    open_ok = kept_ok.gather(-1, best // M)
+    return fixed, open_ids, open_ok
 
 
-def token_mask(pos: torch.Tensor, fixed: torch.Tensor, routed: torch.Tensor, n_keys: int,
-               cfg: HGAConfig) -> torch.Tensor:
+def group_mask(open_ids: torch.Tensor, open_ok: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Bool [N, Hq, n_groups] from routed group ids."""
+    N, Hq, _ = open_ids.shape
+    mask = torch.zeros(N, Hq, n_groups + 1, dtype=torch.bool, device=open_ids.device)
+    ids = torch.where(open_ok, open_ids, n_groups)  # padding lands in a spare column
+    return mask.scatter_(-1, ids, True)[..., :n_groups]
+
+
+def token_mask(pos: torch.Tensor, fixed: torch.Tensor, open_ids: torch.Tensor,
+               open_ok: torch.Tensor, n_keys: int, cfg: HGAConfig) -> torch.Tensor:
     """Bool [N, Hq, n_keys] over keys 0..n_keys-1 of one request, own chunk causal."""
     C, gs = cfg.chunk_size, cfg.group_size
-    N, Hq, nM = routed.shape
+    routed = group_mask(open_ids, open_ok, fixed.shape[1] * cfg.groups_per_chunk)
     groups = routed | fixed.repeat_interleave(cfg.groups_per_chunk, dim=-1).unsqueeze(1)
     mask = groups.repeat_interleave(gs, dim=-1)
     if mask.shape[-1] < n_keys:

@@ -1,0 +1,363 @@
+// Decode routing: per query head, top-K_c pool chunks by q . chunk summary, then top-G
+// groups inside them by q . group summary; emits HGALayer.decode_groups' fixed-width
+// list (sinks, local window, own chunk, routed groups ascending) directly.
+//
+// Two launches.  route_chunks: block (split, kv head, request) scores a slice of the
+// pool chunks for all query heads of the KV head (each summary is read once), keeps the
+// slice's top-K_c per head.  route_groups: one warp per (request, query head) merges the
+// slices' candidates, scores the kept chunks' groups and writes the list.
+// Ties go to the lower index everywhere (as torch's stable sort in routing.py).
+
+#include "hga_common.cuh"
+
+#include <climits>
+
+namespace hga {
+namespace {
+
+constexpr int kRouteWarps = 8;
+constexpr int kMaxTopkChunks = 64;
+
+// Dot product of a float4-sliced summary row with q: lane (sub, l8) holds float4s
+// (i * 8 + l8) for i < D/32, so 8 lanes cover one D-vector and a warp covers 4 rows.
+template <int D>
+__device__ __forceinline__ float slice_dot(const float4 (&s)[D / 32], const float* q, int l8) {
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) {
+    const float4 qq = *reinterpret_cast<const float4*>(q + (i * 8 + l8) * 4);
+    acc += s[i].x * qq.x + s[i].y * qq.y + s[i].z * qq.z + s[i].w * qq.w;
+  }
+  acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+  return acc;  // every lane of the 8 holds the full dot
+}
+
+template <int D>
+__device__ __forceinline__ void load_slices(float4 (&s)[D / 32], const float* row, int l8) {
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) s[i] = *reinterpret_cast<const float4*>(row + (i * 8 + l8) * 4);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kRouteWarps * 32)
+route_chunks_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
+                    const int64_t* __restrict__ pos, const int* __restrict__ bt, int64_t bt_sr,
+                    const float* __restrict__ summ, int64_t s_sb, int64_t s_sh, int Hq, int rep,
+                    int F, int L, int Kc, int S, int split_len, float* __restrict__ cand_s,
+                    int* __restrict__ cand_i) {
+  extern __shared__ float smem[];
+  float* q_s = smem;               // [rep][D]
+  float* sc = smem + rep * D;      // [rep][split_len]
+  const int s = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t c = pos[r] / kChunk;
+  const int64_t lo = F + int64_t(s) * split_len;
+  const int64_t hi = c - L < lo + split_len ? c - L : lo + split_len;  // pool is [F, c - L)
+  const int len = hi > lo ? int(hi - lo) : 0;
+
+  for (int i = threadIdx.x; i < rep * D; i += blockDim.x)
+    q_s[i] = to_float(q[r * q_sr + (kvh * rep + i / D) * q_sh + i % D]);
+  __syncthreads();
+
+  // Scores of this slice's pool chunks, all heads of the KV head.
+  const int sub = lane / 8, l8 = lane % 8;
+  for (int base = warp * 4; base < len; base += kRouteWarps * 4) {
+    const int j = base + sub;
+    const bool valid = j < len;
+    float4 sv[D / 32];
+    if (valid) {
+      const int64_t blk = bt[r * bt_sr + lo + j];
+      load_slices<D>(sv, summ + blk * s_sb + kvh * s_sh, l8);
+    } else {
+#pragma unroll
+      for (int i = 0; i < D / 32; ++i) sv[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    // L == 0: the preceding chunk is in the pool and always kept (routing.py).
+    const bool forced = L == 0 && lo + j == c - 1;
+    for (int h = 0; h < rep; ++h) {
+      const float v = slice_dot<D>(sv, q_s + h * D, l8);
+      if (valid && l8 == 0) sc[h * split_len + j] = forced ? INFINITY : v;
+    }
+  }
+  __syncthreads();
+
+  // Top-K_c of the slice per head: K_c rounds of warp argmax; taken entries become NaN.
+  for (int h = warp; h < rep; h += kRouteWarps) {
+    float* row = sc + h * split_len;
+    const int64_t out = ((int64_t(r) * Hq + kvh * rep + h) * S + s) * Kc;
+    for (int k = 0; k < Kc; ++k) {
+      float best = -INFINITY;
+      int bj = INT_MAX, unused = 0;
+      for (int j = lane; j < len; j += 32) {
+        const float v = row[j];
+        if (better(v, j, best, bj)) { best = v; bj = j; }
+      }
+      warp_argmax(best, bj, unused);
+      const bool found = bj != INT_MAX;
+      if (lane == 0) {
+        cand_s[out + k] = found ? best : -INFINITY;
+        cand_i[out + k] = found ? int(lo + bj) : -1;
+      }
+      if (found && lane == bj % 32) row[bj] = NAN;
+      __syncwarp();
+    }
+  }
+}
+
+__device__ __forceinline__ void store_ok(uint8_t* dst, int64_t gid, bool ok, int64_t pos) {
+  // token t of group gid is visible when the group is and its position is <= pos
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t v = 0;
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+      v |= uint32_t(ok && gid * kGroup + i * 4 + b <= pos) << (8 * b);
+    w[i] = v;
+  }
+  *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(32)
+route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
+                    const int64_t* __restrict__ pos, const int* __restrict__ bt, int64_t bt_sr,
+                    const float* __restrict__ summ, int64_t s_sb, int64_t s_sh, int64_t s_sr,
+                    const float* __restrict__ cand_s, const int* __restrict__ cand_i, int n_cand,
+                    int Kc, int Hq, int Hkv, int n_chunks, int F, int sinks, int local, int G,
+                    int Gt, int64_t* __restrict__ rows, uint8_t* __restrict__ token_ok,
+                    int64_t* __restrict__ gid_out) {
+  extern __shared__ float smem[];
+  float* cs = smem;                                    // [n_cand] candidate scores
+  int* ci = reinterpret_cast<int*>(cs + n_cand);       // [n_cand] candidate chunks
+  int* kept = ci + n_cand;                             // [Kc]
+  float* gs = reinterpret_cast<float*>(kept + Kc);     // [4 Kc] group scores
+  int* gids = reinterpret_cast<int*>(gs + 4 * Kc);     // [4 Kc]
+  int* sel = gids + 4 * Kc;                            // [4 Kc] selected flags
+
+  const int item = blockIdx.x;  // r * Hq + h
+  const int r = item / Hq, h = item % Hq;
+  const int kvh = h / (Hq / Hkv);
+  const int lane = threadIdx.x;
+  const int64_t p = pos[r], c = p / kChunk;
+  const int* btr = bt + r * bt_sr;
+
+  for (int e = lane; e < n_cand; e += 32) {
+    cs[e] = cand_s[int64_t(item) * n_cand + e];
+    ci[e] = cand_i[int64_t(item) * n_cand + e];
+  }
+  __syncwarp();
+
+  // 1. merge the slices' candidates into the top-K_c chunks
+  int nk = 0;
+  for (int k = 0; k < Kc; ++k) {
+    float best = -INFINITY;
+    int bj = INT_MAX, be = -1;
+    for (int e = lane; e < n_cand; e += 32) {
+      const int j = ci[e];
+      if (j >= 0 && better(cs[e], j, best, bj)) { best = cs[e]; bj = j; be = e; }
+    }
+    warp_argmax(best, bj, be);
+    if (bj == INT_MAX) break;
+    if (lane == 0) { kept[nk] = bj; cs[be] = NAN; }
+    ++nk;
+    __syncwarp();
+  }
+  __syncwarp();
+
+  // 2. group scores inside the kept chunks (8 lanes per group row)
+  const int sub = lane / 8, l8 = lane % 8;
+  float4 qv[D / 32];
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) {
+    const T* qp = q + r * q_sr + h * q_sh + (i * 8 + l8) * 4;
+    qv[i] = make_float4(to_float(qp[0]), to_float(qp[1]), to_float(qp[2]), to_float(qp[3]));
+  }
+  const int ng = nk * kGroups;
+  for (int e0 = 0; e0 < ng; e0 += 4) {
+    const int e = e0 + sub;
+    float4 sv[D / 32];
+    if (e < ng) {
+      const int64_t blk = btr[kept[e / kGroups]];
+      load_slices<D>(sv, summ + blk * s_sb + kvh * s_sh + (1 + e % kGroups) * s_sr, l8);
+    } else {
+#pragma unroll
+      for (int i = 0; i < D / 32; ++i) sv[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    float acc = 0.f;
+#pragma unroll
+    for (int i = 0; i < D / 32; ++i)
+      acc += sv[i].x * qv[i].x + sv[i].y * qv[i].y + sv[i].z * qv[i].z + sv[i].w * qv[i].w;
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+    if (e < ng && l8 == 0) {
+      gs[e] = acc;
+      gids[e] = kept[e / kGroups] * kGroups + e % kGroups;
+    }
+  }
+  for (int e = lane; e < ng; e += 32) sel[e] = 0;
+  __syncwarp();
+
+  // 3. top-G groups (ties to the lower group id)
+  const int ns = min(G, ng);
+  if (ns == ng) {
+    for (int e = lane; e < ng; e += 32) sel[e] = 1;
+  } else {
+    for (int k = 0; k < ns; ++k) {
+      float best = -INFINITY;
+      int bg = INT_MAX, be = -1;
+      for (int e = lane; e < ng; e += 32)
+        if (better(gs[e], gids[e], best, bg)) { best = gs[e]; bg = gids[e]; be = e; }
+      warp_argmax(best, bg, be);
+      if (lane == 0 && be >= 0) { sel[be] = 1; gs[be] = NAN; }
+      __syncwarp();
+    }
+  }
+  __syncwarp();
+
+  // 4. the list: fixed chunks, then routed groups ascending, then invalid padding
+  const int nfix = (sinks + local + 1) * kGroups;
+  const int64_t out = int64_t(item) * Gt;
+  for (int e = lane; e < ng; e += 32) {
+    if (!sel[e]) continue;
+    int rank = 0;
+    for (int e2 = 0; e2 < ng; ++e2) rank += sel[e2] && gids[e2] < gids[e];
+    const int64_t g = gids[e], blk = btr[g / kGroups];
+    const int64_t col = out + nfix + rank;
+    rows[col] = ((blk * Hkv + kvh) * 2) * kGroups + g % kGroups;
+    gid_out[col] = g;
+    store_ok(token_ok + col * kGroup, g, true, p);
+  }
+  for (int i = nfix + ns + lane; i < Gt; i += 32) {
+    rows[out + i] = (int64_t(btr[0]) * Hkv + kvh) * 2 * kGroups;
+    gid_out[out + i] = 0;
+    store_ok(token_ok + (out + i) * kGroup, 0, false, p);
+  }
+  for (int f = lane; f < nfix; f += 32) {
+    const int slot = f / kGroups, m = f % kGroups;
+    int64_t j;
+    bool ok;
+    if (slot < sinks) {
+      j = slot; ok = j < c;
+    } else if (slot < sinks + local) {
+      j = c - local + (slot - sinks); ok = j >= F && j >= 0;
+    } else {
+      j = c; ok = true;
+    }
+    const int64_t jc = j > 0 ? j : 0;
+    const int64_t blk = btr[jc < n_chunks - 1 ? jc : n_chunks - 1];
+    rows[out + f] = ((blk * Hkv + kvh) * 2) * kGroups + m;
+    gid_out[out + f] = jc * kGroups + m;
+    store_ok(token_ok + (out + f) * kGroup, jc * kGroups + m, ok, p);
+  }
+}
+
+struct RouteArgs {
+  int R, Hq, Hkv, D;
+  int64_t q_sr, q_sh, bt_sr, s_sb, s_sh, s_sr;
+};
+
+RouteArgs check_route_inputs(const at::Tensor& q, const at::Tensor& pos, const at::Tensor& bt,
+                             const at::Tensor& summ) {
+  check_cuda(q, "q");
+  HGA_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [R, Hq, D] with a contiguous last dim");
+  HGA_CHECK(summ.dim() == 4 && summ.size(2) == 1 + kGroups && summ.size(3) == q.size(2) &&
+                summ.stride(3) == 1 && summ.scalar_type() == at::kFloat,
+            "summ must be float32 [blocks, H_kv, 5, D]");
+  HGA_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.numel() == q.size(0),
+            "pos must be int64 [R]");
+  HGA_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.stride(1) == 1 &&
+                bt.size(0) == q.size(0),
+            "block_table must be int32 [R, max_blocks] (one row per decode query)");
+  const int Hq = q.size(1), Hkv = summ.size(1);
+  HGA_CHECK(Hq % Hkv == 0, "query heads must be a multiple of KV heads");
+  HGA_CHECK(reinterpret_cast<uintptr_t>(summ.data_ptr()) % 16 == 0 && summ.stride(0) % 4 == 0 &&
+                summ.stride(1) % 4 == 0 && summ.stride(2) % 4 == 0,
+            "summ rows must be 16-byte aligned");
+  return {int(q.size(0)), Hq, Hkv, int(q.size(2)), q.stride(0), q.stride(1), bt.stride(0),
+          summ.stride(0), summ.stride(1), summ.stride(2)};
+}
+
+void route_chunks(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
+                  int64_t sink_chunks, int64_t local_chunks, int64_t split_len,
+                  at::Tensor cand_score, at::Tensor cand_idx) {
+  const RouteArgs a = check_route_inputs(q, pos, bt, summ);
+  HGA_CHECK(cand_score.dim() == 4 && cand_score.size(0) == a.R && cand_score.size(1) == a.Hq &&
+                cand_score.is_contiguous() && cand_idx.is_contiguous() &&
+                cand_idx.sizes() == cand_score.sizes() && cand_score.scalar_type() == at::kFloat &&
+                cand_idx.scalar_type() == at::kInt,
+            "cand_score/cand_idx must be float32/int32 [R, Hq, splits, K_c]");
+  const int S = cand_score.size(2), Kc = cand_score.size(3);
+  if (a.R == 0 || S == 0 || Kc == 0) return;
+  HGA_CHECK(Kc <= kMaxTopkChunks, "topk_chunks above ", kMaxTopkChunks, " not compiled");
+  const int rep = a.Hq / a.Hkv;
+  const size_t smem = size_t(rep) * (a.D + split_len) * sizeof(float);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(S, a.Hkv, a.R);
+  HGA_DISPATCH_FLOAT(q.scalar_type(), "route_chunks", [&] {
+    HGA_DISPATCH_HEAD(a.D, "route_chunks", [&] {
+      auto kernel = route_chunks_kernel<scalar_t, kD>;
+      if (smem > 48 * 1024)
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            int(smem)));
+      kernel<<<grid, kRouteWarps * 32, smem, stream>>>(
+          reinterpret_cast<const scalar_t*>(q.data_ptr()), a.q_sr, a.q_sh,
+          pos.data_ptr<int64_t>(), bt.data_ptr<int>(), a.bt_sr, summ.data_ptr<float>(), a.s_sb,
+          a.s_sh, a.Hq, rep, int(sink_chunks), int(local_chunks), Kc, S, int(split_len),
+          cand_score.data_ptr<float>(), cand_idx.data_ptr<int>());
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void route_groups(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
+                  at::Tensor cand_score, at::Tensor cand_idx, int64_t n_chunks,
+                  int64_t sink_chunks, int64_t local_chunks, int64_t sinks, int64_t local,
+                  at::Tensor rows, at::Tensor token_ok, at::Tensor gid) {
+  const RouteArgs a = check_route_inputs(q, pos, bt, summ);
+  const int S = cand_score.size(2), Kc = cand_score.size(3);
+  HGA_CHECK(Kc <= kMaxTopkChunks, "topk_chunks above ", kMaxTopkChunks, " not compiled");
+  HGA_CHECK(rows.dim() == 3 && rows.size(0) == a.R && rows.size(1) == a.Hq && rows.is_contiguous() &&
+                rows.scalar_type() == at::kLong && gid.sizes() == rows.sizes() &&
+                gid.is_contiguous() && gid.scalar_type() == at::kLong,
+            "rows/gid must be int64 [R, Hq, Gt]");
+  const int Gt = rows.size(2);
+  HGA_CHECK(token_ok.dim() == 4 && token_ok.size(3) == kGroup && token_ok.numel() == rows.numel() * kGroup &&
+                token_ok.is_contiguous() && token_ok.element_size() == 1,
+            "token_ok must be bool [R, Hq, Gt, 16]");
+  const int nfix = (sinks + local + 1) * kGroups;
+  HGA_CHECK(Gt >= nfix && n_chunks >= 1 && bt.size(1) >= n_chunks, "bad list width or n_chunks");
+  if (a.R == 0) return;
+  const int n_cand = S * Kc;
+  const size_t smem = size_t(2 * n_cand + Kc + 3 * 4 * Kc) * 4;
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  HGA_DISPATCH_FLOAT(q.scalar_type(), "route_groups", [&] {
+    HGA_DISPATCH_HEAD(a.D, "route_groups", [&] {
+      auto kernel = route_groups_kernel<scalar_t, kD>;
+      if (smem > 48 * 1024)
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            int(smem)));
+      kernel<<<a.R * a.Hq, 32, smem, stream>>>(
+          reinterpret_cast<const scalar_t*>(q.data_ptr()), a.q_sr, a.q_sh,
+          pos.data_ptr<int64_t>(), bt.data_ptr<int>(), a.bt_sr, summ.data_ptr<float>(), a.s_sb,
+          a.s_sh, a.s_sr, n_cand ? cand_score.data_ptr<float>() : nullptr,
+          n_cand ? cand_idx.data_ptr<int>() : nullptr, n_cand, Kc, a.Hq, a.Hkv, int(n_chunks),
+          int(sink_chunks), int(sinks), int(local), Gt - nfix, Gt, rows.data_ptr<int64_t>(),
+          reinterpret_cast<uint8_t*>(token_ok.data_ptr()), gid.data_ptr<int64_t>());
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace hga
+
+TORCH_LIBRARY_IMPL(vllm_hga, CUDA, m) {
+  m.impl("route_chunks", &hga::route_chunks);
+  m.impl("route_groups", &hga::route_groups);
+}

@@ -1,0 +1,325 @@
+#!/usr/bin/env python3
+"""Benchmark HGA's CUDA kernels against ceilings measured in the same run.
+
+Shape: Qwen3-30B-A3B attention (32 query heads, 4 KV heads, head_dim 128, bf16), HGA
+budgets F=2, L=8, K_c=20, G=16.  For each context and batch: routing, sparse decode
+attention with the pool in device memory and in pinned host memory (UVA zero-copy), the
+whole HGA step (routing + attention), the host gather of the step's groups (zero-copy
+kernel vs copy engines), and dense attention at the same context (best torch SDPA
+backend, and the bandwidth floor of reading all K/V once).
+
+Timing: CUDA graph replay (falls back to eager), CUDA events, L2 flushed before every
+repetition, median of --reps.  Writes JSON (--json) and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vllm_hga.attention import HGALayer  # noqa: E402
+from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE, HGAConfig  # noqa: E402
+from vllm_hga.ops import cuda_ops, torch_ops  # noqa: E402
+from vllm_hga.rope import RopeSpec  # noqa: E402
+
+HQ, HKV, D, DT = 32, 4, 128, torch.bfloat16
+M = CHUNK_SIZE // GROUP_SIZE
+GROUP_KV_BYTES = 2 * GROUP_SIZE * D * 2  # K + V of one 16-token group of one head
+DEV = "cuda"
+
+_flush = None
+
+
+def timeit(fn, reps: int, graph: bool = True, warmup: int = 2) -> float:
+    """Median seconds of fn over reps, each after an L2 flush."""
+    global _flush
+    if _flush is None:
+        _flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=DEV)
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    run = fn
+    if graph:
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            run = g.replay
+            run()
+        except Exception as exc:  # noqa: BLE001 - eager timing is still valid
+            print(f"  (graph capture failed: {type(exc).__name__}: {exc}; timing eagerly)")
+            torch.cuda.synchronize()
+            run = fn
+    times = []
+    for _ in range(reps):
+        _flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e-3)
+    return statistics.median(times)
+
+
+def ceilings(reps: int) -> dict:
+    n = 2 * 2**30
+    x = torch.empty(n, dtype=torch.uint8, device=DEV)
+    y = torch.empty_like(x)
+    t = timeit(lambda: y.copy_(x), reps, graph=False)
+    d2d = 2 * n / t  # bytes read + written
+    h = torch.empty(n, dtype=torch.uint8).pin_memory()
+    t = timeit(lambda: y.copy_(h, non_blocking=True), reps, graph=False)
+    h2d = n / t
+    # zero-copy sequential read of pinned memory by SMs (the UVA kernels' own ceiling)
+    rows = h.view(-1, 4096)
+    src = cuda_ops.uva_view(rows)
+    dst = y.view(-1, 4096)
+    idx = torch.arange(rows.shape[0], device=DEV)
+    t = timeit(lambda: cuda_ops.gather_rows(src, idx, dst), reps)
+    zc = n / t
+    del x, y, h, src, rows
+    a = torch.randn(8192, 8192, device=DEV, dtype=DT)
+    b = torch.randn(8192, 8192, device=DEV, dtype=DT)
+    t = timeit(lambda: a @ b, reps, graph=False)
+    mm = 2 * 8192**3 / t
+    torch.cuda.empty_cache()
+    return {"d2d_GBps": d2d / 1e9, "h2d_GBps": h2d / 1e9, "zero_copy_read_GBps": zc / 1e9,
+            "bf16_mm_TFLOPs": mm / 1e12}
+
+
+class Pools:
+    """One shared pool of n_blocks (device copy and pinned host copy) and summaries.
+
+    Long contexts alias onto it (random block ids), so reads stay random over GBs
+    (far beyond L2) without holding 1M x 64 tokens of K/V.
+    """
+
+    def __init__(self, n_blocks: int):
+        g = torch.Generator(device=DEV).manual_seed(0)
+        shape = (n_blocks, HKV, 2, CHUNK_SIZE, D)
+        self.dev = torch.randn(shape, generator=g, device=DEV, dtype=torch.float32).to(DT)
+        self.host = self.dev.cpu().pin_memory()
+        self.uva = cuda_ops.uva_view(self.host)
+        self.summ = torch.randn(n_blocks, HKV, 1 + M, D, generator=g, device=DEV)
+        self.n_blocks = n_blocks
+
+
+def point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, ceil: dict, reps: int,
+          dense_limit: float, torch_limit: int) -> dict:
+    g = torch.Generator(device=DEV).manual_seed(ctx + B)
+    n = -(-ctx // CHUNK_SIZE)
+    bt = torch.randint(1, pools.n_blocks, (B, n), generator=g, device=DEV, dtype=torch.int32)
+    pos = torch.full((B,), ctx - 1, device=DEV, dtype=torch.long)
+    q = torch.randn(B, HQ, D, generator=g, device=DEV).to(DT)
+    rope = RopeSpec.default(D, 1e6)
+    layer = HGALayer(cfg, rope, HQ, HKV, D, D ** -0.5, ctx + CHUNK_SIZE, device=DEV)
+    S, Lc, G = layer.sinks, layer.local, layer.groups
+    nfix = (S + Lc + 1) * M
+    scale = D ** -0.5
+    out = torch.empty(B, HQ, D, device=DEV, dtype=DT)
+    rec = {"ctx": ctx, "batch": B}
+
+    def route():
+        return cuda_ops.decode_groups(q, pos, bt, n, pools.summ, cfg, S, Lc, G)
+
+    rows, ok, _ = route()
+    rep = HQ // HKV
+    vis = ok.any(-1)
+    groups_read = int(vis[:, ::rep, :nfix].sum()) + int(vis[:, :, nfix:].sum())
+    attn_bytes = groups_read * GROUP_KV_BYTES
+    keys = int(ok.sum())
+    n_pool = max(0, n - 1 - cfg.local_chunks - cfg.sink_chunks)
+    route_bytes = B * (n_pool * HKV * D * 4 + HQ * cfg.topk_chunks * M * D * 4)
+    rec.update(groups_read=groups_read, attn_MB=attn_bytes / 1e6, route_MB=route_bytes / 1e6,
+               attn_GFLOP=4 * D * keys / 1e9)
+
+    rec["route_us"] = timeit(route, reps) * 1e6
+    for where, pool in (("dev", pools.dev), ("uva", pools.uva)):
+        t = timeit(lambda: cuda_ops.attend_groups(q, pool, rows, ok, scale, nfix, out), reps)
+        rec[f"attn_{where}_us"] = t * 1e6
+        rec[f"attn_{where}_GBps"] = attn_bytes / t / 1e9
+        rec[f"step_{where}_us"] = timeit(
+            lambda: cuda_ops.decode(q, pos, bt, n, pool, pools.summ, cfg, S, Lc, G, scale, out),
+            reps) * 1e6
+    rec["attn_dev_frac_hbm"] = rec["attn_dev_GBps"] / ceil["d2d_GBps"]
+    rec["attn_uva_frac_h2d"] = rec["attn_uva_GBps"] / ceil["h2d_GBps"]
+    rec["route_frac_step_dev"] = rec["route_us"] / rec["step_dev_us"]
+    rec["route_frac_step_uva"] = rec["route_us"] / rec["step_uva_us"]
+
+    # host gather of the step's groups (K and V rows) into a device buffer
+    kv_rows = pools.uva.view(-1, GROUP_SIZE, D)
+    sel = torch.cat([rows[vis], rows[vis] + M])  # per-head rows; K rows then V rows
+    buf = torch.empty(sel.numel(), GROUP_SIZE, D, device=DEV, dtype=DT)
+    gbytes = buf.numel() * 2
+    t = timeit(lambda: cuda_ops.gather_rows(kv_rows, sel, buf), reps)
+    rec["gather_zc_us"], rec["gather_zc_frac_h2d"] = t * 1e6, gbytes / t / 1e9 / ceil["h2d_GBps"]
+    sel_cpu = sel.cpu()
+    t = timeit(lambda: cuda_ops.gather_rows_ce(kv_rows, sel_cpu, buf), reps, graph=False)
+    rec["gather_ce_us"], rec["gather_ce_frac_h2d"] = t * 1e6, gbytes / t / 1e9 / ceil["h2d_GBps"]
+    rec["gather_MB"] = gbytes / 1e6
+
+    # dense attention at the same context
+    dense_bytes = 2 * B * HKV * ctx * D * 2
+    rec["dense_floor_us"] = dense_bytes / (ceil["d2d_GBps"] * 1e9 / 2) * 1e6  # read once
+    if dense_bytes <= dense_limit:
+        kv = torch.empty(2, B, HKV, ctx, D, device=DEV, dtype=DT).normal_(generator=g)
+        qd = q.view(B, HKV, rep, D)  # GQA decode = rep queries per KV head, no causal mask
+        best = math.inf
+        for name, backend in _sdpa_backends():
+            try:
+                with torch.nn.attention.sdpa_kernel([backend]):
+                    t = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(
+                        qd, kv[0], kv[1], scale=scale), reps, graph=False)
+                rec[f"dense_{name}_us"] = t * 1e6
+                best = min(best, t)
+            except RuntimeError:
+                pass
+        del kv
+        rec["dense_sdpa_us"] = best * 1e6 if best < math.inf else None
+    if rec.get("dense_sdpa_us"):
+        rec["speedup_step_dev_vs_sdpa"] = rec["dense_sdpa_us"] / rec["step_dev_us"]
+        rec["speedup_step_uva_vs_sdpa"] = rec["dense_sdpa_us"] / rec["step_uva_us"]
+    rec["speedup_step_dev_vs_floor"] = rec["dense_floor_us"] / rec["step_dev_us"]
+    rec["speedup_step_uva_vs_floor"] = rec["dense_floor_us"] / rec["step_uva_us"]
+
+    # the torch ops path this replaces (where its [R, n, H, 5, D] page gather fits)
+    if B * ctx <= torch_limit:
+        md = type("MD", (), dict(decode_rows=torch.arange(B, device=DEV), decode_pos=pos,
+                                 decode_reqs=torch.arange(B, device=DEV), block_table=bt,
+                                 decode_chunks=n))
+        t = timeit(lambda: torch_ops.attend_groups(q, pools.dev, *layer.decode_groups(
+            q, pools.summ, md)[:2], scale), max(3, reps // 4), graph=False)
+        rec["torch_step_dev_us"] = t * 1e6
+    torch.cuda.empty_cache()
+    return rec
+
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    return [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+            ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
+
+
+def small_kernels(pools: Pools, reps: int, ceil: dict) -> list[dict]:
+    """summarize_pool and write_kv on device and UVA pools."""
+    cfg = HGAConfig()
+    rot = torch_ops.SummaryRotation(RopeSpec.default(D, 1e6), cfg, DEV)
+    res = []
+    for nblk in (64, 1024):
+        blocks = torch.randperm(pools.n_blocks - 1, device=DEV)[:nblk] + 1
+        summ = torch.empty(pools.n_blocks, HKV, 1 + M, D, device=DEV)
+        nbytes = nblk * HKV * (CHUNK_SIZE * D * 2 + (1 + M) * D * 4)
+        for where, pool in (("dev", pools.dev), ("uva", pools.uva)):
+            t = timeit(lambda: cuda_ops.summarize_pool(pool, blocks, summ, rot), reps)
+            ceiling = ceil["d2d_GBps"] if where == "dev" else ceil["h2d_GBps"]
+            res.append({"kernel": "summarize_pool", "where": where, "n": nblk, "us": t * 1e6,
+                        "MB": nbytes / 1e6, "frac_ceiling": nbytes / t / 1e9 / ceiling})
+    for T in (64, 8192):
+        key = torch.randn(T, HKV, D, device=DEV).to(DT)
+        slots = torch.randperm(pools.n_blocks * CHUNK_SIZE, device=DEV)[:T]
+        nbytes = 2 * 2 * T * HKV * D * 2
+        for where, pool in (("dev", pools.dev), ("uva", pools.uva)):
+            t = timeit(lambda: cuda_ops.write_kv(pool, key, key, slots), reps)
+            res.append({"kernel": "write_kv", "where": where, "n": T, "us": t * 1e6,
+                        "MB": nbytes / 1e6, "frac_ceiling": None})
+    return res
+
+
+def fmt(v, nd=1):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def print_tables(result: dict) -> None:
+    c = result["ceilings"]
+    print("\n## Ceilings (same run)\n")
+    print(f"D2D copy {c['d2d_GBps']:.0f} GB/s (read+write) | pinned H2D {c['h2d_GBps']:.1f} GB/s | "
+          f"zero-copy read {c['zero_copy_read_GBps']:.1f} GB/s | bf16 matmul "
+          f"{c['bf16_mm_TFLOPs']:.0f} TFLOP/s")
+    print("\n## Decode attention step (per layer)\n")
+    cols = [("ctx", "ctx", 0), ("B", "batch", 0), ("route us", "route_us", 1),
+            ("attn dev us", "attn_dev_us", 1), ("attn dev %HBM", "attn_dev_frac_hbm", 2),
+            ("step dev us", "step_dev_us", 1), ("attn uva us", "attn_uva_us", 1),
+            ("attn uva %H2D", "attn_uva_frac_h2d", 2), ("step uva us", "step_uva_us", 1),
+            ("route/step dev", "route_frac_step_dev", 2),
+            ("route/step uva", "route_frac_step_uva", 3),
+            ("dense SDPA us", "dense_sdpa_us", 1), ("dense floor us", "dense_floor_us", 1),
+            ("x dev vs SDPA", "speedup_step_dev_vs_sdpa", 1),
+            ("x dev vs floor", "speedup_step_dev_vs_floor", 1),
+            ("x uva vs SDPA", "speedup_step_uva_vs_sdpa", 2),
+            ("torch step us", "torch_step_dev_us", 0)]
+    print("| " + " | ".join(h for h, _, _ in cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in result["points"]:
+        print("| " + " | ".join(fmt(r.get(k), nd) for _, k, nd in cols) + " |")
+    print("\n## Host gather of the step's groups (K and V rows, 4 KiB each)\n")
+    print("| ctx | B | MB | zero-copy us | zero-copy %H2D | copy-engine us | copy-engine %H2D |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result["points"]:
+        print(f"| {r['ctx']} | {r['batch']} | {r['gather_MB']:.1f} | {r['gather_zc_us']:.0f} | "
+              f"{r['gather_zc_frac_h2d']:.2f} | {r['gather_ce_us']:.0f} | "
+              f"{r['gather_ce_frac_h2d']:.2f} |")
+    print("\n## Summaries and KV write\n")
+    print("| kernel | pool | n | us | MB | fraction of ceiling |")
+    print("|---|---|---|---|---|---|")
+    for r in result["small"]:
+        print(f"| {r['kernel']} | {r['where']} | {r['n']} | {r['us']:.1f} | {r['MB']:.2f} | "
+              f"{fmt(r['frac_ceiling'], 2)} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--contexts", default="8192,32768,131072,524288,1048576")
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--pool-blocks", type=int, default=65536, help="shared pool size (blocks)")
+    ap.add_argument("--dense-limit-gb", type=float, default=40.0)
+    ap.add_argument("--torch-limit", type=int, default=16 * 131072, help="max batch*ctx")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    assert cuda_ops.available(), f"vllm_hga._C missing: {cuda_ops.IMPORT_ERROR}"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    t0 = time.time()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "dtype": str(DT)},
+              "cfg": HGAConfig().as_dict()}
+    result["ceilings"] = ceil = ceilings(args.reps)
+    print(json.dumps(ceil), flush=True)
+    pools = Pools(args.pool_blocks)
+    cfg = HGAConfig()
+    result["points"] = []
+    for ctx in [int(x) for x in args.contexts.split(",")]:
+        for B in [int(x) for x in args.batches.split(",")]:
+            rec = point(pools, ctx, B, cfg, ceil, args.reps, args.dense_limit_gb * 1e9,
+                        args.torch_limit)
+            result["points"].append(rec)
+            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
+                              for k, v in rec.items()}), flush=True)
+    result["small"] = small_kernels(pools, args.reps, ceil)
+    result["seconds"] = time.time() - t0
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    print_tables(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""CUDA kernels (vllm_hga.ops.cuda_ops) against the torch ops and vllm_hga.reference.
+
+Random inputs at odd lengths, GQA ratios 1/3/8, mixed batches; outputs are poisoned with
+NaN first so unwritten elements fail; masked pool slots hold NaN so a kernel that lets
+them into a sum fails.  Run on the device machine: scripts/gpu_check.sh.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_hga import reference
+from vllm_hga.attention import HGALayer
+from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
+from vllm_hga.ops import cuda_ops, torch_ops
+from vllm_hga.rope import RopeSpec
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DEV = "cuda"
+M = CHUNK_SIZE // GROUP_SIZE
+LENGTHS = (27, 61, 113, 482, 3330, 65_000)
+# ||out - ref|| / ||ref|| bounds by output dtype (fp32 math inside every kernel)
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _extension():
+    assert cuda_ops.available(), f"vllm_hga._C not importable: {cuda_ops.IMPORT_ERROR}"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "NaN in output (unwritten or poisoned element)"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+class Batch:
+    """Decode rows of requests with the given lengths over one shuffled paged pool."""
+
+    def __init__(self, lengths, Hq, Hkv, D, dtype=torch.bfloat16, seed=0, integer=False,
+                 uva=False, cfg: HGAConfig | None = None, with_pool=True):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        gd = torch.Generator(device=DEV).manual_seed(seed)
+        self.cfg = cfg or HGAConfig()
+        self.Hq, self.Hkv, self.D, self.dtype = Hq, Hkv, D, dtype
+        self.lengths = list(lengths)
+        R = len(lengths)
+        blocks_per = [-(-S // CHUNK_SIZE) for S in lengths]
+        nb = 1 + sum(blocks_per)
+        perm = (1 + torch.randperm(nb - 1, generator=g)).tolist()
+        self.n_chunks = max(blocks_per)
+        self.bt = torch.zeros(R, self.n_chunks + 3, dtype=torch.int32)  # wider than needed
+        for r, n in enumerate(blocks_per):
+            self.bt[r, :n] = torch.tensor(perm[:n], dtype=torch.int32)
+            perm = perm[n:]
+        self.pos = torch.tensor([S - 1 for S in lengths])
+        own = torch.tensor([int(self.bt[r, (S - 1) // CHUNK_SIZE]) for r, S in enumerate(lengths)])
+        tail = [(S - 1) % CHUNK_SIZE + 1 for S in lengths]  # first unwritten slot of own chunk
+        if integer:  # exact dot products in any order: ties are real and must break alike
+            q = torch.randint(-3, 4, (R, Hq, D), generator=gd, device=DEV).float()
+            summ = torch.randint(-3, 4, (nb, Hkv, 1 + M, D), generator=gd, device=DEV).float()
+        else:
+            q = torch.randn(R, Hq, D, generator=gd, device=DEV)
+            summ = torch.randn(nb, Hkv, 1 + M, D, generator=gd, device=DEV)
+        summ[own.to(DEV)] = float("nan")  # own (open) chunk: never summarised, never read
+        summ[0] = float("nan")  # vLLM's null block
+        self.q, self.summ = q.to(dtype), summ
+        if with_pool:
+            pool = torch.randn(nb, Hkv, 2, CHUNK_SIZE, D, generator=gd, device=DEV).to(dtype)
+            self.pool_clean = pool.clone()
+            for blk, off in zip(own.tolist(), tail):  # slots after the last token: garbage
+                self.pool_clean[blk, :, :, off:] = 0
+                pool[blk, :, :, off:] = float("nan")
+            pool[0] = float("nan")
+            if uva:
+                self.host = pool.cpu().pin_memory()
+                self.pool = cuda_ops.uva_view(self.host)
+            else:
+                self.pool = pool
+        self.bt, self.pos = self.bt.to(DEV), self.pos.to(DEV)
+        rope = RopeSpec.default(D, 1e6)
+        self.layer = HGALayer(self.cfg, rope, Hq, Hkv, D, D ** -0.5, max(lengths) + 64,
+                              device=DEV)
+        self.md = SimpleNamespace(decode_rows=torch.arange(R, device=DEV), decode_pos=self.pos,
+                                  decode_reqs=torch.arange(R, device=DEV), block_table=self.bt,
+                                  decode_chunks=self.n_chunks)
+
+    def torch_groups(self):
+        return self.layer.decode_groups(self.q, self.summ, self.md)
+
+    def cuda_groups(self):
+        L = self.layer
+        return cuda_ops.decode_groups(self.q, self.pos, self.bt, self.n_chunks, self.summ,
+                                      self.cfg, L.sinks, L.local, L.groups)
+
+    @property
+    def n_shared(self):
+        return (self.layer.sinks + self.layer.local + 1) * M
+
+
+def assert_same_lists(got, want, min_match=1.0):
+    rows, ok, gid = got
+    rows_t, ok_t, gid_t = want
+    assert rows.shape == rows_t.shape and ok.shape == ok_t.shape
+    valid = ok_t.any(-1)
+    same = ((ok == ok_t).all(-1) & ((rows == rows_t) | ~valid) & ((gid == gid_t) | ~valid))
+    per_head = same.all(-1).double().mean().item()
+    assert per_head >= min_match, f"only {per_head:.4f} of (request, head) lists match torch"
+    return per_head
+
+
+# ----------------------------------------------------------------------------- KV write
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("uva", [False, True])
+def test_write_kv(dtype, uva):
+    nb, H, D, T = 37, 4, 128, 113
+    host = torch.randn(nb, H, 2, CHUNK_SIZE, D).to(dtype)
+    want = host.clone().to(DEV)
+    pool = cuda_ops.uva_view(host.pin_memory()) if uva else host.clone().to(DEV)
+    kv = torch.randn(T, 2 * H * D, device=DEV).to(dtype)  # vLLM hands strided views
+    key, value = kv[:, : H * D].view(T, H, D), kv[:, H * D:].view(T, H, D)
+    slots = torch.randperm(nb * CHUNK_SIZE, device=DEV)[:T]
+    slots[::7] = -1  # padding
+    torch_ops.write_kv(want, key, value, slots)
+    cuda_ops.write_kv(pool, key, value, slots)
+    torch.cuda.synchronize()
+    assert torch.equal(pool.cpu() if uva else pool, want.cpu() if uva else want)
+
+
+# ----------------------------------------------------------------------------- summaries
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D,rotary,neox", [(128, 128, True), (64, 32, False), (256, 128, True)])
+def test_summarize(dtype, D, rotary, neox):
+    cfg = HGAConfig()
+    rope = RopeSpec.default(D, 1e6, rotary_dim=rotary, neox_style=neox)
+    rot = torch_ops.SummaryRotation(rope, cfg, DEV)
+    nb, H = 23, 3
+    k = torch.randn(nb, H, CHUNK_SIZE, D, device=DEV).to(dtype).transpose(1, 2)  # strided
+    got = cuda_ops.summarize_blocks(k, rot)
+    want = torch_ops.summarize_blocks(k, rot)
+    assert rel_err(got, want) < 1e-6
+    # against the float64 reference, chunk j of the sequence being block j
+    seq = k.reshape(nb * CHUNK_SIZE, H, D).cpu()
+    ref = reference.summarize(seq.double(), 0, rope, cfg)
+    ref_pages = torch.cat([ref.chunk.unsqueeze(2), ref.group.transpose(1, 2)], dim=2)
+    assert rel_err(got, ref_pages) < 1e-6
+
+
+@pytest.mark.parametrize("uva", [False, True])
+def test_summarize_pool_in_place(uva):
+    cfg, D, H, nb = HGAConfig(), 128, 4, 50
+    rot = torch_ops.SummaryRotation(RopeSpec.default(D, 1e6), cfg, DEV)
+    host = torch.randn(nb, H, 2, CHUNK_SIZE, D).to(torch.bfloat16)
+    pool = cuda_ops.uva_view(host.pin_memory()) if uva else host.to(DEV)
+    summ = torch.full((nb, H, 1 + M, D), float("nan"), device=DEV)
+    blocks = torch.tensor([3, 17, 4, 49, 0], device=DEV)
+    cuda_ops.summarize_pool(pool, blocks, summ, rot)
+    want = torch_ops.summarize_blocks(host.to(DEV)[blocks, :, 0].transpose(1, 2), rot)
+    assert rel_err(summ[blocks], want) < 1e-6
+    others = torch.ones(nb, dtype=torch.bool, device=DEV)
+    others[blocks] = False
+    assert torch.isnan(summ[others]).all(), "summarize_pool wrote outside its blocks"
+
+
+# ----------------------------------------------------------------------------- routing
+CONFIGS = {
+    "paper": HGAConfig(),
+    "tight": HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=10,
+                       groups_per_query=5),
+    "wide": HGAConfig(sink_chunks=3, local_chunks=2, topk_chunks=40, topk_groups=64),
+}
+
+
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("rep", [1, 3, 8])
+@pytest.mark.parametrize("D", [128, 64])
+def test_routing_exact_ties(cfg_name, rep, D):
+    """Integer data: every score is exact, ties abound; lists must equal torch's exactly."""
+    b = Batch(LENGTHS, 2 * rep, 2, D, dtype=torch.bfloat16, integer=True, seed=rep + D,
+              cfg=CONFIGS[cfg_name], with_pool=False)
+    assert_same_lists(b.cuda_groups(), b.torch_groups())
+
+
+@pytest.mark.parametrize("lengths", [LENGTHS, (27,), (61, 65), (200_000, 130, 9000)])
+def test_routing_random(lengths):
+    """Float data: fp32 summation order may flip a near-tie, very rarely."""
+    b = Batch(lengths, 32, 4, 128, dtype=torch.bfloat16, seed=len(lengths), with_pool=False)
+    match = assert_same_lists(b.cuda_groups(), b.torch_groups(), min_match=0.97)
+    print(f"lists identical to torch for {match:.4f} of (request, head)")
+
+
+# ----------------------------------------------------------------------------- attention
+def reference_attention(b: Batch, rows, ok):
+    """float64 torch attend_groups on the clean pool (masked slots zero there)."""
+    return torch_ops.attend_groups(b.q.double(), b.pool_clean.double(), rows, ok,
+                                   b.D ** -0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rep", [1, 3, 8])
+@pytest.mark.parametrize("D", [128, 64, 256])
+def test_attend_groups(dtype, rep, D):
+    b = Batch(LENGTHS, 2 * rep, 2, D, dtype=dtype, seed=7 * rep + D)
+    rows, ok, _ = b.torch_groups()
+    ref = reference_attention(b, rows, ok)
+    for n_shared in (0, b.n_shared):
+        out = torch.full(ref.shape, float("nan"), dtype=torch.float32, device=DEV)
+        cuda_ops.attend_groups(b.q, b.pool, rows, ok, D ** -0.5, n_shared, out=out)
+        assert rel_err(out, ref) < TOL[torch.float32] * (10 if dtype != torch.float32 else 1)
+        typed = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEV)
+        cuda_ops.attend_groups(b.q, b.pool, rows, ok, D ** -0.5, n_shared, out=typed)
+        assert rel_err(typed, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("uva", [False, True])
+def test_attend_groups_torch_contract(uva):
+    """Default call: float32 result like torch_ops.attend_groups, any valid masks."""
+    b = Batch((3330, 27, 482), 32, 4, 128, uva=uva, seed=5)
+    rows, ok, _ = b.torch_groups()
+    ok = ok & (torch.rand(ok.shape, device=DEV) < 0.7)  # arbitrary, non-prefix masks
+    ok[..., 0, 0] = True  # every head keeps at least one key
+    got = cuda_ops.attend_groups(b.q, b.pool, rows, ok, 0.1)
+    want = torch_ops.attend_groups(b.q.double(), b.pool_clean.double(), rows, ok, 0.1)
+    assert got.dtype == torch.float32 and rel_err(got, want) < 2e-4
+
+
+def test_attend_gathered_rows():
+    """Device copy path: gather the listed groups, then attend over the buffer."""
+    b = Batch(LENGTHS, 32, 4, 128, seed=11)
+    rows, ok, _ = b.torch_groups()
+    kv_rows = b.pool.view(-1, GROUP_SIZE, b.D)
+    src = torch.stack([rows.reshape(-1), rows.reshape(-1) + M], 1).reshape(-1)
+    buf = cuda_ops.gather_rows(kv_rows, src)  # [2N, 16, D]: K, V, K, V, ...
+    local_rows = (2 * torch.arange(rows.numel(), device=DEV)).view(rows.shape)
+    out = cuda_ops.attend_rows(b.q, buf, local_rows, ok, b.D ** -0.5, b.Hkv, 1)
+    assert rel_err(out, reference_attention(b, rows, ok)) < 2e-4
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("rep,lengths", [(8, (27, 61, 113, 482, 3330)), (3, (65_000, 700)),
+                                         (1, (2000,))])
+def test_decode_end_to_end(rep, lengths):
+    """write_kv + summarize_pool + decode (routing + attention) vs reference.hga_attention."""
+    cfg, Hkv, D = HGAConfig(), 2, 128
+    Hq = rep * Hkv
+    rope = RopeSpec.default(D, 1e6)
+    g = torch.Generator().manual_seed(rep)
+    b = Batch(lengths, Hq, Hkv, D, seed=rep)
+    pool = torch.full_like(b.pool, float("nan"))
+    summ = torch.full_like(b.summ, float("nan"))
+    rot = torch_ops.SummaryRotation(rope, cfg, DEV)
+    ks, vs, qs = [], [], []
+    for r, S in enumerate(lengths):
+        raw = torch.randn(S, Hkv, D, generator=g, dtype=torch.float64)
+        k = rope.apply(raw, torch.arange(S)).to(torch.bfloat16)
+        v = torch.randn(S, Hkv, D, generator=g).to(torch.bfloat16)
+        t = torch.arange(S)
+        slots = (b.bt[r].cpu()[t // CHUNK_SIZE].long() * CHUNK_SIZE + t % CHUNK_SIZE).to(DEV)
+        cuda_ops.write_kv(pool, k.to(DEV), v.to(DEV), slots)
+        closed = b.bt[r, : S // CHUNK_SIZE].long()
+        cuda_ops.summarize_pool(pool, closed, summ, rot)
+        ks.append(k)
+        vs.append(v)
+        qs.append((torch.randn(Hq, D, generator=g) * 2).to(torch.bfloat16))
+    q = torch.stack(qs).to(DEV)
+    out = torch.full((len(lengths), Hq, D), float("nan"), dtype=torch.bfloat16, device=DEV)
+    layer = HGALayer(cfg, rope, Hq, Hkv, D, D ** -0.5, max(lengths) + 64, device=DEV)
+    cuda_ops.decode(q, b.pos, b.bt, b.n_chunks, pool, summ, cfg, layer.sinks, layer.local,
+                    layer.groups, D ** -0.5, out=out)
+    rows, ok, gid = cuda_ops.decode_groups(q, b.pos, b.bt, b.n_chunks, summ, cfg, layer.sinks,
+                                           layer.local, layer.groups)
+    same_masks = total = 0
+    for r, S in enumerate(lengths):
+        want, mask = reference.hga_attention(q[r: r + 1].cpu().double(), ks[r], vs[r], S - 1, rope, cfg,
+                                             dtype=torch.float64)
+        # our mask from the list: key positions gid*16 + t where token_ok
+        mine = torch.zeros(Hq, S, dtype=torch.bool)
+        keys = (gid[r].cpu().unsqueeze(-1) * GROUP_SIZE + torch.arange(GROUP_SIZE))
+        heads = torch.arange(Hq).view(Hq, 1, 1).expand_as(keys)
+        sel = ok[r].cpu()
+        mine[heads[sel], keys[sel]] = True
+        agree = (mine == mask[:, 0]).all(-1)
+        same_masks += int(agree.sum())
+        total += Hq
+        # exact attention under our own mask must match in float64 regardless of routing
+        mine_ref = reference.masked_attention(q[r: r + 1].cpu().double(), ks[r], vs[r],
+                                              mine.unsqueeze(1), D ** -0.5, torch.float64)
+        assert rel_err(out[r].cpu(), mine_ref[0]) < TOL[torch.bfloat16]
+        if agree.all():
+            assert rel_err(out[r].cpu(), want[0]) < TOL[torch.bfloat16]
+    # fp32 summaries vs the reference's float64 ones may flip a rare near-tie
+    assert same_masks >= 0.95 * total, f"routing agrees with the reference on {same_masks}/{total}"
+
+
+# ----------------------------------------------------------------------------- gathers
+@pytest.mark.parametrize("ce", [False, True])
+def test_gather_rows(ce):
+    host = torch.randn(5000, GROUP_SIZE, 128).to(torch.bfloat16).pin_memory()
+    src = cuda_ops.uva_view(host)
+    idx = torch.randint(0, 5000, (777,))
+    idx[100:140] = torch.arange(300, 340)  # a run the copy engine merges
+    out = torch.full((777, GROUP_SIZE, 128), float("nan"), dtype=torch.bfloat16, device=DEV)
+    if ce:
+        cuda_ops.gather_rows_ce(src, idx, out)
+    else:
+        cuda_ops.gather_rows(src, idx.to(DEV), out)
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), host[idx])
+
+
+def test_uva_view_roundtrip():
+    host = torch.zeros(1000, dtype=torch.float32).pin_memory()
+    view = cuda_ops.uva_view(host)
+    assert view.is_cuda and view.data_ptr() != 0
+    view.add_(3)  # device writes land in host memory
+    torch.cuda.synchronize()
+    assert torch.equal(host, torch.full((1000,), 3.0))
+    assert math.isclose(float(view.sum()), 3000.0)

@@ -1,0 +1,89 @@
+"""Configuration and start-up checks: bad input fails early, with the reason and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_hga.config import HGAConfig, HGAConfigError
+
+
+def test_defaults_are_the_papers():
+    cfg = HGAConfig()
+    assert (cfg.sink_chunks, cfg.local_chunks, cfg.topk_chunks, cfg.topk_groups) == (2, 8, 20, 32)
+    assert cfg.groups_per_query == 16
+    assert cfg.keys_per_query_bound == (2 + 8 + 1) * 64 + 16 * 16
+    assert HGAConfig.from_mapping({"preset": "paper"}) == cfg
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"topk_chunks": 0}, "topk_chunks must be an integer >= 1"),
+    ({"sink_chunks": -1}, "sink_chunks must be an integer >= 0"),
+    ({"sink_chunks": 0, "local_chunks": 0}, "sink_chunks + local_chunks must be >= 1"),
+    ({"groups_per_query": 40}, "cannot exceed topk_groups"),
+    ({"topk_chunks": 2, "topk_groups": 9}, "exceeds the 8 groups"),
+    ({"chunk_size": 128}, "chunk_size must be 64"),
+    ({"rope_threshold": -1}, "rope_threshold must be a number >= 0"),
+    ({"chunk_score": "best"}, "chunk_score must be"),
+    ({"host_kv_bytes": "lots"}, "is not a size"),
+    ({"disk_dir": "/tmp"}, "disk_dir and disk_kv_bytes go together"),
+    ({"topk": 3}, "unknown key(s) ['topk']"),
+    ({"preset": "nope"}, "preset 'nope' not found"),
+])
+def test_bad_values_are_refused_with_reason(values, message):
+    with pytest.raises(HGAConfigError) as err:
+        HGAConfig.from_mapping(values)
+    assert message in str(err.value)
+
+
+def test_sizes_parse_and_overrides_win_over_preset():
+    cfg = HGAConfig.from_mapping({"preset": "paper", "topk_chunks": 30,
+                                  "host_kv_bytes": "1.5GiB", "dense_layers": [1, 0, 1]})
+    assert cfg.topk_chunks == 30 and cfg.topk_groups == 32
+    assert cfg.host_kv_bytes == int(1.5 * 2**30)
+    assert cfg.dense_layers == (0, 1)
+
+
+def test_config_is_frozen():
+    with pytest.raises(Exception):
+        HGAConfig().topk_chunks = 3  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- with vLLM's real config
+vllm = pytest.importorskip("vllm")
+
+
+def engine_config(**kw):
+    """vLLM's own config builder; it runs our platform hook's start-up checks."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_hga.model import embedded_model_dir
+
+    args = dict(model=str(embedded_model_dir()), attention_backend="HGA", max_model_len=8192,
+                kv_cache_memory_bytes=1 << 30)
+    args.update(kw)
+    return EngineArgs(**args).create_engine_config()
+
+
+def test_hga_engine_config_gets_block_64_and_host_sized_block_count():
+    cfg = engine_config()
+    assert cfg.cache_config.block_size == 64
+    host_block = 30 * 3 * 2 * 64 * 64 * 2  # layers x kv heads x K,V x 64 tokens x D x bf16
+    assert cfg.cache_config.num_gpu_blocks_override == (1 << 30) // host_block
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(block_size=32), "HGA needs --block-size 64"),
+    (dict(additional_config={"hga": {"topk_chunks": -2}}), "topk_chunks must be"),
+    (dict(kv_cache_dtype="fp8"), "--kv-cache-dtype fp8 is not supported"),
+    (dict(kv_cache_memory_bytes=50 << 20), "needs 129 blocks"),
+    (dict(additional_config={"hga": {"host_kv_bytes": "100TiB"}}), "only"),
+])
+def test_engine_start_refuses_bad_setups(kw, message):
+    with pytest.raises(Exception) as err:
+        engine_config(**kw)
+    assert message in str(err.value)
+
+
+def test_other_backends_are_untouched():
+    cfg = engine_config(attention_backend="CPU_ATTN")
+    assert cfg.cache_config.block_size != 64 or cfg.cache_config.num_gpu_blocks_override is None

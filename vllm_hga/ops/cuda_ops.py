@@ -1,0 +1,244 @@
+"""CUDA implementations of HGA's ops: the ``vllm_hga._C`` extension built from csrc/.
+
+Each public function has the contract of its namesake in ``torch_ops`` (or of
+``HGALayer.decode_groups``) and falls back to the torch version for inputs the kernels do
+not cover (CPU tensors, float64, head sizes other than 64/128/256, no extension), so it
+is safe to dispatch to unconditionally.  The pool may be device memory or the UVA view
+of pinned host memory (store.py): kernels read and write it in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ..config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
+from . import torch_ops
+
+try:
+    from .. import _C  # noqa: F401  (loading it registers torch.ops.vllm_hga.*)
+
+    IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # CPU install, or not built
+    _C = None
+    IMPORT_ERROR = exc
+
+GROUPS = CHUNK_SIZE // GROUP_SIZE
+HEAD_SIZES = (64, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_TOPK_CHUNKS = 64  # csrc/routing.cu kMaxTopkChunks
+ATTN_WARPS = 4  # csrc/attention.cu kAttnWarps
+
+
+def available() -> bool:
+    return _C is not None and torch.cuda.is_available()
+
+
+def _ops():
+    return torch.ops.vllm_hga
+
+
+def _covered(*tensors: torch.Tensor) -> bool:
+    """True when the kernels handle these tensors (CUDA, half/bf16/fp32, known head size)."""
+    return (_C is not None and all(t.is_cuda and t.dtype in DTYPES for t in tensors)
+            and tensors[0].shape[-1] in HEAD_SIZES)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sms(t: torch.Tensor) -> int:
+    return _num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+# ----------------------------------------------------------------------------- KV write
+def write_kv(pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """torch_ops.write_kv without the host sync of its padding filter (slots < 0 skipped)."""
+    if not (_covered(key, value) and pool.is_cuda and pool.is_contiguous()):
+        return torch_ops.write_kv(pool, key, value, slots)
+    T = key.shape[0]
+    _ops().write_kv(pool, key.to(pool.dtype), value.to(pool.dtype),
+                    slots[:T].to(torch.long).contiguous())
+
+
+# ----------------------------------------------------------------------------- summaries
+def _rot_tables(rot: torch_ops.SummaryRotation, device: torch.device, head_size: int):
+    """float32 cos/sin [2, 64, P] and int32 dim map [2, D] (partner dim, pair*2 + second)."""
+    key = (str(device), head_size)
+    cache = rot.__dict__.setdefault("_cuda_tables", {})
+    if key not in cache:
+        partner = torch.full((head_size,), -1, dtype=torch.int32)
+        code = torch.zeros(head_size, dtype=torch.int32)
+        for p, (a, b) in enumerate(zip(rot.a.tolist(), rot.b.tolist())):
+            partner[a], partner[b] = b, a
+            code[a], code[b] = 2 * p, 2 * p + 1
+        cache[key] = (rot.cos.to(device, torch.float32).contiguous(),
+                      rot.sin.to(device, torch.float32).contiguous(),
+                      torch.stack([partner, code]).to(device))
+    return cache[key]
+
+
+def summarize_blocks(k: torch.Tensor, rot: torch_ops.SummaryRotation) -> torch.Tensor:
+    """Summaries [nb, H, 1+M, D] float32 of full chunks k [nb, C, H, D] (any strides)."""
+    if not _covered(k) or k.stride(-1) != 1:
+        return torch_ops.summarize_blocks(k, rot)
+    nb, _, H, D = k.shape
+    out = torch.empty(nb, H, 1 + GROUPS, D, dtype=torch.float32, device=k.device)
+    idx = torch.arange(nb, device=k.device)
+    _ops().summarize(k, idx, out, idx, *_rot_tables(rot, k.device, D))
+    return out
+
+
+def summarize_pool(pool: torch.Tensor, blocks: torch.Tensor, summ: torch.Tensor,
+                   rot: torch_ops.SummaryRotation) -> None:
+    """summ[blocks] = summaries of the pool's chunks `blocks`, read in place (no gather).
+
+    Same result as ``summ[blocks] = summarize_blocks(pool[blocks, :, 0].transpose(1, 2), rot)``.
+    """
+    if blocks.numel() == 0:
+        return
+    keys = pool[:, :, 0].transpose(1, 2)  # [nb, 64, H, D] view
+    if not (_covered(pool) and summ.is_cuda and summ.stride(-1) == 1):
+        summ[blocks] = torch_ops.summarize_blocks(keys[blocks], rot).to(summ.dtype)
+        return
+    blocks = blocks.to(torch.long).contiguous()
+    _ops().summarize(keys, blocks, summ, blocks, *_rot_tables(rot, pool.device, pool.shape[-1]))
+
+
+# ----------------------------------------------------------------------------- routing
+def _route_splits(n_pool: int, R: int, Hkv: int, rep: int, D: int, sms: int) -> tuple[int, int]:
+    """(splits, chunks per split) for route_chunks: ~2 blocks per SM, >= 64 chunks each,
+    a slice's scores of all heads of the KV head must fit in shared memory."""
+    want = max(1, math.ceil(2 * sms / max(1, R * Hkv)))
+    max_len = max(64, (160 * 1024) // (4 * rep) - D)
+    split_len = min(max_len, max(64, math.ceil(n_pool / want)))
+    return math.ceil(n_pool / split_len), split_len
+
+
+def decode_groups(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor, n_chunks: int,
+                  summ: torch.Tensor, cfg: HGAConfig, sinks: int, local: int,
+                  groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HGALayer.decode_groups on the GPU: (rows [R, Hq, Gt], token_ok [R, Hq, Gt, 16], gid).
+
+    q [R, Hq, D] decode queries at positions pos [R]; block_table [R, >= n_chunks] their
+    block rows; n_chunks = 1 + the largest own-chunk index (md.decode_chunks); summ
+    [nb, H_kv, 1+M, D] float32; sinks/local/groups as HGALayer's.  Routed groups come
+    ascending after the (sinks + local + 1) * 4 fixed columns, then invalid padding.
+    """
+    R, Hq, D = q.shape
+    Hkv = summ.shape[1]
+    G = min(groups, n_chunks * GROUPS)
+    nfix = (sinks + local + 1) * GROUPS
+    dev = q.device
+    rows = torch.empty(R, Hq, nfix + G, dtype=torch.long, device=dev)
+    token_ok = torch.empty(R, Hq, nfix + G, GROUP_SIZE, dtype=torch.bool, device=dev)
+    gid = torch.empty_like(rows)
+    if R == 0:
+        return rows, token_ok, gid
+    F, L, Kc = cfg.sink_chunks, cfg.local_chunks, cfg.topk_chunks
+    if Kc > MAX_TOPK_CHUNKS:
+        raise NotImplementedError(f"topk_chunks > {MAX_TOPK_CHUNKS} has no CUDA routing kernel")
+    bt = block_table.to(torch.int32)
+    if bt.stride(-1) != 1:
+        bt = bt.contiguous()
+    pos = pos.to(torch.long).contiguous()
+    n_pool = n_chunks - 1 - L - F  # pool chunks of the longest row: [F, c - L)
+    S, split_len = (0, 1) if n_pool <= 0 else _route_splits(n_pool, R, Hkv, Hq // Hkv, D, _sms(q))
+    cand_s = torch.empty(R, Hq, S, Kc, dtype=torch.float32, device=dev)
+    cand_i = torch.empty(R, Hq, S, Kc, dtype=torch.int32, device=dev)
+    if S:
+        _ops().route_chunks(q, pos, bt, summ, F, L, split_len, cand_s, cand_i)
+    _ops().route_groups(q, pos, bt, summ, cand_s, cand_i, n_chunks, F, L, sinks, local,
+                        rows, token_ok, gid)
+    return rows, token_ok, gid
+
+
+# ----------------------------------------------------------------------------- attention
+def _attn_splits(R: int, Hkv: int, rep: int, Gt: int, sms: int) -> int:
+    """Split the group list so that ~2 blocks per SM run, each warp with >= 1 column."""
+    head_blocks = -(-rep // 8)
+    want = max(1, math.ceil(2 * sms / max(1, R * Hkv * head_blocks)))
+    return max(1, min(want, -(-Gt // ATTN_WARPS)))
+
+
+def attend_rows(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor,
+                token_ok: torch.Tensor, scale: float, num_kv_heads: int, v_offset: int,
+                n_shared: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention of q [R, Hq, D] over the 16-token rows `rows` [R, Hq, G] of
+    kv_rows [*, 16, D] (V row = K row + v_offset), where token_ok [R, Hq, G, 16].
+
+    The first n_shared columns must be the same rows and masks for all query heads of a
+    KV head (HGA's sinks / local / own chunk): they are then read once per KV head.
+    Writes and returns out [R, Hq, D] (float32 if not given).
+    """
+    R, Hq, D = q.shape
+    G = rows.shape[-1]
+    if out is None:
+        out = torch.empty(R, Hq, D, dtype=torch.float32, device=q.device)
+    if R == 0:
+        return out
+    if G == 0:
+        return out.zero_()
+    S = _attn_splits(R, num_kv_heads, Hq // num_kv_heads, G, _sms(q))
+    part_o = torch.empty(R * Hq * S * D, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(R * Hq * S * 2, dtype=torch.float32, device=q.device)
+    token_ok = token_ok.contiguous()
+    if token_ok.data_ptr() % 16:
+        token_ok = token_ok.clone()
+    _ops().attend_groups(q if q.stride(-1) == 1 else q.contiguous(), kv_rows,
+                         rows.to(torch.long).contiguous(), token_ok, num_kv_heads, v_offset,
+                         n_shared, float(scale), S, part_o, part_ml, out)
+    return out
+
+
+def attend_groups(q: torch.Tensor, pool: torch.Tensor, group_rows: torch.Tensor,
+                  token_ok: torch.Tensor, scale: float, n_shared: int = 0,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch_ops.attend_groups (returns float32 [R, Hq, D]) reading K/V from the pool.
+
+    n_shared > 0 (HGA decode lists: (F + L + 1) * 4) lets the kernel read the shared
+    columns once per KV head; out (any float dtype) avoids a separate cast.
+    """
+    q_ok = _covered(q, pool) and q.dtype == pool.dtype and pool.is_contiguous()
+    if not q_ok:
+        res = torch_ops.attend_groups(q, pool, group_rows, token_ok, scale)
+        return res if out is None else out.copy_(res)
+    nb, H, _, C, D = pool.shape
+    return attend_rows(q, pool.view(nb * H * 2 * (C // GROUP_SIZE), GROUP_SIZE, D), group_rows,
+                       token_ok, scale, H, C // GROUP_SIZE, n_shared, out)
+
+
+def decode(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor, n_chunks: int,
+           pool: torch.Tensor, summ: torch.Tensor, cfg: HGAConfig, sinks: int, local: int,
+           groups: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Routing + sparse attention of decode queries q [R, Hq, D] (HGALayer.decode)."""
+    rows, token_ok, _ = decode_groups(q, pos, block_table, n_chunks, summ, cfg, sinks, local,
+                                      groups)
+    return attend_groups(q, pool, rows, token_ok, scale, (sinks + local + 1) * GROUPS, out)
+
+
+# ----------------------------------------------------------------------------- host memory
+def uva_view(host: torch.Tensor) -> torch.Tensor:
+    """CUDA tensor over a pinned CPU tensor's memory (zero-copy; keeps `host` alive)."""
+    return _ops().uva_view(host)
+
+
+def gather_rows(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+    """out[i] = src[idx[i]] by a zero-copy kernel (src may be a UVA view of host memory)."""
+    if out is None:
+        out = torch.empty((idx.numel(),) + tuple(src.shape[1:]), dtype=src.dtype,
+                          device=idx.device)
+    _ops().gather_rows(src, idx.to(torch.long).contiguous(), out)
+    return out
+
+
+def gather_rows_ce(src: torch.Tensor, idx_cpu: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[i] = src[idx_cpu[i]] by the copy engines (one cudaMemcpyBatchAsync)."""
+    _ops().gather_rows_ce(src, idx_cpu.to(torch.long).contiguous(), out)
+    return out
