@@ -16,7 +16,8 @@ pytestmark = pytest.mark.serve
 openai = pytest.importorskip("openai")
 from vllm_hga.model import embedded_model_dir  # noqa: E402
 
-QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+# (bf16 SmolLM2-135M gets France wrong in dense vLLM too: a near-tie on its first token)
+QUESTION = [{"role": "user", "content": "What is the capital of Germany?"}]
 
 
 def free_port() -> int:
@@ -73,7 +74,7 @@ def test_server_selected_hga(server):
 def test_chat_non_streaming_and_streaming_agree(server):
     client, _ = server
     whole = chat(client, QUESTION).choices[0].message.content
-    assert "Paris" in whole
+    assert "Berlin" in whole
     pieces = [c.choices[0].delta.content or "" for c in chat(client, QUESTION, stream=True)
               if c.choices]
     assert len([p for p in pieces if p]) > 1  # it really streamed
@@ -82,11 +83,12 @@ def test_chat_non_streaming_and_streaming_agree(server):
 
 def test_concurrent_requests(server):
     client, _ = server
-    questions = ["What is the capital of France?", "What is the capital of Italy?",
-                 "What is the capital of Germany?", "What is the capital of Spain?"]
+    questions = ["What is the capital of Germany?", "What is the capital of Japan?",
+                 "What is 2+2?", "What is the capital of Germany?"]
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(
             lambda q: chat(client, [{"role": "user", "content": q}]).choices[0].message.content,
             questions))
-    for city, answer in zip(["Paris", "Rome", "Berlin", "Madrid"], answers):
-        assert city in answer, answer
+    for want, answer in zip(["Berlin", "Tokyo", "4", "Berlin"], answers):
+        assert want in answer, answer
+    assert answers[0] == answers[3]  # same request, same greedy answer, whatever the batch

@@ -12,7 +12,7 @@ from vllm.logger import init_logger
 
 from .config import CHUNK_SIZE, HGAConfig, HGAConfigError
 
-logger = init_logger("vllm_hga")
+logger = init_logger("vllm.hga")  # under "vllm" so vLLM's log handler prints it
 
 SUPPORTED_KV_DTYPES = ("auto", "bfloat16", "float16", "float32")
 # RoPE variants that are a plain per-position rotation (HGA's summaries rely on it).

@@ -1,0 +1,249 @@
+// Sparse decode attention kernels over 16-token groups (flash-decoding style, split-K).
+//
+// Block (split, kv head [x head block], request) owns the query heads of one KV head and a
+// contiguous range of list columns; each warp takes columns in turn and keeps an online
+// softmax (fp32, base 2) per head.  Columns < n_shared are the same group for every head
+// of the KV head (sinks, local window, own chunk): its K/V is loaded once and used by all
+// heads.  Later columns are per-head routed groups.  Fully masked groups are never read,
+// masked tokens never touch the sums (their K/V may be uninitialised memory).
+// Partial (max, sum, unnormalised output) per split go to a workspace; combine_kernel
+// merges the splits and writes the output in its dtype.
+//
+// Lane l owns dims [l*D/32, (l+1)*D/32) of every token: loads are one row per warp
+// instruction, fully coalesced, straight from device memory or pinned host memory (UVA).
+
+#pragma once
+
+#include "hga_common.cuh"
+
+namespace hga {
+
+constexpr int kAttnWarps = 4;
+
+template <typename T, int D>
+using RowSlice = Packed<T, D / 32>;
+
+__device__ __forceinline__ uint32_t load_mask(const uint8_t* p) {
+  const uint4 w = *reinterpret_cast<const uint4*>(p);
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  uint32_t bits = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int b = 0; b < 4; ++b) bits |= uint32_t(((words[i] >> (8 * b)) & 0xffu) != 0) << (4 * i + b);
+  return bits;
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void load_group(const T* __restrict__ kv, int64_t row, int v_off,
+                                           int lane, RowSlice<T, D> (&k)[kGroup],
+                                           RowSlice<T, D> (&v)[kGroup]) {
+  const T* kp = kv + row * (kGroup * D) + lane * (D / 32);
+  const T* vp = kp + int64_t(v_off) * (kGroup * D);
+#pragma unroll
+  for (int t = 0; t < kGroup; ++t) k[t].load(kp + t * D);
+#pragma unroll
+  for (int t = 0; t < kGroup; ++t) v[t].load(vp + t * D);
+}
+
+// Online-softmax update of one head with one group (16 tokens).  q is pre-scaled by
+// scale*log2(e).  The 16 partial dot products are reduced with a reduce-scatter (15
+// shuffles instead of 16 x 5): afterwards lanes 2t and 2t+1 hold token t's logit.
+template <typename T, int D>
+__device__ __forceinline__ void head_update(const float (&q)[D / 32],
+                                            const RowSlice<T, D> (&k)[kGroup],
+                                            const RowSlice<T, D> (&v)[kGroup], uint32_t mask,
+                                            float& m, float& l, float (&acc)[D / 32], int lane) {
+  constexpr int DPL = D / 32;
+  float part[kGroup];
+#pragma unroll
+  for (int t = 0; t < kGroup; ++t) {
+    float kf[DPL];
+    k[t].to_float(kf);
+    float s = 0.f;
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) s += q[d] * kf[d];
+    part[t] = s;
+  }
+#pragma unroll
+  for (int half = kGroup / 2, o = 16; half >= 1; half >>= 1, o >>= 1) {
+    const bool up = lane & o;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float send = up ? part[i] : part[i + half];
+      const float keep = up ? part[i + half] : part[i];
+      part[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+    }
+  }
+  const float x = part[0] + __shfl_xor_sync(0xffffffffu, part[0], 1);
+  const bool valid = (mask >> (lane >> 1)) & 1u;
+  const float s = valid ? x : -INFINITY;
+  float mx = s;
+#pragma unroll
+  for (int o = 2; o <= 16; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  const float m_new = fmaxf(m, mx);
+  const float m_use = m_new == -INFINITY ? 0.f : m_new;
+  const float p = valid ? exp2f(s - m_use) : 0.f;
+  float sum = p;
+#pragma unroll
+  for (int o = 2; o <= 16; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  const float alpha = exp2f(m - m_use);
+  l = l * alpha + sum;
+  m = m_new;
+#pragma unroll
+  for (int d = 0; d < DPL; ++d) acc[d] *= alpha;
+#pragma unroll
+  for (int t = 0; t < kGroup; ++t) {
+    const float pt = __shfl_sync(0xffffffffu, p, 2 * t);
+    // Masked rows may be uninitialised (NaN) memory: zero their bits, since 0 * NaN = NaN.
+    // Integer masking rather than a branch: 16 branches here exhaust ptxas' predicates.
+    const uint32_t keep = 0u - ((mask >> t) & 1u);
+    RowSlice<T, D> vt = v[t];
+#pragma unroll
+    for (int w = 0; w < RowSlice<T, D>::kWords; ++w) vt.w[w] &= keep;
+    float vf[DPL];
+    vt.to_float(vf);
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) acc[d] += pt * vf[d];
+  }
+}
+
+template <typename T, int D, int HB>
+__global__ void __launch_bounds__(kAttnWarps * 32)
+attend_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
+                     const T* __restrict__ kv, const int64_t* __restrict__ rows,
+                     const uint8_t* __restrict__ token_ok, int Gt, int n_shared, int v_off,
+                     int Hq, int rep, int n_hb, float qscale, int cols_per_split, int S,
+                     float* __restrict__ part_o, float* __restrict__ part_ml) {
+  constexpr int DPL = D / 32;
+  const int s = blockIdx.x, r = blockIdx.z;
+  const int kvh = blockIdx.y / n_hb, hb = blockIdx.y % n_hb;
+  const int h0 = kvh * rep + hb * HB;
+  const int nh = min(HB, rep - hb * HB);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  float qf[HB][DPL], m[HB], l[HB], acc[HB][DPL];
+#pragma unroll
+  for (int h = 0; h < HB; ++h) {
+    RowSlice<T, D> qs;
+    if (h < nh) qs.load(q + r * q_sr + (h0 + h) * q_sh + lane * DPL); else qs.zero();
+    qs.to_float(qf[h]);
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) { qf[h][d] *= qscale; acc[h][d] = 0.f; }
+    m[h] = -INFINITY;
+    l[h] = 0.f;
+  }
+
+  const int64_t head0 = (int64_t(r) * Hq + h0) * Gt;  // list index of (r, h0, column 0)
+  const int c0 = s * cols_per_split, c1 = min(Gt, c0 + cols_per_split);
+  for (int col = c0 + warp; col < c1; col += kAttnWarps) {
+    if (col < n_shared) {
+      const uint32_t mask = load_mask(token_ok + (head0 + col) * kGroup);
+      if (!mask) continue;
+      RowSlice<T, D> kr[kGroup], vr[kGroup];
+      load_group<T, D>(kv, rows[head0 + col], v_off, lane, kr, vr);
+#pragma unroll
+      for (int h = 0; h < HB; ++h)
+        if (h < nh) head_update<T, D>(qf[h], kr, vr, mask, m[h], l[h], acc[h], lane);
+    } else {
+#pragma unroll
+      for (int h = 0; h < HB; ++h) {
+        if (h >= nh) continue;
+        const int64_t idx = head0 + int64_t(h) * Gt + col;
+        const uint32_t mask = load_mask(token_ok + idx * kGroup);
+        if (!mask) continue;
+        RowSlice<T, D> kr[kGroup], vr[kGroup];
+        load_group<T, D>(kv, rows[idx], v_off, lane, kr, vr);
+        head_update<T, D>(qf[h], kr, vr, mask, m[h], l[h], acc[h], lane);
+      }
+    }
+  }
+
+  // Merge the warps' softmax states, write this split's partial result.
+  __shared__ float s_m[kAttnWarps][HB], s_l[kAttnWarps][HB];
+  __shared__ float s_acc[kAttnWarps][HB][D];
+#pragma unroll
+  for (int h = 0; h < HB; ++h) {
+    if (lane == 0) { s_m[warp][h] = m[h]; s_l[warp][h] = l[h]; }
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) s_acc[warp][h][lane * DPL + d] = acc[h][d];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < nh * D; i += blockDim.x) {
+    const int h = i / D, d = i % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, s_m[w][h]);
+    float o = 0.f, L = 0.f;
+    if (M != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kAttnWarps; ++w) {
+        const float wgt = exp2f(s_m[w][h] - M);
+        o += wgt * s_acc[w][h][d];
+        L += wgt * s_l[w][h];
+      }
+    }
+    const int64_t idx = (int64_t(r) * Hq + h0 + h) * S + s;
+    part_o[idx * D + d] = o;
+    if (d == 0) { part_ml[idx * 2] = M; part_ml[idx * 2 + 1] = L; }
+  }
+}
+
+template <typename OutT>
+__global__ void combine_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml,
+                               int S, int D, int Hq, OutT* __restrict__ out, int64_t o_sr,
+                               int64_t o_sh) {
+  const int item = blockIdx.x, d = threadIdx.x;
+  if (d >= D) return;
+  const float* ml = part_ml + int64_t(item) * S * 2;
+  float M = -INFINITY;
+  for (int s = 0; s < S; ++s) M = fmaxf(M, ml[2 * s]);
+  float o = 0.f, L = 0.f;
+  if (M != -INFINITY) {
+    for (int s = 0; s < S; ++s) {
+      const float w = exp2f(ml[2 * s] - M);
+      o += w * part_o[(int64_t(item) * S + s) * D + d];
+      L += w * ml[2 * s + 1];
+    }
+  }
+  const int r = item / Hq, h = item % Hq;
+  out[r * o_sr + h * o_sh + d] = from_float<OutT>(L > 0.f ? o / L : 0.f);
+}
+
+
+#ifdef HGA_ATTEND_DEFINE_LAUNCHER  // only in attention_<dtype>.cu: one instantiation each
+// Launches the main kernel (head block size picked from rep).
+template <typename T>
+void launch_attend(const T* q, int64_t q_sr, int64_t q_sh, const T* kv, const int64_t* rows,
+                   const uint8_t* token_ok, int R, int Hq, int Hkv, int D, int Gt, int n_shared,
+                   int v_off, float qscale, int S, float* part_o, float* part_ml,
+                   cudaStream_t stream) {
+  const int rep = Hq / Hkv;
+  const int HB = rep <= 1 ? 1 : rep <= 2 ? 2 : rep <= 4 ? 4 : 8;
+  const int n_hb = (rep + HB - 1) / HB;
+  const int cps = (Gt + S - 1) / S;
+  const dim3 grid(S, Hkv * n_hb, R);
+  HGA_DISPATCH_HEAD(D, "attend_groups", [&] {
+    auto launch = [&](auto hb_const) {
+      constexpr int kHB = decltype(hb_const)::value;
+      attend_groups_kernel<T, kD, kHB><<<grid, kAttnWarps * 32, 0, stream>>>(
+          q, q_sr, q_sh, kv, rows, token_ok, Gt, n_shared, v_off, Hq, rep, n_hb, qscale, cps,
+          S, part_o, part_ml);
+    };
+    switch (HB) {
+      case 1: launch(std::integral_constant<int, 1>{}); break;
+      case 2: launch(std::integral_constant<int, 2>{}); break;
+      case 4: launch(std::integral_constant<int, 4>{}); break;
+      default: launch(std::integral_constant<int, 8>{}); break;
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define HGA_INSTANTIATE_ATTEND(T)                                                           \
+  template void launch_attend<T>(const T*, int64_t, int64_t, const T*, const int64_t*,      \
+                                 const uint8_t*, int, int, int, int, int, int, int, float, \
+                                 int, float*, float*, cudaStream_t);
+#endif  // HGA_ATTEND_DEFINE_LAUNCHER
+
+}  // namespace hga
