@@ -7,13 +7,40 @@ namespace hga {
 
 template <typename T>
 void launch_attend(const T*, int64_t, int64_t, const T*, const int64_t*, const uint8_t*, int, int,
-                   int, int, int, int, int, float, int, float*, float*, cudaStream_t);
+                   int, int, int, int, int, float, bool, int, int, int, int, int, float*, float*,
+                   cudaStream_t);
+
+// Splits of `cols` columns for one kernel: enough blocks to fill the GPU a few times over.
+int heads_splits(int cols, int blocks, int sms) {  // a warp prefetches <= 32 columns
+  return std::max((cols + 31) / 32, std::min((4 * sms + blocks - 1) / blocks, (cols + 3) / 4));
+}
+int shared_splits(int cols, int blocks, int sms) {
+  return std::max(1, std::min((2 * sms + blocks - 1) / blocks, (cols + kAttnWarps - 1) / kAttnWarps));
+}
+int nonempty(int cols, int S) {  // fewer splits if the last ones would be empty
+  const int cps = (cols + S - 1) / S;
+  return (cols + cps - 1) / cps;
+}
 
 namespace {
 
+// Is p pinned host memory (a UVA view)?  Cached: the pool pointer rarely changes.
+bool is_host_memory(const void* p) {
+  static thread_local const void* last = nullptr;
+  static thread_local bool last_host = false;
+  if (p != last) {
+    cudaPointerAttributes attr{};
+    C10_CUDA_CHECK(cudaPointerGetAttributes(&attr, p));
+    last = p;
+    last_host = attr.type == cudaMemoryTypeHost;
+  }
+  return last_host;
+}
+
+// mode: 0 = pick by where kv_rows lives, 1 = per-head kernel, 2 = shared-column kernel.
 void attend_groups(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, at::Tensor token_ok,
                    int64_t num_kv_heads, int64_t v_offset, int64_t n_shared, double scale,
-                   int64_t splits, at::Tensor part_o, at::Tensor part_ml, at::Tensor out) {
+                   int64_t mode, at::Tensor out) {
   check_cuda(q, "q");
   check_cuda(kv_rows, "kv_rows");
   HGA_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [R, Hq, D] with a contiguous last dim");
@@ -31,11 +58,6 @@ void attend_groups(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, at::Tensor
                 reinterpret_cast<uintptr_t>(token_ok.data_ptr()) % 16 == 0,
             "token_ok must be contiguous 16-byte aligned bool [R, Hq, G, 16]");
   HGA_CHECK(n_shared >= 0 && n_shared <= Gt, "n_shared out of range");
-  const int S = int(splits);
-  HGA_CHECK(S >= 1 && part_o.is_contiguous() && part_o.numel() >= int64_t(R) * Hq * S * D &&
-                part_ml.is_contiguous() && part_ml.numel() >= int64_t(R) * Hq * S * 2 &&
-                part_o.scalar_type() == at::kFloat && part_ml.scalar_type() == at::kFloat,
-            "part_o/part_ml workspaces too small");
   HGA_CHECK(out.dim() == 3 && out.size(0) == R && out.size(1) == Hq && out.size(2) == D &&
                 out.stride(2) == 1,
             "out must be [R, Hq, D] with a contiguous last dim");
@@ -47,14 +69,40 @@ void attend_groups(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, at::Tensor
   if (R == 0 || Gt == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const int Hkv = int(num_kv_heads), rep = Hq / Hkv;
+  // Device memory: shared columns by the shared-column kernel (read once per KV head), the
+  // routed ones by the per-head kernel (latency hiding).  Host memory: all columns by the
+  // shared-column kernel (PCIe bytes are what count).  mode 1 / 2 force one kernel.
+  const bool host = mode == 0 && is_host_memory(kv_rows.data_ptr());
+  const int sms = num_sms();
+  const int hb_heads = Hkv * ((rep + 7) / 8) * R;
+  const int HB = rep <= 1 ? 1 : rep <= 2 ? 2 : rep <= 4 ? 4 : 8;
+  const int hb_shared = Hkv * ((rep + HB - 1) / HB) * R;
+  int S1 = 0, S2 = 0, split_at = 0;  // shared kernel on [0, split_at), heads on the rest
+  if (mode == 2 || host) {
+    split_at = Gt;
+  } else if (mode == 0) {
+    split_at = int(n_shared);
+  }
+  if (split_at > 0) S1 = nonempty(split_at, shared_splits(split_at, hb_shared, sms));
+  if (split_at < Gt) S2 = nonempty(Gt - split_at, heads_splits(Gt - split_at, hb_heads, sms));
+  const int S = S1 + S2;
+  auto fopt = q.options().dtype(at::kFloat);
+  at::Tensor part_o = at::empty({int64_t(R) * Hq * S * D}, fopt);
+  at::Tensor part_ml = at::empty({int64_t(R) * Hq * S * 2}, fopt);
   const float qscale = float(scale) * kLog2e;
   HGA_DISPATCH_FLOAT(q.scalar_type(), "attend_groups", [&] {
-    launch_attend<scalar_t>(reinterpret_cast<const scalar_t*>(q.data_ptr()), q.stride(0),
-                            q.stride(1), reinterpret_cast<const scalar_t*>(kv_rows.data_ptr()),
-                            rows.data_ptr<int64_t>(),
-                            reinterpret_cast<const uint8_t*>(token_ok.data_ptr()), R, Hq,
-                            int(num_kv_heads), D, Gt, int(n_shared), int(v_offset), qscale, S,
-                            part_o.data_ptr<float>(), part_ml.data_ptr<float>(), stream);
+    auto launch = [&](bool heads, int c0, int c1, int splits, int first) {
+      launch_attend<scalar_t>(reinterpret_cast<const scalar_t*>(q.data_ptr()), q.stride(0),
+                              q.stride(1), reinterpret_cast<const scalar_t*>(kv_rows.data_ptr()),
+                              rows.data_ptr<int64_t>(),
+                              reinterpret_cast<const uint8_t*>(token_ok.data_ptr()), R, Hq, Hkv,
+                              D, Gt, int(n_shared), int(v_offset), qscale, heads, c0, c1, splits,
+                              first, S, part_o.data_ptr<float>(), part_ml.data_ptr<float>(),
+                              stream);
+    };
+    if (S1) launch(false, 0, split_at, S1, 0);
+    if (S2) launch(true, split_at, Gt, S2, S1);
   });
 
   const int threads = (D + 31) / 32 * 32;

@@ -113,7 +113,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 attend_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
                      const T* __restrict__ kv, const int64_t* __restrict__ rows,
                      const uint8_t* __restrict__ token_ok, int Gt, int n_shared, int v_off,
-                     int Hq, int rep, int n_hb, float qscale, int cols_per_split, int S,
+                     int Hq, int rep, int n_hb, float qscale, int col_begin, int col_end,
+                     int cols_per_split, int split_begin, int S,
                      float* __restrict__ part_o, float* __restrict__ part_ml) {
   constexpr int DPL = D / 32;
   const int s = blockIdx.x, r = blockIdx.z;
@@ -135,7 +136,7 @@ attend_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
   }
 
   const int64_t head0 = (int64_t(r) * Hq + h0) * Gt;  // list index of (r, h0, column 0)
-  const int c0 = s * cols_per_split, c1 = min(Gt, c0 + cols_per_split);
+  const int c0 = col_begin + s * cols_per_split, c1 = min(col_end, c0 + cols_per_split);
   for (int col = c0 + warp; col < c1; col += kAttnWarps) {
     if (col < n_shared) {
       const uint32_t mask = load_mask(token_ok + (head0 + col) * kGroup);
@@ -183,10 +184,92 @@ attend_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
         L += wgt * s_l[w][h];
       }
     }
-    const int64_t idx = (int64_t(r) * Hq + h0 + h) * S + s;
+    const int64_t idx = (int64_t(r) * Hq + h0 + h) * S + split_begin + s;
     part_o[idx * D + d] = o;
     if (d == 0) { part_ml[idx * 2] = M; part_ml[idx * 2 + 1] = L; }
   }
+}
+
+// Device-memory variant: one warp per query head, a block holds (up to 8) heads of one KV
+// head so the shared columns they all read come from L1/L2 rather than HBM.  A warp first
+// fetches its split's row ids and masks lane-parallel (no dependent-load chain per group),
+// then streams its groups with the next group's K/V loads in flight while the current one
+// is computed (two register buffers where they fit).
+template <typename T, int D>
+__device__ __forceinline__ void fetch_next(uint32_t& bits, int64_t my_row, uint32_t my_mask,
+                                           const T* __restrict__ kv, int v_off, int lane,
+                                           RowSlice<T, D> (&k)[kGroup],
+                                           RowSlice<T, D> (&v)[kGroup], uint32_t& mask) {
+  const int src = __ffs(bits) - 1;
+  bits &= bits - 1;
+  const int64_t row = __shfl_sync(0xffffffffu, my_row, src);
+  mask = __shfl_sync(0xffffffffu, my_mask, src);
+  load_group<T, D>(kv, row, v_off, lane, k, v);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(256)
+attend_heads_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
+                    const T* __restrict__ kv, const int64_t* __restrict__ rows,
+                    const uint8_t* __restrict__ token_ok, int Gt, int v_off, int Hq, int rep,
+                    int n_hb, float qscale, int col_begin, int col_end, int cols_per_split,
+                    int split_begin, int S, float* __restrict__ part_o,
+                    float* __restrict__ part_ml) {
+  constexpr int DPL = D / 32;
+  const int s = blockIdx.x, r = blockIdx.z;
+  const int kvh = blockIdx.y / n_hb, hb = blockIdx.y % n_hb;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int head_in_kv = hb * 8 + warp;
+  if (head_in_kv >= rep) return;  // no block-level sync below
+  const int h = kvh * rep + head_in_kv;
+  const int c0 = col_begin + s * cols_per_split;
+  const int ncol = min(col_end - c0, cols_per_split);  // <= 32
+  const int64_t base = (int64_t(r) * Hq + h) * Gt + c0;
+  int64_t my_row = 0;
+  uint32_t my_mask = 0;
+  if (lane < ncol) {
+    my_row = rows[base + lane];
+    my_mask = load_mask(token_ok + (base + lane) * kGroup);
+  }
+  uint32_t bits = __ballot_sync(0xffffffffu, my_mask != 0u);
+
+  float qf[DPL], acc[DPL], m = -INFINITY, l = 0.f;
+  {
+    RowSlice<T, D> qs;
+    qs.load(q + r * q_sr + h * q_sh + lane * DPL);
+    qs.to_float(qf);
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) { qf[d] *= qscale; acc[d] = 0.f; }
+  }
+  RowSlice<T, D> ka[kGroup], va[kGroup];
+  uint32_t ma;
+  constexpr bool kDouble = RowSlice<T, D>::kWords <= 2;  // 2 buffers fit in registers
+  if constexpr (kDouble) {
+    RowSlice<T, D> kb[kGroup], vb[kGroup];
+    uint32_t mb;
+    if (bits) {
+      fetch_next<T, D>(bits, my_row, my_mask, kv, v_off, lane, ka, va, ma);
+      while (true) {
+        const bool more_b = bits != 0u;
+        if (more_b) fetch_next<T, D>(bits, my_row, my_mask, kv, v_off, lane, kb, vb, mb);
+        head_update<T, D>(qf, ka, va, ma, m, l, acc, lane);
+        if (!more_b) break;
+        const bool more_a = bits != 0u;
+        if (more_a) fetch_next<T, D>(bits, my_row, my_mask, kv, v_off, lane, ka, va, ma);
+        head_update<T, D>(qf, kb, vb, mb, m, l, acc, lane);
+        if (!more_a) break;
+      }
+    }
+  } else {
+    while (bits) {
+      fetch_next<T, D>(bits, my_row, my_mask, kv, v_off, lane, ka, va, ma);
+      head_update<T, D>(qf, ka, va, ma, m, l, acc, lane);
+    }
+  }
+  const int64_t idx = (int64_t(r) * Hq + h) * S + split_begin + s;
+#pragma unroll
+  for (int d = 0; d < DPL; ++d) part_o[idx * D + lane * DPL + d] = acc[d];
+  if (lane == 0) { part_ml[idx * 2] = m; part_ml[idx * 2 + 1] = l; }
 }
 
 template <typename OutT>
@@ -212,23 +295,37 @@ __global__ void combine_kernel(const float* __restrict__ part_o, const float* __
 
 
 #ifdef HGA_ATTEND_DEFINE_LAUNCHER  // only in attention_<dtype>.cu: one instantiation each
-// Launches the main kernel (head block size picked from rep).
+// Columns [col_begin, col_end) in `splits` splits written to partial slots split_begin..
+// of S_total, by attend_heads_kernel (heads) or attend_groups_kernel.
 template <typename T>
 void launch_attend(const T* q, int64_t q_sr, int64_t q_sh, const T* kv, const int64_t* rows,
                    const uint8_t* token_ok, int R, int Hq, int Hkv, int D, int Gt, int n_shared,
-                   int v_off, float qscale, int S, float* part_o, float* part_ml,
+                   int v_off, float qscale, bool heads_kernel, int col_begin, int col_end,
+                   int splits, int split_begin, int S_total, float* part_o, float* part_ml,
                    cudaStream_t stream) {
   const int rep = Hq / Hkv;
+  const int cps = (col_end - col_begin + splits - 1) / splits;
+  if (heads_kernel) {
+    const int n_hb = (rep + 7) / 8;
+    const dim3 grid(splits, Hkv * n_hb, R);
+    const int threads = 32 * (rep < 8 ? rep : 8);
+    HGA_DISPATCH_HEAD(D, "attend_groups", [&] {
+      attend_heads_kernel<T, kD><<<grid, threads, 0, stream>>>(
+          q, q_sr, q_sh, kv, rows, token_ok, Gt, v_off, Hq, rep, n_hb, qscale, col_begin,
+          col_end, cps, split_begin, S_total, part_o, part_ml);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   const int HB = rep <= 1 ? 1 : rep <= 2 ? 2 : rep <= 4 ? 4 : 8;
   const int n_hb = (rep + HB - 1) / HB;
-  const int cps = (Gt + S - 1) / S;
-  const dim3 grid(S, Hkv * n_hb, R);
+  const dim3 grid(splits, Hkv * n_hb, R);
   HGA_DISPATCH_HEAD(D, "attend_groups", [&] {
     auto launch = [&](auto hb_const) {
       constexpr int kHB = decltype(hb_const)::value;
       attend_groups_kernel<T, kD, kHB><<<grid, kAttnWarps * 32, 0, stream>>>(
-          q, q_sr, q_sh, kv, rows, token_ok, Gt, n_shared, v_off, Hq, rep, n_hb, qscale, cps,
-          S, part_o, part_ml);
+          q, q_sr, q_sh, kv, rows, token_ok, Gt, n_shared, v_off, Hq, rep, n_hb, qscale,
+          col_begin, col_end, cps, split_begin, S_total, part_o, part_ml);
     };
     switch (HB) {
       case 1: launch(std::integral_constant<int, 1>{}); break;
@@ -240,10 +337,10 @@ void launch_attend(const T* q, int64_t q_sr, int64_t q_sh, const T* kv, const in
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-#define HGA_INSTANTIATE_ATTEND(T)                                                           \
-  template void launch_attend<T>(const T*, int64_t, int64_t, const T*, const int64_t*,      \
-                                 const uint8_t*, int, int, int, int, int, int, int, float, \
-                                 int, float*, float*, cudaStream_t);
+#define HGA_INSTANTIATE_ATTEND(T)                                                            \
+  template void launch_attend<T>(const T*, int64_t, int64_t, const T*, const int64_t*,       \
+                                 const uint8_t*, int, int, int, int, int, int, int, float,  \
+                                 bool, int, int, int, int, int, float*, float*, cudaStream_t);
 #endif  // HGA_ATTEND_DEFINE_LAUNCHER
 
 }  // namespace hga

@@ -44,8 +44,9 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kRouteWarps * 32)
 route_chunks_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
                     const int64_t* __restrict__ pos, const int* __restrict__ bt, int64_t bt_sr,
-                    const float* __restrict__ summ, int64_t s_sb, int64_t s_sh, int Hq, int rep,
-                    int F, int L, int Kc, int S, int split_len, float* __restrict__ cand_s,
+                    const float* __restrict__ summ, int64_t s_sb, int64_t s_sh, int64_t s_sr,
+                    int Hq, int rep, int F, int L, int max_group, int Kc, int S, int split_len,
+                    float* __restrict__ cand_s,
                     int* __restrict__ cand_i) {
   extern __shared__ float smem[];
   float* q_s = smem;               // [rep][D]
@@ -61,24 +62,40 @@ route_chunks_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
     q_s[i] = to_float(q[r * q_sr + (kvh * rep + i / D) * q_sh + i % D]);
   __syncthreads();
 
-  // Scores of this slice's pool chunks, all heads of the KV head.
+  // Scores of this slice's pool chunks, all heads of the KV head.  U chunk rows per lane
+  // group are loaded before any is used, so a warp keeps U * 2 KiB in flight.
+  constexpr int U = D >= 256 ? 2 : 4;
   const int sub = lane / 8, l8 = lane % 8;
-  for (int base = warp * 4; base < len; base += kRouteWarps * 4) {
-    const int j = base + sub;
-    const bool valid = j < len;
-    float4 sv[D / 32];
-    if (valid) {
-      const int64_t blk = bt[r * bt_sr + lo + j];
-      load_slices<D>(sv, summ + blk * s_sb + kvh * s_sh, l8);
-    } else {
+  for (int base = warp * 4; base < len; base += kRouteWarps * 4 * U) {
+    const float* page[U];
 #pragma unroll
-      for (int i = 0; i < D / 32; ++i) sv[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int u = 0; u < U; ++u) {
+      const int j = base + u * kRouteWarps * 4 + sub;
+      page[u] = j < len ? summ + int64_t(bt[r * bt_sr + lo + j]) * s_sb + kvh * s_sh : nullptr;
     }
-    // L == 0: the preceding chunk is in the pool and always kept (routing.py).
-    const bool forced = L == 0 && lo + j == c - 1;
-    for (int h = 0; h < rep; ++h) {
-      const float v = slice_dot<D>(sv, q_s + h * D, l8);
-      if (valid && l8 == 0) sc[h * split_len + j] = forced ? INFINITY : v;
+    // chunk score: q . chunk summary (row 0), or max_group: the best q . group summary
+    for (int row = max_group; row < (max_group ? 1 + kGroups : 1); ++row) {
+      float4 sv[U][D / 32];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (page[u]) {
+          load_slices<D>(sv[u], page[u] + row * s_sr, l8);
+        } else {
+#pragma unroll
+          for (int i = 0; i < D / 32; ++i) sv[u][i] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int j = base + u * kRouteWarps * 4 + sub;
+        // L == 0: the preceding chunk is in the pool and always kept (routing.py).
+        const bool forced = L == 0 && lo + j == c - 1;
+        for (int h = 0; h < rep; ++h) {
+          const float v = slice_dot<D>(sv[u], q_s + h * D, l8);
+          float* dst = sc + h * split_len + j;
+          if (page[u] && l8 == 0) *dst = forced ? INFINITY : row <= 1 ? v : fmaxf(*dst, v);
+        }
+      }
     }
   }
   __syncthreads();
@@ -136,6 +153,7 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
   float* gs = reinterpret_cast<float*>(kept + Kc);     // [4 Kc] group scores
   int* gids = reinterpret_cast<int*>(gs + 4 * Kc);     // [4 Kc]
   int* sel = gids + 4 * Kc;                            // [4 Kc] selected flags
+  int* kept_blk = sel + 4 * Kc;                        // [Kc] block ids of kept chunks
 
   const int item = blockIdx.x;  // r * Hq + h
   const int r = item / Hq, h = item % Hq;
@@ -167,7 +185,9 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
   }
   __syncwarp();
 
-  // 2. group scores inside the kept chunks (8 lanes per group row)
+  // 2. group scores inside the kept chunks (8 lanes per group row, 16 rows in flight)
+  for (int k = lane; k < nk; k += 32) kept_blk[k] = btr[kept[k]];
+  __syncwarp();
   const int sub = lane / 8, l8 = lane % 8;
   float4 qv[D / 32];
 #pragma unroll
@@ -176,26 +196,35 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
     qv[i] = make_float4(to_float(qp[0]), to_float(qp[1]), to_float(qp[2]), to_float(qp[3]));
   }
   const int ng = nk * kGroups;
-  for (int e0 = 0; e0 < ng; e0 += 4) {
-    const int e = e0 + sub;
-    float4 sv[D / 32];
-    if (e < ng) {
-      const int64_t blk = btr[kept[e / kGroups]];
-      load_slices<D>(sv, summ + blk * s_sb + kvh * s_sh + (1 + e % kGroups) * s_sr, l8);
-    } else {
+  constexpr int U = D >= 256 ? 2 : 4;
+  for (int e0 = 0; e0 < ng; e0 += 4 * U) {
+    float4 sv[U][D / 32];
 #pragma unroll
-      for (int i = 0; i < D / 32; ++i) sv[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int u = 0; u < U; ++u) {
+      const int e = e0 + 4 * u + sub;
+      if (e < ng) {
+        load_slices<D>(sv[u], summ + int64_t(kept_blk[e / kGroups]) * s_sb + kvh * s_sh +
+                                  (1 + e % kGroups) * s_sr, l8);
+      } else {
+#pragma unroll
+        for (int i = 0; i < D / 32; ++i) sv[u][i] = make_float4(0.f, 0.f, 0.f, 0.f);
+      }
     }
-    float acc = 0.f;
 #pragma unroll
-    for (int i = 0; i < D / 32; ++i)
-      acc += sv[i].x * qv[i].x + sv[i].y * qv[i].y + sv[i].z * qv[i].z + sv[i].w * qv[i].w;
-    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-    acc += __shfl_xor_sync(0xffffffffu, acc, 4);
-    if (e < ng && l8 == 0) {
-      gs[e] = acc;
-      gids[e] = kept[e / kGroups] * kGroups + e % kGroups;
+    for (int u = 0; u < U; ++u) {
+      const int e = e0 + 4 * u + sub;
+      float acc = 0.f;
+#pragma unroll
+      for (int i = 0; i < D / 32; ++i)
+        acc += sv[u][i].x * qv[i].x + sv[u][i].y * qv[i].y + sv[u][i].z * qv[i].z +
+               sv[u][i].w * qv[i].w;
+      acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+      acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+      acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+      if (e < ng && l8 == 0) {
+        gs[e] = acc;
+        gids[e] = kept[e / kGroups] * kGroups + e % kGroups;
+      }
     }
   }
   for (int e = lane; e < ng; e += 32) sel[e] = 0;
@@ -282,7 +311,7 @@ RouteArgs check_route_inputs(const at::Tensor& q, const at::Tensor& pos, const a
 }
 
 void route_chunks(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
-                  int64_t sink_chunks, int64_t local_chunks, int64_t split_len,
+                  int64_t sink_chunks, int64_t local_chunks, int64_t max_group, int64_t split_len,
                   at::Tensor cand_score, at::Tensor cand_idx) {
   const RouteArgs a = check_route_inputs(q, pos, bt, summ);
   HGA_CHECK(cand_score.dim() == 4 && cand_score.size(0) == a.R && cand_score.size(1) == a.Hq &&
@@ -307,7 +336,8 @@ void route_chunks(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
       kernel<<<grid, kRouteWarps * 32, smem, stream>>>(
           reinterpret_cast<const scalar_t*>(q.data_ptr()), a.q_sr, a.q_sh,
           pos.data_ptr<int64_t>(), bt.data_ptr<int>(), a.bt_sr, summ.data_ptr<float>(), a.s_sb,
-          a.s_sh, a.Hq, rep, int(sink_chunks), int(local_chunks), Kc, S, int(split_len),
+          a.s_sh, a.s_sr, a.Hq, rep, int(sink_chunks), int(local_chunks), int(max_group != 0),
+          Kc, S, int(split_len),
           cand_score.data_ptr<float>(), cand_idx.data_ptr<int>());
     });
   });
@@ -333,7 +363,7 @@ void route_groups(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
   HGA_CHECK(Gt >= nfix && n_chunks >= 1 && bt.size(1) >= n_chunks, "bad list width or n_chunks");
   if (a.R == 0) return;
   const int n_cand = S * Kc;
-  const size_t smem = size_t(2 * n_cand + Kc + 3 * 4 * Kc) * 4;
+  const size_t smem = size_t(2 * n_cand + 2 * Kc + 3 * 4 * Kc) * 4;
   const c10::cuda::CUDAGuard guard(q.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   HGA_DISPATCH_FLOAT(q.scalar_type(), "route_groups", [&] {

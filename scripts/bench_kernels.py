@@ -21,15 +21,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vllm_hga.attention import HGALayer  # noqa: E402
-from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE, HGAConfig  # noqa: E402
-from vllm_hga.ops import cuda_ops, torch_ops  # noqa: E402
-from vllm_hga.rope import RopeSpec  # noqa: E402
+from vllm_hga.attention import HGALayer
+from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
+from vllm_hga.ops import cuda_ops, torch_ops
+from vllm_hga.rope import RopeSpec
 
 HQ, HKV, D, DT = 32, 4, 128, torch.bfloat16
 M = CHUNK_SIZE // GROUP_SIZE
@@ -80,26 +81,20 @@ def ceilings(reps: int) -> dict:
     n = 2 * 2**30
     x = torch.empty(n, dtype=torch.uint8, device=DEV)
     y = torch.empty_like(x)
-    t = timeit(lambda: y.copy_(x), reps, graph=False)
-    d2d = 2 * n / t  # bytes read + written
-    h = torch.empty(n, dtype=torch.uint8).pin_memory()
-    t = timeit(lambda: y.copy_(h, non_blocking=True), reps, graph=False)
-    h2d = n / t
-    # zero-copy sequential read of pinned memory by SMs (the UVA kernels' own ceiling)
-    rows = h.view(-1, 4096)
-    src = cuda_ops.uva_view(rows)
-    dst = y.view(-1, 4096)
-    idx = torch.arange(rows.shape[0], device=DEV)
-    t = timeit(lambda: cuda_ops.gather_rows(src, idx, dst), reps)
-    zc = n / t
-    del x, y, h, src, rows
+    host = torch.empty(n, dtype=torch.uint8).pin_memory()
+    src = cuda_ops.uva_view(host.view(-1, 4096))
+    idx = torch.arange(src.shape[0], device=DEV)
+    res = {
+        "d2d_GBps": 2 * n / timeit(lambda: y.copy_(x), reps, graph=False) / 1e9,  # read+write
+        "h2d_GBps": n / timeit(lambda: y.copy_(host, non_blocking=True), reps, graph=False) / 1e9,
+        # zero-copy sequential read of pinned memory by SMs (the UVA kernels' own ceiling)
+        "zero_copy_read_GBps": n / timeit(
+            lambda: cuda_ops.gather_rows(src, idx, y.view(-1, 4096)), reps) / 1e9,
+    }
     a = torch.randn(8192, 8192, device=DEV, dtype=DT)
     b = torch.randn(8192, 8192, device=DEV, dtype=DT)
-    t = timeit(lambda: a @ b, reps, graph=False)
-    mm = 2 * 8192**3 / t
-    torch.cuda.empty_cache()
-    return {"d2d_GBps": d2d / 1e9, "h2d_GBps": h2d / 1e9, "zero_copy_read_GBps": zc / 1e9,
-            "bf16_mm_TFLOPs": mm / 1e12}
+    res["bf16_mm_TFLOPs"] = 2 * 8192**3 / timeit(lambda: a @ b, reps, graph=False) / 1e12
+    return res
 
 
 class Pools:
@@ -112,8 +107,9 @@ class Pools:
     def __init__(self, n_blocks: int):
         g = torch.Generator(device=DEV).manual_seed(0)
         shape = (n_blocks, HKV, 2, CHUNK_SIZE, D)
-        self.dev = torch.randn(shape, generator=g, device=DEV, dtype=torch.float32).to(DT)
-        self.host = self.dev.cpu().pin_memory()
+        self.dev = torch.randn(shape, generator=g, device=DEV, dtype=DT)
+        self.host = torch.empty(shape, dtype=DT, pin_memory=True)
+        self.host.copy_(self.dev)
         self.uva = cuda_ops.uva_view(self.host)
         self.summ = torch.randn(n_blocks, HKV, 1 + M, D, generator=g, device=DEV)
         self.n_blocks = n_blocks
@@ -150,11 +146,15 @@ def point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, ceil: dict, reps: int,
 
     rec["route_us"] = timeit(route, reps) * 1e6
     for where, pool in (("dev", pools.dev), ("uva", pools.uva)):
-        t = timeit(lambda: cuda_ops.attend_groups(q, pool, rows, ok, scale, nfix, out), reps)
+        for kernel in ("heads", "shared"):  # "auto" picks heads on dev, shared on uva
+            t = timeit(lambda p=pool, k=kernel: cuda_ops.attend_groups(
+                q, p, rows, ok, scale, nfix, out, k), reps)
+            rec[f"attn_{where}_{kernel}_us"] = t * 1e6
+        t = min(rec[f"attn_{where}_heads_us"], rec[f"attn_{where}_shared_us"]) * 1e-6
         rec[f"attn_{where}_us"] = t * 1e6
         rec[f"attn_{where}_GBps"] = attn_bytes / t / 1e9
         rec[f"step_{where}_us"] = timeit(
-            lambda: cuda_ops.decode(q, pos, bt, n, pool, pools.summ, cfg, S, Lc, G, scale, out),
+            lambda p=pool: cuda_ops.decode(q, pos, bt, n, p, pools.summ, cfg, S, Lc, G, scale, out),
             reps) * 1e6
     rec["attn_dev_frac_hbm"] = rec["attn_dev_GBps"] / ceil["d2d_GBps"]
     rec["attn_uva_frac_h2d"] = rec["attn_uva_GBps"] / ceil["h2d_GBps"]
@@ -163,14 +163,19 @@ def point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, ceil: dict, reps: int,
 
     # host gather of the step's groups (K and V rows) into a device buffer
     kv_rows = pools.uva.view(-1, GROUP_SIZE, D)
-    sel = torch.cat([rows[vis], rows[vis] + M])  # per-head rows; K rows then V rows
+    shared = rows[:, ::rep, :nfix][vis[:, ::rep, :nfix]]  # once per KV head
+    routed = rows[:, :, nfix:][vis[:, :, nfix:]]
+    k_rows = torch.cat([shared, routed])
+    sel = torch.cat([k_rows, k_rows + M])  # K rows, then their V rows
     buf = torch.empty(sel.numel(), GROUP_SIZE, D, device=DEV, dtype=DT)
     gbytes = buf.numel() * 2
     t = timeit(lambda: cuda_ops.gather_rows(kv_rows, sel, buf), reps)
     rec["gather_zc_us"], rec["gather_zc_frac_h2d"] = t * 1e6, gbytes / t / 1e9 / ceil["h2d_GBps"]
-    sel_cpu = sel.cpu()
-    t = timeit(lambda: cuda_ops.gather_rows_ce(kv_rows, sel_cpu, buf), reps, graph=False)
-    rec["gather_ce_us"], rec["gather_ce_frac_h2d"] = t * 1e6, gbytes / t / 1e9 / ceil["h2d_GBps"]
+    if B <= 4:  # 4 KiB copies are slow on the copy engines; the size sweep shows the rest
+        sel_cpu = sel.cpu()
+        t = timeit(lambda: cuda_ops.gather_rows_ce(kv_rows, sel_cpu, buf), reps, graph=False)
+        rec["gather_ce_us"] = t * 1e6
+        rec["gather_ce_frac_h2d"] = gbytes / t / 1e9 / ceil["h2d_GBps"]
     rec["gather_MB"] = gbytes / 1e6
 
     # dense attention at the same context
@@ -199,14 +204,41 @@ def point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, ceil: dict, reps: int,
 
     # the torch ops path this replaces (where its [R, n, H, 5, D] page gather fits)
     if B * ctx <= torch_limit:
-        md = type("MD", (), dict(decode_rows=torch.arange(B, device=DEV), decode_pos=pos,
-                                 decode_reqs=torch.arange(B, device=DEV), block_table=bt,
-                                 decode_chunks=n))
+        md = SimpleNamespace(decode_rows=torch.arange(B, device=DEV), decode_pos=pos,
+                             decode_reqs=torch.arange(B, device=DEV), block_table=bt,
+                             decode_chunks=n)
         t = timeit(lambda: torch_ops.attend_groups(q, pools.dev, *layer.decode_groups(
             q, pools.summ, md)[:2], scale), max(3, reps // 4), graph=False)
         rec["torch_step_dev_us"] = t * 1e6
     torch.cuda.empty_cache()
     return rec
+
+
+def profile_step(pools: Pools, ctx: int, B: int, cfg: HGAConfig) -> str:
+    """Per-kernel CUDA times of one HGA decode step (device pool), by torch.profiler."""
+    g = torch.Generator(device=DEV).manual_seed(1)
+    n = -(-ctx // CHUNK_SIZE)
+    bt = torch.randint(1, pools.n_blocks, (B, n), generator=g, device=DEV, dtype=torch.int32)
+    pos = torch.full((B,), ctx - 1, device=DEV, dtype=torch.long)
+    q = torch.randn(B, HQ, D, generator=g, device=DEV).to(DT)
+    layer = HGALayer(cfg, RopeSpec.default(D, 1e6), HQ, HKV, D, D ** -0.5, ctx + 64, device=DEV)
+    out = torch.empty(B, HQ, D, device=DEV, dtype=DT)
+
+    def step(pool):
+        cuda_ops.decode(q, pos, bt, n, pool, pools.summ, cfg, layer.sinks, layer.local,
+                        layer.groups, D ** -0.5, out)
+
+    for _ in range(3):
+        step(pools.dev)
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step(pools.dev)
+            step(pools.uva)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
 
 
 def _sdpa_backends():
@@ -226,16 +258,36 @@ def small_kernels(pools: Pools, reps: int, ceil: dict) -> list[dict]:
         summ = torch.empty(pools.n_blocks, HKV, 1 + M, D, device=DEV)
         nbytes = nblk * HKV * (CHUNK_SIZE * D * 2 + (1 + M) * D * 4)
         for where, pool in (("dev", pools.dev), ("uva", pools.uva)):
-            t = timeit(lambda: cuda_ops.summarize_pool(pool, blocks, summ, rot), reps)
+            t = timeit(lambda p=pool, b=blocks, s=summ: cuda_ops.summarize_pool(p, b, s, rot), reps)
             ceiling = ceil["d2d_GBps"] if where == "dev" else ceil["h2d_GBps"]
             res.append({"kernel": "summarize_pool", "where": where, "n": nblk, "us": t * 1e6,
                         "MB": nbytes / 1e6, "frac_ceiling": nbytes / t / 1e9 / ceiling})
+    # host -> device gather by copy size: 256 MiB of random units from the pinned pool
+    flat = pools.host.view(-1)
+    src_all = cuda_ops.uva_view(pools.host).view(-1)
+    for unit in (4096, 32768, 131072, 1048576):
+        elems = unit // 2
+        n_units = flat.numel() // elems
+        idx = torch.randperm(n_units)[: (256 * 2**20) // unit]
+        dst = torch.empty(idx.numel(), elems, device=DEV, dtype=DT)
+        src = src_all[: n_units * elems].view(n_units, elems)
+        idx_dev = idx.to(DEV)
+        for how in ("zero_copy", "copy_engine"):
+            if how == "zero_copy":
+                t = timeit(lambda s_=src, i=idx_dev, d=dst: cuda_ops.gather_rows(s_, i, d), reps)
+            else:
+                t = timeit(lambda s_=src, i=idx, d=dst: cuda_ops.gather_rows_ce(s_, i, d), reps,
+                           graph=False)
+            res.append({"kernel": f"gather_{how}", "where": "uva", "n": unit, "us": t * 1e6,
+                        "MB": dst.numel() * 2 / 1e6,
+                        "frac_ceiling": dst.numel() * 2 / t / 1e9 / ceil["h2d_GBps"]})
+        del dst
     for T in (64, 8192):
         key = torch.randn(T, HKV, D, device=DEV).to(DT)
         slots = torch.randperm(pools.n_blocks * CHUNK_SIZE, device=DEV)[:T]
         nbytes = 2 * 2 * T * HKV * D * 2
         for where, pool in (("dev", pools.dev), ("uva", pools.uva)):
-            t = timeit(lambda: cuda_ops.write_kv(pool, key, key, slots), reps)
+            t = timeit(lambda p=pool, k=key, s=slots: cuda_ops.write_kv(p, k, k, s), reps)
             res.append({"kernel": "write_kv", "where": where, "n": T, "us": t * 1e6,
                         "MB": nbytes / 1e6, "frac_ceiling": None})
     return res
@@ -257,7 +309,8 @@ def print_tables(result: dict) -> None:
           f"{c['bf16_mm_TFLOPs']:.0f} TFLOP/s")
     print("\n## Decode attention step (per layer)\n")
     cols = [("ctx", "ctx", 0), ("B", "batch", 0), ("route us", "route_us", 1),
-            ("attn dev us", "attn_dev_us", 1), ("attn dev %HBM", "attn_dev_frac_hbm", 2),
+            ("attn dev us", "attn_dev_us", 1), ("heads/shared us", "attn_dev_kernels", 0),
+            ("attn dev %HBM", "attn_dev_frac_hbm", 2),
             ("step dev us", "step_dev_us", 1), ("attn uva us", "attn_uva_us", 1),
             ("attn uva %H2D", "attn_uva_frac_h2d", 2), ("step uva us", "step_uva_us", 1),
             ("route/step dev", "route_frac_step_dev", 2),
@@ -270,15 +323,16 @@ def print_tables(result: dict) -> None:
     print("| " + " | ".join(h for h, _, _ in cols) + " |")
     print("|" + "---|" * len(cols))
     for r in result["points"]:
+        r["attn_dev_kernels"] = f"{r['attn_dev_heads_us']:.0f}/{r['attn_dev_shared_us']:.0f}"
         print("| " + " | ".join(fmt(r.get(k), nd) for _, k, nd in cols) + " |")
     print("\n## Host gather of the step's groups (K and V rows, 4 KiB each)\n")
     print("| ctx | B | MB | zero-copy us | zero-copy %H2D | copy-engine us | copy-engine %H2D |")
     print("|---|---|---|---|---|---|---|")
     for r in result["points"]:
         print(f"| {r['ctx']} | {r['batch']} | {r['gather_MB']:.1f} | {r['gather_zc_us']:.0f} | "
-              f"{r['gather_zc_frac_h2d']:.2f} | {r['gather_ce_us']:.0f} | "
-              f"{r['gather_ce_frac_h2d']:.2f} |")
-    print("\n## Summaries and KV write\n")
+              f"{r['gather_zc_frac_h2d']:.2f} | {fmt(r.get('gather_ce_us'), 0)} | "
+              f"{fmt(r.get('gather_ce_frac_h2d'), 2)} |")
+    print("\n## Summaries, KV write, host gather by copy size\n")
     print("| kernel | pool | n | us | MB | fraction of ceiling |")
     print("|---|---|---|---|---|---|")
     for r in result["small"]:
@@ -314,6 +368,9 @@ def main() -> None:
             result["points"].append(rec)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
                               for k, v in rec.items()}), flush=True)
+    for ctx, B in ((131072, 16), (8192, 1)):
+        print(f"\n## Profile: HGA step at ctx {ctx}, batch {B} (10 steps dev + 10 uva)\n")
+        print(profile_step(pools, ctx, B, cfg), flush=True)
     result["small"] = small_kernels(pools, args.reps, ceil)
     result["seconds"] = time.time() - t0
     if args.json:

@@ -40,7 +40,9 @@ class PagedRun:
             self.block_table[r, :nb] = torch.tensor(ids[:nb], dtype=torch.int32)
             ids = ids[nb:]
         nb_total = 1 + sum(blocks_per)
-        self.pool = torch.zeros(nb_total, num_kv_heads, 2, CHUNK_SIZE, head_size, dtype=dtype)
+        # poisoned: any read of a slot that was never written shows up as NaN
+        self.pool = torch.full((nb_total, num_kv_heads, 2, CHUNK_SIZE, head_size), float("nan"),
+                               dtype=dtype)
         self.summ = torch.full((nb_total, num_kv_heads, 1 + GROUPS, head_size), float("nan"))
         self.layer = HGALayer(cfg, self.rope, num_heads, num_kv_heads, head_size,
                               head_size ** -0.5, max(lengths) + CHUNK_SIZE)

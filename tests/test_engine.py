@@ -23,7 +23,7 @@ MAX_LEN = 8192
 
 
 def make_llm(model: str, backend: str, hga: dict | None = None, **kw) -> LLM:
-    extra = {"hga": hga} if hga is not None else None
+    extra = {"hga": hga} if hga is not None else {}
     return LLM(model=model, attention_backend=backend, max_model_len=MAX_LEN,
                enforce_eager=True, additional_config=extra, seed=0,
                kv_cache_memory_bytes=1 << 30, **kw)

@@ -92,3 +92,21 @@ def test_concurrent_requests(server):
     for want, answer in zip(["Berlin", "Tokyo", "4", "Berlin"], answers):
         assert want in answer, answer
     assert answers[0] == answers[3]  # same request, same greedy answer, whatever the batch
+
+
+def test_metrics_endpoint_shows_hga_series(server):
+    import re
+    import urllib.request
+
+    client, _ = server
+    chat(client, QUESTION)
+    time.sleep(1.5)  # workers write a snapshot at most once a second, at a step's start
+    chat(client, QUESTION)
+    base = str(client.base_url).rsplit("/v1", 1)[0]
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
+    values = {m.group(1): float(m.group(2)) for m in
+              re.finditer(r"^(vllm_hga_\w+?)(?:_total)? ([0-9.e+-]+)$", text, re.M)}
+    assert values["vllm_hga_keys_attended"] > 0
+    assert 0 < values["vllm_hga_density"] <= 1
+    assert values["vllm_hga_host_pool_bytes"] > 0
+    assert "vllm:num_requests_running" in text  # vLLM's own series are still there

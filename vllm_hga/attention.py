@@ -18,8 +18,9 @@ GROUPS = CHUNK_SIZE // GROUP_SIZE
 class HGALayer:
     def __init__(self, cfg: HGAConfig, rope: RopeSpec, num_heads: int, num_kv_heads: int,
                  head_size: int, scale: float, max_model_len: int, dense: bool = False,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", metrics=None):
         self.cfg, self.rope, self.dense = cfg, rope, dense
+        self.metrics = metrics  # a metrics.WorkerMetrics, or None (tests)
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.scale = float(scale)
         self.rot = ops.SummaryRotation(rope, cfg, device)
@@ -39,6 +40,8 @@ class HGALayer:
         if md.closing_blocks.numel():
             chunk_keys = pool[md.closing_blocks, :, 0].transpose(1, 2)  # [nc, C, H, D]
             summ[md.closing_blocks] = ops.summarize_blocks(chunk_keys, self.rot)
+            self._count("summary_bytes_written", md.closing_blocks.numel() * summ[0].numel() * 4)
+        self._count("query_tokens", q.shape[0])
         if md.decode_rows.numel():
             if self.dense:
                 for row, r in zip(md.decode_rows.tolist(), md.decode_reqs.tolist()):
@@ -75,6 +78,7 @@ class HGALayer:
             keys, mask = self._block_keys(qb, pos, chunk_sum, group_sum)
             out[first - q_start: last - q_start] = ops.attend_masked(
                 qb, k[keys], v[keys], mask, self.scale).to(q.dtype)
+            self._count_attention(mask.sum(), pos, keys.numel() * k[0].numel() * 2 * k.itemsize)
             first = last
         return out
 
@@ -142,4 +146,18 @@ class HGALayer:
 
     def decode(self, q, pool, summ, md) -> torch.Tensor:
         rows, token_ok, _ = self.decode_groups(q, summ, md)
+        keys = token_ok.sum()
+        self._count_attention(keys, md.decode_pos, keys * self.head_size * 2 * pool.itemsize)
         return ops.attend_groups(q[md.decode_rows], pool, rows, token_ok, self.scale)
+
+    # ------------------------------------------------------------------ metrics
+    def _count(self, name: str, value) -> None:
+        if self.metrics is not None:
+            self.metrics.add(name, value)
+
+    def _count_attention(self, keys, pos: torch.Tensor, kv_bytes) -> None:
+        """Density exactly as the paper counts it: keys attended / dense causal pairs."""
+        if self.metrics is not None:
+            self.metrics.add("keys_attended", keys)
+            self.metrics.add("dense_pairs", (pos + 1).sum() * self.num_heads)
+            self.metrics.add("kv_bytes_read", kv_bytes)

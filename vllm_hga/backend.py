@@ -29,6 +29,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from .attention import GROUPS, HGALayer
 from .config import CHUNK_SIZE, HGAConfig
 from .rope import RopeSpec, spec_from_vllm_rope
+from .metrics import worker_metrics
 from .store import host_pool, summary_view
 
 
@@ -133,6 +134,7 @@ class HGAMetadataBuilder(AttentionMetadataBuilder[HGAMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HGAMetadata:
+        worker_metrics().end_step()  # once per step: rate-limited snapshot for /metrics
         cm = common_attn_metadata
         seq_cpu = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None \
             else cm.seq_lens.cpu()
@@ -195,10 +197,11 @@ class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
             dense = extract_layer_index(layer.layer_name) in self.cfg.dense_layers
             self.layer = HGALayer(self.cfg, self.rope, self.num_heads, self.num_kv_heads,
                                   self.head_size, self.scale, self.max_model_len, dense,
-                                  query.device)
+                                  query.device, worker_metrics())
         T = attn_metadata.num_actual_tokens
-        pool = host_pool().layer(layer.layer_name, kv_cache.shape[0], self.num_kv_heads,
-                                 self.head_size, key.dtype, key.device)
+        store = host_pool(self.cfg.disk_dir)
+        pool = store.layer(layer.layer_name, kv_cache.shape[0], self.num_kv_heads,
+                           self.head_size, key.dtype, key.device)
         H, D = self.num_heads, self.head_size
         self.layer.forward(query[:T].view(T, H, D), key[:T], value[:T], pool,
                            summary_view(kv_cache, GROUPS, D), attn_metadata,

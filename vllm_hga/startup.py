@@ -6,6 +6,7 @@ weights load: a request must never be the first to find out.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from vllm.logger import init_logger
@@ -115,9 +116,14 @@ def plan_capacity(vllm_config, cfg: HGAConfig) -> Capacity:
     itemsize = model.dtype.itemsize
     host_block = layers * kv_heads * 2 * CHUNK_SIZE * head * itemsize
     device_block = layers * kv_heads * (1 + cfg.groups_per_chunk) * head * 4
-    budget = cfg.host_kv_bytes or vllm_config.cache_config.kv_cache_memory_bytes \
-        or _default_host_budget()
-    available = _available_host_bytes()
+    if cfg.disk_dir is not None:  # NVMe tier: the files hold the full K/V
+        budget = cfg.disk_kv_bytes
+        check_disk_dir(cfg.disk_dir, budget)
+        available = None
+    else:
+        budget = cfg.host_kv_bytes or vllm_config.cache_config.kv_cache_memory_bytes \
+            or _default_host_budget()
+        available = _available_host_bytes()
     if available is not None and budget > available:
         raise HGAConfigError(
             f"hga: the host K/V budget is {budget / 2**30:.2f} GiB but only "
@@ -134,6 +140,28 @@ def plan_capacity(vllm_config, cfg: HGAConfig) -> Capacity:
             f"({needed * host_block / 2**30:.2f} GiB). Raise host_kv_bytes or lower "
             "--max-model-len.")
     return Capacity(host_block, device_block, budget, int(num_blocks))
+
+
+def check_disk_dir(directory: str, budget: int) -> None:
+    """The NVMe tier's directory must exist, be writable and have room for the budget."""
+    import shutil
+    import tempfile
+
+    fix = ("Set --additional-config '{\"hga\": {\"disk_dir\": \"/path/on/nvme\", "
+           "\"disk_kv_bytes\": \"64GiB\"}}' to a writable directory with room.")
+    if not os.path.isdir(directory):
+        raise HGAConfigError(f"hga: disk_dir {directory!r} does not exist. {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise HGAConfigError(f"hga: disk_dir {directory!r} is not writable ({e.strerror}). "
+                             f"{fix}") from None
+    free = shutil.disk_usage(directory).free
+    if free < budget:
+        raise HGAConfigError(
+            f"hga: disk_dir {directory!r} has {free / 2**30:.2f} GiB free but disk_kv_bytes "
+            f"asks for {budget / 2**30:.2f} GiB. Lower disk_kv_bytes or free space.")
 
 
 def _available_host_bytes() -> int | None:
@@ -175,11 +203,17 @@ def configure_engine(vllm_config) -> HGAConfig | None:
     cap = plan_capacity(vllm_config, cfg)
     if cache.num_gpu_blocks_override is None or cache.num_gpu_blocks_override > cap.num_blocks:
         cache.num_gpu_blocks_override = cap.num_blocks
+    blocks = cache.num_gpu_blocks_override
+    per_request = -(-vllm_config.model_config.max_model_len // CHUNK_SIZE)
     logger.info(
-        "HGA: %s; host K/V pool %.2f GiB for %d blocks = %d tokens (%d B/token host, "
-        "%d B/token device summaries)", _describe(cfg), cap.host_budget_bytes / 2**30,
-        cache.num_gpu_blocks_override, cache.num_gpu_blocks_override * CHUNK_SIZE,
+        "HGA: %s; %s K/V pool %.2f GiB for %d blocks = %d tokens = %d contexts of %d "
+        "(%d B/token full K/V, %d B/token device summaries)", _describe(cfg),
+        "disk" if cfg.disk_dir else "host", cap.host_budget_bytes / 2**30, blocks,
+        blocks * CHUNK_SIZE, blocks // per_request, vllm_config.model_config.max_model_len,
         cap.host_bytes_per_block // CHUNK_SIZE, cap.device_bytes_per_block // CHUNK_SIZE)
+    from .metrics import setup_in_api_process
+
+    setup_in_api_process()
     return cfg
 
 

@@ -6,9 +6,16 @@
   addressed by the same vLLM block id: ``[num_blocks, H_kv, 2, 64, D]`` in the model dtype.
   On CUDA it is pinned host memory read and written by the GPU through UVA (zero-copy);
   on CPU it is ordinary memory.
+* With the NVMe tier on (``disk_dir``), the same tensor is a shared memory map of a file
+  in ``disk_dir``: writes go to the page cache and the kernel writes them back; reads fault
+  in only the 4 KiB pages of the groups routing selected.  The file is preallocated (a
+  full disk fails at start-up, not mid-request) and unlinked as soon as it is mapped, so it
+  disappears with the process, however the process ends.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -23,7 +30,8 @@ def summary_view(kv_cache: torch.Tensor, groups: int, head_size: int) -> torch.T
 class HostKVPool:
     """Full K/V of every vLLM block, per layer.  One instance per worker process."""
 
-    def __init__(self) -> None:
+    def __init__(self, disk_dir: str | None = None) -> None:
+        self.disk_dir = disk_dir
         self._layers: dict[str, torch.Tensor] = {}
         self._host: dict[str, torch.Tensor] = {}  # pinned backing tensors on CUDA
 
@@ -39,26 +47,60 @@ class HostKVPool:
         # vLLM binds a small profiling cache before the real one: re-key on shape.
         self._layers.pop(name, None)
         self._host.pop(name, None)
-        if device.type == "cuda":
-            host = torch.empty(shape, dtype=dtype).pin_memory()
+        if self.disk_dir is not None:
+            if device.type != "cpu":
+                raise NotImplementedError("the NVMe tier is CPU-only in this version")
+            pool = map_file(self.disk_dir, name, shape, dtype)
+        elif device.type == "cuda":
+            host = torch.zeros(shape, dtype=dtype).pin_memory()
             from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
 
             self._host[name] = host
             pool = get_accelerator_view_from_cpu_tensor(host)
         else:
-            pool = torch.empty(shape, dtype=dtype, device=device)
+            # zeros, not empty: attention never weights an unwritten slot, but it must
+            # not be NaN either (0 * NaN = NaN); zeroing also commits the RAM up front
+            pool = torch.zeros(shape, dtype=dtype, device=device)
         self._layers[name] = pool
+        from .metrics import worker_metrics
+
+        worker_metrics().set("disk_pool_bytes" if self.disk_dir else "host_pool_bytes",
+                             self.nbytes())
         return pool
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self._layers.values())
 
 
+def map_file(directory: str, name: str, shape: tuple[int, ...],
+             dtype: torch.dtype) -> torch.Tensor:
+    """A tensor backed by a new, preallocated, already-unlinked file in `directory`."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    path = os.path.join(directory, f"vllm-hga-{os.getpid()}-{name.replace('/', '_')}.kv")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            raise OSError(e.errno, f"hga: cannot reserve {nbytes / 2**30:.2f} GiB in "
+                          f"{directory} for the NVMe tier ({e.strerror}); free space or "
+                          "lower disk_kv_bytes") from None
+        tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+    finally:
+        os.close(fd)
+        os.unlink(path)  # the mapping keeps the data; the name goes now
+    return tensor.view(shape)
+
+
 _POOL: HostKVPool | None = None
 
 
-def host_pool() -> HostKVPool:
+def host_pool(disk_dir: str | None = None) -> HostKVPool:
+    """The process's pool; the first caller decides the tier (all layers share a config)."""
     global _POOL
     if _POOL is None:
-        _POOL = HostKVPool()
+        _POOL = HostKVPool(disk_dir)
     return _POOL

@@ -18,7 +18,7 @@ from ..config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
 from . import torch_ops
 
 try:
-    from .. import _C  # noqa: F401  (loading it registers torch.ops.vllm_hga.*)
+    from .. import _C  # loading it registers torch.ops.vllm_hga.*
 
     IMPORT_ERROR: Exception | None = None
 except ImportError as exc:  # CPU install, or not built
@@ -29,7 +29,6 @@ GROUPS = CHUNK_SIZE // GROUP_SIZE
 HEAD_SIZES = (64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TOPK_CHUNKS = 64  # csrc/routing.cu kMaxTopkChunks
-ATTN_WARPS = 4  # csrc/attention.cu kAttnWarps
 
 
 def available() -> bool:
@@ -46,7 +45,7 @@ def _covered(*tensors: torch.Tensor) -> bool:
             and tensors[0].shape[-1] in HEAD_SIZES)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -112,11 +111,12 @@ def summarize_pool(pool: torch.Tensor, blocks: torch.Tensor, summ: torch.Tensor,
 
 # ----------------------------------------------------------------------------- routing
 def _route_splits(n_pool: int, R: int, Hkv: int, rep: int, D: int, sms: int) -> tuple[int, int]:
-    """(splits, chunks per split) for route_chunks: ~2 blocks per SM, >= 64 chunks each,
-    a slice's scores of all heads of the KV head must fit in shared memory."""
-    want = max(1, math.ceil(2 * sms / max(1, R * Hkv)))
-    max_len = max(64, (160 * 1024) // (4 * rep) - D)
-    split_len = min(max_len, max(64, math.ceil(n_pool / want)))
+    """(splits, chunks per split) for route_chunks: ~4 blocks per SM, >= 128 chunks each
+    (one unrolled pass of its warps); a slice's scores of all heads of the KV head must
+    fit in shared memory."""
+    want = max(1, math.ceil(4 * sms / max(1, R * Hkv)))
+    max_len = max(128, (96 * 1024) // (4 * rep) - D)  # two blocks per SM fit
+    split_len = min(max_len, max(128, math.ceil(n_pool / want)))
     return math.ceil(n_pool / split_len), split_len
 
 
@@ -128,11 +128,13 @@ def decode_groups(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor,
     q [R, Hq, D] decode queries at positions pos [R]; block_table [R, >= n_chunks] their
     block rows; n_chunks = 1 + the largest own-chunk index (md.decode_chunks); summ
     [nb, H_kv, 1+M, D] float32; sinks/local/groups as HGALayer's.  Routed groups come
-    ascending after the (sinks + local + 1) * 4 fixed columns, then invalid padding.
+    after the (sinks + local + 1) * 4 fixed columns in ascending group id (torch's come in
+    score order), then invalid padding; ties in top-k go to the lower index (reference.py).
     """
     R, Hq, D = q.shape
     Hkv = summ.shape[1]
-    G = min(groups, n_chunks * GROUPS)
+    F, L, Kc = cfg.sink_chunks, cfg.local_chunks, cfg.topk_chunks
+    G = min(groups, min(Kc, n_chunks) * GROUPS)  # routing.route's width
     nfix = (sinks + local + 1) * GROUPS
     dev = q.device
     rows = torch.empty(R, Hq, nfix + G, dtype=torch.long, device=dev)
@@ -140,7 +142,6 @@ def decode_groups(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor,
     gid = torch.empty_like(rows)
     if R == 0:
         return rows, token_ok, gid
-    F, L, Kc = cfg.sink_chunks, cfg.local_chunks, cfg.topk_chunks
     if Kc > MAX_TOPK_CHUNKS:
         raise NotImplementedError(f"topk_chunks > {MAX_TOPK_CHUNKS} has no CUDA routing kernel")
     bt = block_table.to(torch.int32)
@@ -152,53 +153,49 @@ def decode_groups(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor,
     cand_s = torch.empty(R, Hq, S, Kc, dtype=torch.float32, device=dev)
     cand_i = torch.empty(R, Hq, S, Kc, dtype=torch.int32, device=dev)
     if S:
-        _ops().route_chunks(q, pos, bt, summ, F, L, split_len, cand_s, cand_i)
+        _ops().route_chunks(q, pos, bt, summ, F, L, int(cfg.chunk_score == "max_group"),
+                            split_len, cand_s, cand_i)
     _ops().route_groups(q, pos, bt, summ, cand_s, cand_i, n_chunks, F, L, sinks, local,
                         rows, token_ok, gid)
     return rows, token_ok, gid
 
 
 # ----------------------------------------------------------------------------- attention
-def _attn_splits(R: int, Hkv: int, rep: int, Gt: int, sms: int) -> int:
-    """Split the group list so that ~2 blocks per SM run, each warp with >= 1 column."""
-    head_blocks = -(-rep // 8)
-    want = max(1, math.ceil(2 * sms / max(1, R * Hkv * head_blocks)))
-    return max(1, min(want, -(-Gt // ATTN_WARPS)))
+KERNEL_MODES = {"auto": 0, "heads": 1, "shared": 2}
 
 
 def attend_rows(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor,
                 token_ok: torch.Tensor, scale: float, num_kv_heads: int, v_offset: int,
-                n_shared: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+                n_shared: int = 0, out: torch.Tensor | None = None,
+                kernel: str = "auto") -> torch.Tensor:
     """Decode attention of q [R, Hq, D] over the 16-token rows `rows` [R, Hq, G] of
     kv_rows [*, 16, D] (V row = K row + v_offset), where token_ok [R, Hq, G, 16].
 
     The first n_shared columns must be the same rows and masks for all query heads of a
-    KV head (HGA's sinks / local / own chunk): they are then read once per KV head.
-    Writes and returns out [R, Hq, D] (float32 if not given).
+    KV head (HGA's sinks / local / own chunk).  kernel: "heads" (a warp per query head,
+    deep prefetch: best for device memory), "shared" (a warp per column for all heads of
+    a KV head, shared columns read once: best for pinned host memory over PCIe), or
+    "auto" (by where kv_rows lives).  Writes and returns out [R, Hq, D] (float32 if None).
     """
     R, Hq, D = q.shape
-    G = rows.shape[-1]
     if out is None:
         out = torch.empty(R, Hq, D, dtype=torch.float32, device=q.device)
     if R == 0:
         return out
-    if G == 0:
+    if rows.shape[-1] == 0:
         return out.zero_()
-    S = _attn_splits(R, num_kv_heads, Hq // num_kv_heads, G, _sms(q))
-    part_o = torch.empty(R * Hq * S * D, dtype=torch.float32, device=q.device)
-    part_ml = torch.empty(R * Hq * S * 2, dtype=torch.float32, device=q.device)
     token_ok = token_ok.contiguous()
     if token_ok.data_ptr() % 16:
         token_ok = token_ok.clone()
     _ops().attend_groups(q if q.stride(-1) == 1 else q.contiguous(), kv_rows,
                          rows.to(torch.long).contiguous(), token_ok, num_kv_heads, v_offset,
-                         n_shared, float(scale), S, part_o, part_ml, out)
+                         n_shared, float(scale), KERNEL_MODES[kernel], out)
     return out
 
 
 def attend_groups(q: torch.Tensor, pool: torch.Tensor, group_rows: torch.Tensor,
                   token_ok: torch.Tensor, scale: float, n_shared: int = 0,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
     """torch_ops.attend_groups (returns float32 [R, Hq, D]) reading K/V from the pool.
 
     n_shared > 0 (HGA decode lists: (F + L + 1) * 4) lets the kernel read the shared
@@ -210,7 +207,7 @@ def attend_groups(q: torch.Tensor, pool: torch.Tensor, group_rows: torch.Tensor,
         return res if out is None else out.copy_(res)
     nb, H, _, C, D = pool.shape
     return attend_rows(q, pool.view(nb * H * 2 * (C // GROUP_SIZE), GROUP_SIZE, D), group_rows,
-                       token_ok, scale, H, C // GROUP_SIZE, n_shared, out)
+                       token_ok, scale, H, C // GROUP_SIZE, n_shared, out, kernel)
 
 
 def decode(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor, n_chunks: int,

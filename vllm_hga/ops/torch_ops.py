@@ -118,6 +118,9 @@ def attend_groups(q: torch.Tensor, pool: torch.Tensor, group_rows: torch.Tensor,
     k = rows[group_rows].to(dt)  # [R, Hq, G, 16, D]
     v = rows[group_rows + M].to(dt)  # V half of the same block/head sits M rows later
     R, Hq, G = group_rows.shape
+    # slots that are not visible (the own chunk's future, padding) may hold anything,
+    # even NaN bit patterns in never-written memory: 0 * NaN would poison the sum
+    v = v.masked_fill(~token_ok.unsqueeze(-1), 0.0)
     logits = torch.einsum("rhd,rhgtd->rhgt", q.to(dt), k) * scale
     logits = logits.masked_fill(~token_ok, float("-inf")).view(R, Hq, G * 16)
     probs = torch.softmax(logits, dim=-1).view(R, Hq, G, 16)

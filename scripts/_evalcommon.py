@@ -1,0 +1,126 @@
+"""Shared helpers of the quality scripts (eval_quality.py, niah.py) and tests/test_quality.py.
+
+The real vLLM engine, the embedded SmolLM2-135M-Instruct checkpoint, real documents
+(``vllm_hga.texts``).  vLLM spawns its engine core: call these from inside
+``if __name__ == "__main__":`` (or a pytest test).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+MAX_LEN = 8192
+DTYPES = ("float32", "bfloat16")
+
+
+def model_dir(dtype: str = "float32") -> str:
+    from vllm_hga.model import embedded_model_dir
+
+    return str(embedded_model_dir(dtype=dtype))
+
+
+def make_llm(backend: str, hga: dict | None = None, dtype: str = "float32",
+             max_model_len: int = MAX_LEN, **kw):
+    """One engine: backend "CPU_ATTN" (dense, vLLM's own CPU attention) or "HGA"."""
+    from vllm import LLM
+
+    extra = {"hga": dict(hga)} if backend == "HGA" else None
+    kw.setdefault("kv_cache_memory_bytes", 1 << 30)
+    return LLM(model=model_dir(dtype), attention_backend=backend,
+               max_model_len=max_model_len, enforce_eager=True, additional_config=extra,
+               seed=0, **kw)
+
+
+def close(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def tokenizer(dtype: str = "float32"):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir(dtype))
+
+
+def doc_tokens(tok, name: str, n: int) -> list[int]:
+    """The first n tokens of document `name` (no BOS: the tokenizer adds none)."""
+    from vllm_hga.texts import load_text
+
+    ids = tok.encode(load_text(name))
+    if len(ids) < n:
+        raise ValueError(f"{name} has only {len(ids)} tokens, {n} wanted")
+    return ids[:n]
+
+
+def prompt_nlls(llm, prompts: list[list[int]]) -> list[list[float]]:
+    """Teacher-forced NLL (nats) of tokens 1.. of each prompt, from vLLM prompt logprobs."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp,
+                        use_tqdm=False)
+    result = []
+    for p, out in zip(prompts, outs):
+        lps = out.prompt_logprobs[1:]
+        result.append([-lp[t].logprob for t, lp in zip(p[1:], lps)])
+    return result
+
+
+def config_key(backend: str, hga: dict | None, dtype: str) -> str:
+    blob = json.dumps({"b": backend, "h": hga if backend == "HGA" else None, "d": dtype},
+                      sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+class NLLCache:
+    """Per-token NLLs on disk, keyed by (backend, hga config, dtype, document, length),
+    so that the dense baseline is computed once and re-runs skip finished cells.
+    Delete the folder (default ~/.cache/vllm-hga/eval) to recompute."""
+
+    def __init__(self, root: str | Path | None = None):
+        if root is None:
+            env = os.environ.get("VLLM_HGA_CACHE")
+            root = (Path(env).expanduser() if env else Path.home() / ".cache" / "vllm-hga")
+            root = root / "eval"
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str, doc: str, n: int) -> Path:
+        return self.root / f"{key}_{doc}_{n}.json"
+
+    def get(self, key: str, doc: str, n: int) -> list[float] | None:
+        try:
+            return json.loads(self._path(key, doc, n).read_text())["nll"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def put(self, key: str, doc: str, n: int, nll: list[float], meta: dict[str, Any]) -> None:
+        tmp = self._path(key, doc, n).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "nll": nll}))
+        os.replace(tmp, self._path(key, doc, n))
+
+
+class Clock:
+    def __init__(self):
+        self.t0 = time.time()
+
+    def __call__(self) -> float:
+        return round(time.time() - self.t0, 1)
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}"
+        return str(x)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)

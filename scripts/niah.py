@@ -1,0 +1,157 @@
+"""Needle in a haystack: dense vs HGA in the real vLLM engine, on real-text haystacks.
+
+A haystack is the beginning of a real document (``vllm_hga.texts``); one needle sentence
+is inserted at a line boundary at the requested depth (share of the haystack's tokens
+before it), the question follows the haystack, and the whole is sent as one chat turn
+(the model's chat template).  Greedy decoding, 32 new tokens; a trial passes when the
+expected answer appears in the output (case-insensitive).
+
+    python scripts/niah.py                                  # dense + HGA default
+    python scripts/niah.py --config maxg='{"chunk_score": "max_group"}' --skip-dense
+    python scripts/niah.py --lengths 8000 --depths 0.3 --kinds password   # one trial
+
+Context length = tokens of the whole chat prompt (template + haystack + needle +
+question), at most ``--lengths``.  The default dtype is the checkpoint's bfloat16 (what
+``vllm serve`` runs); ``--dtype float32`` for the exact-arithmetic copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import _evalcommon as ec  # noqa: E402
+
+# kind: (needle sentence, question, expected answer)
+NEEDLES = {
+    "password": ("The secret password for the archive is 'violet-harbor-42'.",
+                 "What is the secret password for the archive?", "violet-harbor-42"),
+    "number": ("The access code for the north gate is 7391.",
+               "What is the access code for the north gate?", "7391"),
+    "city": ("Ms. Okonkwo's sister lives in the city of Valparaiso.",
+             "In which city does Ms. Okonkwo's sister live?", "Valparaiso"),
+    "name": ("The lighthouse keeper on Skerry Island is named Tobias Wrenfield.",
+             "What is the name of the lighthouse keeper on Skerry Island?", "Wrenfield"),
+}
+HAYSTACKS = ["devils_dictionary", "gnu_coding_standards"]
+DEPTHS = [0.05, 0.25, 0.5, 0.75, 0.95]
+LENGTHS = [2048, 4096, 8000]
+NEW_TOKENS = 32
+
+
+def _chat_ids(tok, content: str) -> list[int]:
+    ids = tok.apply_chat_template([{"role": "user", "content": content}],
+                                  add_generation_prompt=True, tokenize=True)
+    if not isinstance(ids, list):  # a BatchEncoding in some transformers versions
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def build_prompt(tok, hay: str, n_tokens: int, depth: float, kind: str) -> dict:
+    """A chat prompt of at most n_tokens tokens with the needle at `depth` of the haystack."""
+    from vllm_hga.texts import load_text
+
+    needle, question, answer = NEEDLES[kind]
+    overhead = len(_chat_ids(tok, f"\n{needle}\n\n\n{question}"))
+    n_hay = n_tokens - overhead - 8
+    lines = tok.decode(tok.encode(load_text(hay))[:n_hay]).split("\n")
+    # the line boundary whose token offset is closest to depth * (haystack tokens)
+    offsets, acc = [], 0
+    for line in lines:
+        offsets.append(acc)
+        acc += len(tok.encode(line + "\n"))
+    offsets.append(acc)
+    cut = min(range(len(lines) + 1), key=lambda i: abs(offsets[i] - depth * acc))
+    while True:  # drop trailing lines if re-tokenization at the seams made it too long
+        doc = "\n".join(lines[:cut] + [needle] + lines[cut:])
+        ids = _chat_ids(tok, f"{doc}\n\n{question}")
+        if len(ids) <= n_tokens or len(lines) <= cut:
+            break
+        lines = lines[:-1]
+    return {"hay": hay, "kind": kind, "depth": depth, "target_len": n_tokens,
+            "prompt_ids": ids, "answer": answer,
+            "needle_at": round(offsets[cut] / max(1, acc), 3)}
+
+
+def run(backend: str, hga: dict | None, trials: list[dict], dtype: str) -> list[dict]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = ec.make_llm(backend, hga, dtype=dtype)
+    clock = ec.Clock()
+    try:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=t["prompt_ids"]) for t in trials],
+                            SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0),
+                            use_tqdm=False)
+    finally:
+        ec.close(llm)
+    res = []
+    for t, o in zip(trials, outs):
+        text = o.outputs[0].text
+        res.append({k: v for k, v in t.items() if k != "prompt_ids"} | {
+            "len": len(t["prompt_ids"]), "output": text,
+            "pass": t["answer"].lower() in text.lower()})
+    print(f"  {backend} {json.dumps(hga)}: {len(trials)} trials in {clock()} s", flush=True)
+    return res
+
+
+def table(results: dict[str, list[dict]], lengths, depths) -> str:
+    header = ["config", "ctx"] + [f"{int(100 * d)}%" for d in depths] + ["all"]
+    rows = []
+    for name, res in results.items():
+        for L in lengths:
+            cells = []
+            for d in depths:
+                rs = [r for r in res if r["target_len"] == L and r["depth"] == d]
+                cells.append(f"{sum(r['pass'] for r in rs)}/{len(rs)}")
+            rs = [r for r in res if r["target_len"] == L]
+            rows.append([name, L] + cells + [f"{sum(r['pass'] for r in rs)}/{len(rs)}"])
+    return ec.md_table(header, rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", choices=ec.DTYPES, default="bfloat16")
+    ap.add_argument("--hays", nargs="+", default=HAYSTACKS)
+    ap.add_argument("--kinds", nargs="+", default=list(NEEDLES))
+    ap.add_argument("--depths", type=float, nargs="+", default=DEPTHS)
+    ap.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
+    ap.add_argument("--config", action="append", default=[],
+                    help="NAME=JSON of hga keys (repeatable); default: default={}")
+    ap.add_argument("--skip-dense", action="store_true")
+    ap.add_argument("--json", help="write every trial (prompt, output, pass) here")
+    args = ap.parse_args()
+
+    tok = ec.tokenizer(args.dtype)
+    trials = [build_prompt(tok, h, L, d, k) for h in args.hays for L in args.lengths
+              for d in args.depths for k in args.kinds]
+    configs = {}
+    for item in args.config or ["default="]:
+        name, _, blob = item.partition("=")
+        configs[name] = json.loads(blob) if blob else {}
+    results = {}
+    if not args.skip_dense:
+        results["dense"] = run("CPU_ATTN", None, trials, args.dtype)
+    for name, hga in configs.items():
+        results[name] = run("HGA", hga, trials, args.dtype)
+    print(f"haystacks {', '.join(args.hays)}; needles {', '.join(args.kinds)}; "
+          f"dtype {args.dtype}; pass = answer in greedy output")
+    print(table(results, args.lengths, args.depths))
+    for name, res in results.items():
+        for r in res:
+            if not r["pass"]:
+                print(f"  miss {name}: {r['hay']} {r['target_len']} depth {r['depth']} "
+                      f"{r['kind']}: {r['output'][:80]!r}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"dtype": args.dtype, "configs": configs,
+                                               "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Memory tiers: summary-only device pages, the host pool, the NVMe tier, capacity, metrics."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from layer_harness import PagedRun
+from test_layer import run_requests
+
+from vllm_hga import reference as ref
+from vllm_hga.config import HGAConfig, HGAConfigError
+from vllm_hga.metrics import WorkerMetrics, density
+from vllm_hga.startup import check_disk_dir
+from vllm_hga.store import map_file
+
+SPARSE = HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8)
+
+
+def test_device_page_holds_only_summaries():
+    vllm = pytest.importorskip("vllm")  # noqa: F841
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_hga.backend import HGAAttentionBackend
+
+    for kv_heads, head, dtype in [(3, 64, torch.bfloat16), (4, 128, torch.bfloat16),
+                                  (8, 128, torch.float16)]:
+        dense = FullAttentionSpec(block_size=64, num_kv_heads=kv_heads, head_size=head,
+                                  dtype=dtype)
+        hga = HGAAttentionBackend.customize_spec(dense)
+        # one state per block: [chunk | 4 groups] x head_size float32 per KV head
+        assert hga.page_size_bytes == kv_heads * 5 * head * 4
+        assert dense.page_size_bytes / hga.page_size_bytes == pytest.approx(12.8)
+
+
+def test_nvme_tier_gives_identical_outputs_and_leaves_no_files(tmp_path):
+    lengths = [300, 1500]
+    outs = []
+    for disk in (False, True):
+        run = PagedRun(lengths, SPARSE, 6, 2, dtype=torch.float64, seed=21)
+        run.summ = run.summ.double()
+        if disk:
+            mapped = map_file(str(tmp_path), "layers.0", tuple(run.pool.shape), run.pool.dtype)
+            assert list(tmp_path.iterdir()) == []  # unlinked as soon as mapped
+            run.pool = mapped
+        outs.append(run_requests(run, lengths, prefill_chunk=400, decode_tail=5))
+    for r in range(len(lengths)):
+        assert torch.equal(outs[0][r], outs[1][r])
+
+
+def test_decode_working_set_does_not_grow_with_context():
+    """K/V read per decode token is bounded by the budget, whatever the context length."""
+    cfg = HGAConfig()
+    per_token = []
+    for S in (2048, 4096, 8192):
+        run = PagedRun([S], cfg, 4, 2, seed=S)
+        run.layer.metrics = WorkerMetrics()
+        run.step({0: S - 4})
+        before = run.layer.metrics.totals()
+        for _ in range(4):
+            run.step({0: 1})
+        after = run.layer.metrics.totals()
+        keys = (after["keys_attended"] - before["keys_attended"]) / 4
+        per_token.append(after["kv_bytes_read"] - before["kv_bytes_read"])
+        assert keys <= 4 * cfg.keys_per_query_bound  # 4 query heads
+    assert max(per_token) - min(per_token) <= 0.05 * max(per_token), per_token
+
+
+def test_metrics_count_density_like_the_reference():
+    S = 1500
+    run = PagedRun([S], SPARSE, 4, 2, dtype=torch.float64, seed=3)
+    run.summ = run.summ.double()
+    run.layer.metrics = WorkerMetrics()
+    run_requests(run, [S], prefill_chunk=500, decode_tail=3)
+    totals = run.layer.metrics.totals()
+    _, mask = ref.hga_attention(run.q[0], run.k[0], run.v[0], 0, run.rope, SPARSE)
+    assert density(totals) == pytest.approx(ref.density(mask, 0), rel=1e-12)
+    assert totals["query_tokens"] == S
+    assert totals["summary_bytes_written"] == (S // 64) * 2 * 5 * 64 * 4
+
+
+def test_disk_dir_errors_are_clear(tmp_path):
+    with pytest.raises(HGAConfigError, match="does not exist"):
+        check_disk_dir(str(tmp_path / "missing"), 1 << 20)
+    with pytest.raises(HGAConfigError, match="GiB free but disk_kv_bytes"):
+        check_disk_dir(str(tmp_path), 1 << 60)
+    check_disk_dir(str(tmp_path), 1 << 20)  # fine
+
+
+def test_full_disk_fails_when_the_file_is_reserved(tmp_path):
+    """posix_fallocate reserves the whole tier up front: no ENOSPC in the middle of a request."""
+    import resource
+    import signal
+
+    code = os.fork()
+    if code == 0:  # child: a 1 MiB file-size limit stands in for a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        try:
+            map_file(str(tmp_path), "l0", (64, 2, 2, 64, 64), torch.bfloat16)  # 2 MiB
+        except OSError as e:
+            os._exit(0 if "cannot reserve" in str(e) and not os.listdir(tmp_path) else 2)
+        os._exit(1)
+    _, status = os.waitpid(code, 0)
+    assert os.WEXITSTATUS(status) == 0
+
+
+def test_engine_config_sizes_blocks_from_the_disk_budget(tmp_path):
+    pytest.importorskip("vllm")
+    from test_config import engine_config
+
+    cfg = engine_config(additional_config={"hga": {"disk_dir": str(tmp_path),
+                                                   "disk_kv_bytes": "256MiB"}})
+    host_block = 30 * 3 * 2 * 64 * 64 * 2
+    assert cfg.cache_config.num_gpu_blocks_override == (256 << 20) // host_block
+    with pytest.raises(Exception, match="does not exist"):
+        engine_config(additional_config={"hga": {"disk_dir": str(tmp_path / "nope"),
+                                                 "disk_kv_bytes": "1GiB"}})

@@ -1,0 +1,159 @@
+"""HGA's own counters: what attention read, how dense it was, how full the tiers are.
+
+Workers (where attention runs) accumulate counters on the device without synchronising
+and, at most once a second, write a snapshot file into ``$HGA_METRICS_DIR`` (created by
+the API-server process at start-up, inherited by every process it spawns).  The API
+server registers a Prometheus collector that reads those snapshots on each scrape, so
+``/metrics`` shows ``vllm_hga_*`` series next to vLLM's own.  Workers also log a line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ENV_DIR = "HGA_METRICS_DIR"
+SNAPSHOT_EVERY_S = 1.0
+LOG_EVERY_S = 30.0
+
+# name -> (help, prometheus type)
+SERIES = {
+    "steps": ("model steps with HGA attention", "counter"),
+    "query_tokens": ("query tokens attended (summed over layers)", "counter"),
+    "keys_attended": ("real keys attended, summed over queries, heads and layers", "counter"),
+    "dense_pairs": ("keys dense causal attention would attend, same sum", "counter"),
+    "kv_bytes_read": ("bytes of K/V attention read from the K/V tiers", "counter"),
+    "summary_bytes_written": ("bytes of chunk/group summaries written", "counter"),
+    "host_pool_bytes": ("bytes allocated for full K/V in host RAM", "gauge"),
+    "disk_pool_bytes": ("bytes allocated for full K/V in files (NVMe tier)", "gauge"),
+}
+
+
+class WorkerMetrics:
+    """Per-process accumulators.  ``add`` takes device tensors or ints; no host sync."""
+
+    def __init__(self) -> None:
+        self._device: dict[str, torch.Tensor] = {}
+        self._host: dict[str, float] = {k: 0.0 for k in SERIES}
+        self._last_snapshot = 0.0
+        self._last_log = time.monotonic()
+        self._logged: dict[str, float] = dict(self._host)
+
+    def add(self, name: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            acc = self._device.get(name)
+            if acc is None or acc.device != value.device:
+                acc = self._device[name] = torch.zeros((), dtype=torch.float64,
+                                                       device=value.device)
+            acc += value.to(torch.float64)
+        else:
+            self._host[name] += float(value)
+
+    def set(self, name: str, value: float) -> None:
+        self._host[name] = float(value)
+
+    def totals(self) -> dict[str, float]:
+        """Current totals (synchronises the device: call off the hot path)."""
+        out = dict(self._host)
+        for name, acc in self._device.items():
+            out[name] += float(acc.item())
+        return out
+
+    def end_step(self) -> None:
+        """Once per model step: maybe write a snapshot / a log line (rate limited)."""
+        self._host["steps"] += 1
+        now = time.monotonic()
+        if now - self._last_snapshot < SNAPSHOT_EVERY_S:
+            return
+        self._last_snapshot = now
+        totals = self.totals()
+        write_snapshot(totals)
+        if now - self._last_log >= LOG_EVERY_S:
+            self._log(totals, now)
+
+    def _log(self, totals: dict[str, float], now: float) -> None:
+        from vllm.logger import init_logger
+
+        d = {k: totals[k] - self._logged.get(k, 0.0) for k in totals}
+        steps = max(d["steps"], 1.0)
+        init_logger("vllm.hga").info(
+            "HGA: density %.2f%%, %.1f KiB K/V read per step, host pool %.2f GiB, "
+            "disk pool %.2f GiB", 100 * density(d), d["kv_bytes_read"] / steps / 1024,
+            totals["host_pool_bytes"] / 2**30, totals["disk_pool_bytes"] / 2**30)
+        self._logged, self._last_log = totals, now
+
+
+def density(totals: dict[str, float]) -> float:
+    return totals["keys_attended"] / totals["dense_pairs"] if totals["dense_pairs"] else 0.0
+
+
+def write_snapshot(totals: dict[str, float]) -> None:
+    directory = os.environ.get(ENV_DIR)
+    if not directory or not os.path.isdir(directory):
+        return
+    path = Path(directory) / f"worker-{os.getpid()}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(totals))
+    os.replace(tmp, path)
+
+
+def read_snapshots(directory: str) -> dict[str, float]:
+    """Sum of all workers' latest snapshots."""
+    total = {k: 0.0 for k in SERIES}
+    for path in Path(directory).glob("worker-*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for k in total:
+            total[k] += float(data.get(k, 0.0))
+    return total
+
+
+class _Collector:
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        totals = read_snapshots(self.directory)
+        for name, (doc, kind) in SERIES.items():
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(f"vllm_hga_{name}", doc, value=totals[name])
+        yield GaugeMetricFamily("vllm_hga_density", "keys_attended / dense_pairs",
+                                value=density(totals))
+
+
+_registered = False
+
+
+def setup_in_api_process() -> None:
+    """Called once at start-up in the process that serves /metrics (before spawning)."""
+    global _registered
+    if _registered:
+        return
+    if not os.environ.get(ENV_DIR):
+        os.environ[ENV_DIR] = tempfile.mkdtemp(prefix="vllm-hga-metrics-")
+    try:
+        from prometheus_client import REGISTRY
+
+        REGISTRY.register(_Collector(os.environ[ENV_DIR]))
+    except Exception:  # prometheus_client missing: metrics stay in logs and snapshots
+        pass
+    _registered = True
+
+
+_WORKER: WorkerMetrics | None = None
+
+
+def worker_metrics() -> WorkerMetrics:
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = WorkerMetrics()
+    return _WORKER
