@@ -37,7 +37,8 @@ bool is_host_memory(const void* p) {
   return last_host;
 }
 
-// mode: 0 = pick by where kv_rows lives, 1 = per-head kernel, 2 = shared-column kernel.
+// mode: 0 = pick by where kv_rows lives, 1 = per-head kernel, 2 = shared-column kernel,
+// 3 = shared-column kernel on the first n_shared columns, per-head kernel on the rest.
 void attend_groups(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, at::Tensor token_ok,
                    int64_t num_kv_heads, int64_t v_offset, int64_t n_shared, double scale,
                    int64_t mode, at::Tensor out) {
@@ -70,9 +71,12 @@ void attend_groups(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, at::Tensor
   const c10::cuda::CUDAGuard guard(q.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int Hkv = int(num_kv_heads), rep = Hq / Hkv;
-  // Device memory: shared columns by the shared-column kernel (read once per KV head), the
-  // routed ones by the per-head kernel (latency hiding).  Host memory: all columns by the
-  // shared-column kernel (PCIe bytes are what count).  mode 1 / 2 force one kernel.
+  // Host memory: the shared-column kernel (PCIe bytes are what count: shared columns are
+  // read once per KV head).  Device memory: the per-head kernel on all columns (latency
+  // hiding wins; shared columns re-read by each head mostly hit L1/L2).  mode 3 splits the
+  // list: shared columns by the shared-column kernel, routed ones per head (measured
+  // slower on an H200: the shared kernel's 8 sequential head updates are latency-bound).
+  // mode 1 / 2 force one kernel.
   const bool host = mode == 0 && is_host_memory(kv_rows.data_ptr());
   const int sms = num_sms();
   const int hb_heads = Hkv * ((rep + 7) / 8) * R;
@@ -81,7 +85,7 @@ void attend_groups(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, at::Tensor
   int S1 = 0, S2 = 0, split_at = 0;  // shared kernel on [0, split_at), heads on the rest
   if (mode == 2 || host) {
     split_at = Gt;
-  } else if (mode == 0) {
+  } else if (mode == 3) {
     split_at = int(n_shared);
   }
   if (split_at > 0) S1 = nonempty(split_at, shared_splits(split_at, hb_shared, sms));

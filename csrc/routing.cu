@@ -90,10 +90,17 @@ route_chunks_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
         const int j = base + u * kRouteWarps * 4 + sub;
         // L == 0: the preceding chunk is in the pool and always kept (routing.py).
         const bool forced = L == 0 && lo + j == c - 1;
-        for (int h = 0; h < rep; ++h) {
-          const float v = slice_dot<D>(sv[u], q_s + h * D, l8);
-          float* dst = sc + h * split_len + j;
-          if (page[u] && l8 == 0) *dst = forced ? INFINITY : row <= 1 ? v : fmaxf(*dst, v);
+        // heads unrolled by 8: their dot products and shuffle chains are independent
+        for (int h0 = 0; h0 < rep; h0 += 8) {
+#pragma unroll
+          for (int hh = 0; hh < 8; ++hh) {
+            const int h = h0 + hh;
+            if (h < rep) {  // uniform across the warp
+              const float v = slice_dot<D>(sv[u], q_s + h * D, l8);
+              float* dst = sc + h * split_len + j;
+              if (page[u] && l8 == 0) *dst = forced ? INFINITY : row <= 1 ? v : fmaxf(*dst, v);
+            }
+          }
         }
       }
     }

@@ -30,7 +30,7 @@ def make_llm(backend: str, hga: dict | None = None, dtype: str = "float32",
     """One engine: backend "CPU_ATTN" (dense, vLLM's own CPU attention) or "HGA"."""
     from vllm import LLM
 
-    extra = {"hga": dict(hga)} if backend == "HGA" else None
+    extra = {"hga": dict(hga or {})} if backend == "HGA" else {}
     kw.setdefault("kv_cache_memory_bytes", 1 << 30)
     return LLM(model=model_dir(dtype), attention_backend=backend,
                max_model_len=max_model_len, enforce_eager=True, additional_config=extra,

@@ -146,11 +146,11 @@ def point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, ceil: dict, reps: int,
 
     rec["route_us"] = timeit(route, reps) * 1e6
     for where, pool in (("dev", pools.dev), ("uva", pools.uva)):
-        for kernel in ("heads", "shared"):  # "auto" picks heads on dev, shared on uva
+        for kernel in ("heads", "shared", "split"):  # "auto": heads on dev, shared on uva
             t = timeit(lambda p=pool, k=kernel: cuda_ops.attend_groups(
                 q, p, rows, ok, scale, nfix, out, k), reps)
             rec[f"attn_{where}_{kernel}_us"] = t * 1e6
-        t = min(rec[f"attn_{where}_heads_us"], rec[f"attn_{where}_shared_us"]) * 1e-6
+        t = rec[f"attn_{where}_{'heads' if where == 'dev' else 'shared'}_us"] * 1e-6  # auto
         rec[f"attn_{where}_us"] = t * 1e6
         rec[f"attn_{where}_GBps"] = attn_bytes / t / 1e9
         rec[f"step_{where}_us"] = timeit(
@@ -309,7 +309,7 @@ def print_tables(result: dict) -> None:
           f"{c['bf16_mm_TFLOPs']:.0f} TFLOP/s")
     print("\n## Decode attention step (per layer)\n")
     cols = [("ctx", "ctx", 0), ("B", "batch", 0), ("route us", "route_us", 1),
-            ("attn dev us", "attn_dev_us", 1), ("heads/shared us", "attn_dev_kernels", 0),
+            ("attn dev us", "attn_dev_us", 1), ("heads/shared/split us", "attn_dev_kernels", 0),
             ("attn dev %HBM", "attn_dev_frac_hbm", 2),
             ("step dev us", "step_dev_us", 1), ("attn uva us", "attn_uva_us", 1),
             ("attn uva %H2D", "attn_uva_frac_h2d", 2), ("step uva us", "step_uva_us", 1),
@@ -323,7 +323,8 @@ def print_tables(result: dict) -> None:
     print("| " + " | ".join(h for h, _, _ in cols) + " |")
     print("|" + "---|" * len(cols))
     for r in result["points"]:
-        r["attn_dev_kernels"] = f"{r['attn_dev_heads_us']:.0f}/{r['attn_dev_shared_us']:.0f}"
+        r["attn_dev_kernels"] = "/".join(f"{r[f'attn_dev_{k}_us']:.0f}"
+                                         for k in ("heads", "shared", "split"))
         print("| " + " | ".join(fmt(r.get(k), nd) for _, k, nd in cols) + " |")
     print("\n## Host gather of the step's groups (K and V rows, 4 KiB each)\n")
     print("| ctx | B | MB | zero-copy us | zero-copy %H2D | copy-engine us | copy-engine %H2D |")

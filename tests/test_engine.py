@@ -46,6 +46,9 @@ def model_fp32() -> str:
     return str(embedded_model_dir(dtype="float32"))
 
 
+FP32 = dict(dtype="float32")  # vLLM's "auto" would run a float32 checkpoint in half precision
+
+
 @pytest.fixture(scope="module")
 def model_default() -> str:
     return str(embedded_model_dir())
@@ -63,11 +66,11 @@ def prompt_nll(out) -> list[float]:
 def test_full_coverage_hga_matches_vllm_cpu_attention(model_fp32):
     """HGA with every chunk visible is dense attention: same greedy tokens and prompt
     log-probabilities as vLLM's own CPU attention on ~3K tokens of real prose."""
-    llm = make_llm(model_fp32, "CPU_ATTN")
+    llm = make_llm(model_fp32, "CPU_ATTN", **FP32)
     prompt = TokensPrompt(prompt_token_ids=text_tokens(llm, "devils_dictionary", 3000))
     dense = llm.generate([prompt], greedy(32))[0]
     close(llm)
-    llm = make_llm(model_fp32, "HGA", {"preset": "full"})
+    llm = make_llm(model_fp32, "HGA", {"preset": "full"}, **FP32)
     hga = llm.generate([prompt], greedy(32))[0]
     close(llm)
     assert hga.outputs[0].token_ids == dense.outputs[0].token_ids
@@ -78,7 +81,8 @@ def test_full_coverage_hga_matches_vllm_cpu_attention(model_fp32):
 def test_default_hga_is_batch_and_prefix_cache_invariant(model_fp32):
     """Per-query routing: a request's tokens do not depend on its batch mates, on chunked
     prefill, or on a prefix-cache hit (its routing is recomputed from the same summaries)."""
-    llm = make_llm(model_fp32, "HGA", max_num_batched_tokens=1024, enable_prefix_caching=True)
+    llm = make_llm(model_fp32, "HGA", max_num_batched_tokens=1024, enable_prefix_caching=True,
+                   **FP32)
     a = TokensPrompt(prompt_token_ids=text_tokens(llm, "jargon_file", 2500))
     b = TokensPrompt(prompt_token_ids=text_tokens(llm, "argparse_py", 1700))
     sp = SamplingParams(max_tokens=24, temperature=0.0)

@@ -46,13 +46,20 @@ def test_full_coverage_equals_dense_mixed_batches(heads):
         assert rel <= 1e-5, (S, rel.item())
 
 
+@pytest.mark.parametrize("cfg", [
+    SPARSE,
+    HGAConfig(sink_chunks=0, local_chunks=4, topk_chunks=3, topk_groups=6),  # no sinks
+    HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=6),  # forced prev
+    HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8,
+              chunk_score="max_group"),
+], ids=["sparse", "no-sink", "no-local", "max-group"])
 @pytest.mark.parametrize("lengths", [[27, 61, 113], [482, 3330]])
-def test_sparse_layer_equals_reference_exactly_in_float64(lengths):
-    run = PagedRun(lengths, SPARSE, 6, 2, dtype=torch.float64, seed=len(lengths))
+def test_sparse_layer_equals_reference_exactly_in_float64(lengths, cfg):
+    run = PagedRun(lengths, cfg, 6, 2, dtype=torch.float64, seed=len(lengths))
     run.summ = run.summ.double()  # float64 pages: no near-tie can flip a top-k pick
     got = run_requests(run, lengths, prefill_chunk=300, decode_tail=6)
     for r in range(len(lengths)):
-        want, mask = ref.hga_attention(run.q[r], run.k[r], run.v[r], 0, run.rope, SPARSE)
+        want, mask = ref.hga_attention(run.q[r], run.k[r], run.v[r], 0, run.rope, cfg)
         assert torch.allclose(got[r], want, atol=1e-10), lengths[r]
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +39,7 @@ from .rope import RopeSpec
 
 ATTN_NAME = "hga_analysis"
 BLOCK = 256  # queries per block (a multiple of 64)
+GROUP = 16
 
 
 # ------------------------------------------------------------------ density (exact, analytic)
@@ -148,12 +151,17 @@ def _attention_fn(module, query, key, value, attention_mask, scaling=None, dropo
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     if _STATE.capture is not None:
         _STATE.capture[module.layer_idx] = (q.clone(), k.clone())
+    t0 = time.time()
     out = layer_attention(q, k, v, scale, module.layer_idx, _STATE.mode, _STATE.measure,
                           _STATE.stats, _STATE.rope)
+    if os.environ.get("VLLM_HGA_ANALYSIS_VERBOSE"):
+        print(f"layer {module.layer_idx}: {time.time() - t0:.1f} s", flush=True)
     return out.unsqueeze(0).to(query.dtype), None
 
 
 def _cfg_of(mode) -> HGAConfig | None:
+    if isinstance(mode, tuple):
+        mode = mode[0]
     if isinstance(mode, HGAConfig):
         return mode
     if isinstance(mode, Oracle):
@@ -171,53 +179,68 @@ def _summaries(k: torch.Tensor, cfg: HGAConfig, rope: RopeSpec):
     return pages[:, :, 0].unsqueeze(0), pages[:, :, 1:].transpose(1, 2).unsqueeze(0)
 
 
-def hga_block_mask(qb, pos, summ, cfg: HGAConfig, n_keys: int):
-    """(visible [Tb, Hq, n_keys], fixed-window mask [Tb, Hq, n_keys], routed group count
-    [Tb, Hq]) for queries qb at positions pos, exactly as the backend routes them."""
+def hga_group_vis(qb, pos, summ, cfg: HGAConfig, n_groups: int, router=None):
+    """Visibility of 16-token groups for queries qb [Tb, Hq, D] at positions pos [Tb],
+    exactly as the backend routes them (``routing.route``; ``router`` replaces it).
+
+    Returns (vis [Tb, Hq, n_groups] bool: sinks, local window, own chunk and routed
+    groups; win [Tb, n_groups] bool: the same without the routed groups; budget
+    [Tb, Hq]: routed groups per head).  Causality inside the own chunk is left to the
+    caller's causal mask."""
     chunk_sum, group_sum = summ
-    fixed, ids, ok = routing.route(qb, pos, chunk_sum, group_sum, cfg)
-    vis = routing.token_mask(pos, fixed, ids, ok, n_keys, cfg)
-    none = torch.zeros_like(ok)
-    win = routing.token_mask(pos, fixed, ids, none, n_keys, cfg)
-    return vis, win, ok.sum(-1)
+    M = cfg.groups_per_chunk
+    fixed, ids, ok = (router or routing.route)(qb, pos, chunk_sum, group_sum, cfg)
+    n_sum = fixed.shape[1] * M
+    win = torch.zeros(qb.shape[0], n_groups, dtype=torch.bool)
+    win[:, :min(n_sum, n_groups)] = fixed.repeat_interleave(M, dim=-1)[:, :n_groups]
+    own = pos // cfg.chunk_size * M
+    g = torch.arange(n_groups).unsqueeze(0)
+    win |= (g >= own.unsqueeze(1)) & (g < own.unsqueeze(1) + M)
+    routed = torch.zeros(*ok.shape[:2], n_groups, dtype=torch.bool)
+    r = routing.group_mask(ids, ok, n_sum)
+    routed[..., :min(n_sum, n_groups)] = r[..., :n_groups]
+    return routed | win.unsqueeze(1), win, ok.sum(-1)
 
 
-def oracle_block_mask(logits, win, budget, pool_keys, kind: str, gs: int):
-    """Oracle visibility [Tb, Hq, S]: the window plus the best `budget` groups (kind
-    "group", by true mass) or `budget * gs` tokens (kind "token", by logit) of the pool.
+def _pool_groups(win, pos, nG):
+    """Groups routing may open: closed chunks before the own chunk, outside the window."""
+    closed = torch.arange(nG).unsqueeze(0) < (pos // 64 * 4).unsqueeze(1)
+    return closed & ~win
 
-    logits [Tb, Hq, S] (-inf where not causal); pool_keys [Tb, S] bool."""
-    Tb, Hq, S = logits.shape
-    if budget.max() == 0:
-        return win
-    neg = torch.finfo(logits.dtype).min
-    if kind == "group":
-        n_full = (S // gs) * gs
-        lg = logits[..., :n_full].masked_fill(~pool_keys[:, None, :n_full], float("-inf"))
-        gscore = torch.logsumexp(lg.view(Tb, Hq, -1, gs), dim=-1).nan_to_num(neg)
-        order = gscore.argsort(dim=-1, descending=True)
-        rank = torch.empty_like(order)
-        rank.scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
-        chosen = (rank < budget.unsqueeze(-1)) & (gscore > neg)
-        tok = chosen.repeat_interleave(gs, dim=-1)
-        tok = torch.nn.functional.pad(tok, (0, S - n_full))
-    else:
-        lg = logits.masked_fill(~pool_keys[:, None, :], float("-inf"))
-        kmax = min(int(budget.max()) * gs, S)
-        top = torch.topk(lg, kmax, dim=-1).values  # [Tb, Hq, kmax]
-        idx = (budget * gs - 1).clamp(min=0, max=kmax - 1).unsqueeze(-1)
-        thr = top.gather(-1, idx)
-        tok = (lg >= thr) & (budget > 0).unsqueeze(-1) & pool_keys[:, None, :]
-    return win | tok
+
+def _oracle_vis(glog, win, budget, pool_g):
+    """Group oracle: the window plus, per (query, head), the `budget` pool groups with the
+    largest true attention (glog [Tb, Hq, nG]: log of each group's attention weight)."""
+    if int(budget.max()) == 0:
+        return win.unsqueeze(1).expand(-1, glog.shape[1], -1)
+    sc = glog.masked_fill(~pool_g.unsqueeze(1), float("-inf"))
+    kmax = min(int(budget.max()), sc.shape[-1])
+    top = torch.topk(sc, kmax, dim=-1)
+    chosen = torch.arange(kmax).view(1, 1, -1) < budget.unsqueeze(-1)
+    chosen &= top.values > float("-inf")
+    vis = torch.zeros_like(sc, dtype=torch.bool).scatter_(-1, top.indices, chosen)
+    return vis | win.unsqueeze(1)
+
+
+def _token_oracle_mask(lg, win_tok, budget, pool_tok, gs):
+    """Token oracle: the window plus the budget*16 pool tokens with the largest logits."""
+    sc = lg.masked_fill(~pool_tok.unsqueeze(1), float("-inf"))
+    kmax = min(int(budget.max()) * gs, sc.shape[-1])
+    if kmax == 0:
+        return win_tok.unsqueeze(1).expand_as(sc)
+    top = torch.topk(sc, kmax, dim=-1).values
+    thr = top.gather(-1, (budget * gs - 1).clamp(min=0, max=kmax - 1).unsqueeze(-1))
+    return win_tok.unsqueeze(1) | ((sc >= thr) & (budget > 0).unsqueeze(-1)
+                                   & (sc > float("-inf")))
 
 
 def layer_attention(q, k, v, scale, layer: int, mode, measure: dict, stats: LayerStats | None,
                     rope: RopeSpec) -> torch.Tensor:
     """Attention output [T, Hq, D] of one layer under `mode` (see module docstring)."""
     T, Hq, D = q.shape
-    Hkv = k.shape[1]
-    rep = Hq // Hkv
+    rep = Hq // k.shape[1]
     cfg = _cfg_of(mode)
+    router = mode[1] if isinstance(mode, tuple) else None
     dense_here = cfg is None or layer in cfg.dense_layers
     if dense_here and stats is None:
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -232,55 +255,100 @@ def layer_attention(q, k, v, scale, layer: int, mode, measure: dict, stats: Laye
             summ_cache[key] = _summaries(k, c, rope)
         return summ_cache[key]
 
+    gs = GROUP
+    if stats is None and not isinstance(mode, Oracle):  # plain HGA: fused masked SDPA
+        return _hga_sdpa(q, k, v, scale, cfg, summ_for(cfg), router)
     kx = k.repeat_interleave(rep, dim=1).transpose(0, 1)  # [Hq, S, D]
     vx = v.repeat_interleave(rep, dim=1).transpose(0, 1)
     out = torch.empty_like(q)
     for first in range(0, T, BLOCK):
         last = min(T, first + BLOCK)
+        Tb = last - first
         pos = torch.arange(first, last)
         qb = q[first:last]
-        S = last
-        logits = torch.einsum("thd,hsd->ths", qb, kx[:, :S]) * scale  # [Tb, Hq, S]
+        nG = -(-last // gs)
+        S = nG * gs  # keys padded to whole groups (the padding is never causal)
+        lg = torch.empty(Tb, Hq, S)
+        lg[..., :last] = torch.einsum("thd,hsd->ths", qb, kx[:, :last]) * scale
         causal = torch.arange(S).unsqueeze(0) <= pos.unsqueeze(1)  # [Tb, S]
-        logits = logits.masked_fill(~causal[:, None, :], float("-inf"))
+        lg.masked_fill_(~causal.unsqueeze(1), float("-inf"))
+        lg4 = lg.view(Tb, Hq, nG, gs)
         if dense_here:
-            vis = None
-        elif isinstance(mode, HGAConfig):
-            vis, _, _ = hga_block_mask(qb, pos, summ_for(mode), mode, S)
-        else:  # Oracle
-            _, win, budget = hga_block_mask(qb, pos, summ_for(mode.cfg), mode.cfg, S)
-            pool_keys = causal & ~win[:, 0, :]  # window is the same for every head
-            pool_keys &= torch.arange(S).unsqueeze(0) < (pos // 64 * 64).unsqueeze(1)
-            vis = oracle_block_mask(logits, win, budget, pool_keys, mode.kind,
-                                    mode.cfg.group_size)
-        lg = logits if vis is None else logits.masked_fill(~vis, float("-inf"))
-        probs = torch.softmax(lg, dim=-1)
-        out[first:last] = torch.einsum("ths,hsd->thd", probs, vx[:, :S])
+            att = lg
+        elif not isinstance(mode, Oracle):
+            vis, _, _ = hga_group_vis(qb, pos, summ_for(cfg), cfg, nG, router)
+            att = lg4.masked_fill(~vis.unsqueeze(-1), float("-inf")).view_as(lg)
+        else:  # Oracle at HGA's budget
+            _, win, budget = hga_group_vis(qb, pos, summ_for(cfg), cfg, nG)
+            pool_g = _pool_groups(win, pos, nG)
+            if mode.kind == "group":
+                vis = _oracle_vis(torch.logsumexp(lg4, -1), win, budget, pool_g)
+                att = lg4.masked_fill(~vis.unsqueeze(-1), float("-inf")).view_as(lg)
+            else:
+                m = _token_oracle_mask(lg, win.repeat_interleave(gs, -1), budget,
+                                       pool_g.repeat_interleave(gs, -1), gs)
+                att = lg.masked_fill(~m, float("-inf"))
+        probs = torch.softmax(att, dim=-1)
+        out[first:last] = torch.einsum("ths,hsd->thd", probs[..., :last], vx[:, :last])
         if stats is not None and dense_here:
-            _measure(stats, layer, logits, probs, qb, pos, causal, measure, summ_for, S)
+            _measure(stats, layer, lg, probs, qb, pos, measure, summ_for, nG)
     return out
 
 
-def _measure(stats: LayerStats, layer, logits, probs, qb, pos, causal, measure, summ_for, S):
-    """Accumulate true-mass statistics of the rules in `measure` (name -> cfg | Oracle)."""
-    ref_cfg = next(iter(measure.values()))
-    ref_cfg = _cfg_of(ref_cfg)
-    active = (pos // ref_cfg.chunk_size) > ref_cfg.sink_chunks + ref_cfg.local_chunks
+def _hga_sdpa(q, k, v, scale, cfg, summ, router):
+    """HGA attention (same visibility as the backend) through torch's fused SDPA."""
+    T, Hq, D = q.shape
+    gs = GROUP
+    qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    out = torch.empty_like(q)
+    for first in range(0, T, BLOCK):
+        last = min(T, first + BLOCK)
+        pos = torch.arange(first, last)
+        nG = -(-last // gs)
+        vis, _, _ = hga_group_vis(q[first:last], pos, summ, cfg, nG, router)
+        bias_g = torch.zeros(Hq, last - first, nG).masked_fill_(~vis.transpose(0, 1),
+                                                                 float("-inf"))
+        bias = bias_g.repeat_interleave(gs, dim=-1)[..., :last]  # [Hq, Tb, S]
+        lo = first // 64 * 64  # keys before lo are causal for every query of the block
+        future = torch.arange(lo, last).unsqueeze(0) > pos.unsqueeze(1)
+        bias[:, :, lo:last].masked_fill_(future.unsqueeze(0), float("-inf"))
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qt[:, :, first:last], kt[:, :, :last], vt[:, :, :last], attn_mask=bias[None],
+            scale=scale, enable_gqa=True)
+        out[first:last] = o[0].transpose(0, 1)
+    return out
+
+
+def _measure(stats: LayerStats, layer, lg, probs, qb, pos, measure, summ_for, nG):
+    """Accumulate the true attention mass each rule in `measure` (name -> HGAConfig,
+    Oracle, or (HGAConfig, router)) would capture, over queries with a non-empty pool."""
+    gs = GROUP
+    Tb, Hq, _ = lg.shape
+    first_cfg = _cfg_of(next(iter(measure.values())))
+    active = (pos // first_cfg.chunk_size) > first_cfg.sink_chunks + first_cfg.local_chunks
     if not bool(active.any()):
         return
+    gmass = probs.view(Tb, Hq, nG, gs).sum(-1)  # [Tb, Hq, nG] true attention per group
     win_ref = None
     for name, rule in measure.items():
+        router = rule[1] if isinstance(rule, tuple) else None
         cfg = _cfg_of(rule)
-        vis, win, budget = hga_block_mask(qb, pos, summ_for(cfg), cfg, S)
+        vis, win, budget = hga_group_vis(qb, pos, summ_for(cfg), cfg, nG, router)
         if isinstance(rule, Oracle):
-            pool_keys = causal & ~win[:, 0, :]
-            pool_keys &= torch.arange(S).unsqueeze(0) < (pos // 64 * 64).unsqueeze(1)
-            vis = oracle_block_mask(logits, win, budget, pool_keys, rule.kind, cfg.group_size)
-        cap = (probs * vis).sum(-1)  # [Tb, Hq]
+            pool_g = _pool_groups(win, pos, nG)
+            if rule.kind == "group":
+                vis = _oracle_vis(gmass.clamp(min=1e-30).log(), win, budget, pool_g)
+                cap = (gmass * vis).sum(-1)
+            else:
+                m = _token_oracle_mask(lg, win.repeat_interleave(gs, -1), budget,
+                                       pool_g.repeat_interleave(gs, -1), gs)
+                cap = (probs * m).sum(-1)
+        else:
+            cap = (gmass * vis).sum(-1)  # own chunk: non-causal keys carry no mass
         stats.captured[name][layer] += cap[active].double().sum(0)
         if win_ref is None:
             win_ref = win
-    fixed = (probs * win_ref).sum(-1)
+    fixed = (gmass * win_ref.unsqueeze(1)).sum(-1)
     stats.fixed[layer] += fixed[active].double().sum(0)
     stats.pool[layer] += (1 - fixed[active].double()).sum(0)
     stats.count[layer] += active.sum()

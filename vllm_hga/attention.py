@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import ops, routing
+from .ops import cuda_ops
 from .config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
 from .rope import RopeSpec
 
@@ -38,8 +39,7 @@ class HGALayer:
         """
         ops.write_kv(pool, key, value, md.slot_mapping[: key.shape[0]])
         if md.closing_blocks.numel():
-            chunk_keys = pool[md.closing_blocks, :, 0].transpose(1, 2)  # [nc, C, H, D]
-            summ[md.closing_blocks] = ops.summarize_blocks(chunk_keys, self.rot)
+            ops.summarize_pool(pool, md.closing_blocks, summ, self.rot)
             self._count("summary_bytes_written", md.closing_blocks.numel() * summ[0].numel() * 4)
         self._count("query_tokens", q.shape[0])
         if md.decode_rows.numel():
@@ -117,6 +117,10 @@ class HGALayer:
         """
         qd = q[md.decode_rows]
         pos = md.decode_pos
+        if qd.is_cuda and cuda_ops.available():
+            return cuda_ops.decode_groups(qd, pos, md.block_table[md.decode_reqs],
+                                          md.decode_chunks, summ, self.cfg, self.sinks,
+                                          self.local, self.groups)
         R, Hq, _ = qd.shape
         H, M = self.num_kv_heads, GROUPS
         dev = q.device
@@ -129,7 +133,7 @@ class HGALayer:
         sink_j = torch.arange(self.sinks, device=dev).unsqueeze(0).expand(R, -1)
         local_j = c - self.local + torch.arange(self.local, device=dev).unsqueeze(0)
         whole_j = torch.cat([sink_j, local_j, c], dim=1)  # chunks seen whole
-        whole_ok = torch.cat([sink_j < c, local_j >= self.cfg.sink_chunks,
+        whole_ok = torch.cat([sink_j < c, (local_j >= self.cfg.sink_chunks) & (local_j >= 0),
                               torch.ones_like(c, dtype=torch.bool)], dim=1)
         whole_g = whole_j.clamp(min=0).unsqueeze(-1) * M + torch.arange(M, device=dev)
         whole_g = whole_g.reshape(R, 1, -1).expand(R, Hq, -1)
@@ -148,7 +152,8 @@ class HGALayer:
         rows, token_ok, _ = self.decode_groups(q, summ, md)
         keys = token_ok.sum()
         self._count_attention(keys, md.decode_pos, keys * self.head_size * 2 * pool.itemsize)
-        return ops.attend_groups(q[md.decode_rows], pool, rows, token_ok, self.scale)
+        return ops.attend_groups(q[md.decode_rows], pool, rows, token_ok, self.scale,
+                                 n_shared=(self.sinks + self.local + 1) * GROUPS)
 
     # ------------------------------------------------------------------ metrics
     def _count(self, name: str, value) -> None:

@@ -264,7 +264,7 @@ def test_attend_groups(dtype, rep, D):
     rows, ok, _ = b.torch_groups()
     ref = reference_attention(b, rows, ok)
     for kernel, n_shared in (("heads", 0), ("shared", 0), ("shared", b.n_shared), ("auto", 0),
-                             ("auto", b.n_shared)):
+                             ("auto", b.n_shared), ("split", b.n_shared)):
         out = torch.full(ref.shape, float("nan"), dtype=torch.float32, device=DEV)
         cuda_ops.attend_groups(b.q, b.pool, rows, ok, D ** -0.5, n_shared, out, kernel)
         assert rel_err(out, ref) < TOL[torch.float32] * (10 if dtype != torch.float32 else 1)

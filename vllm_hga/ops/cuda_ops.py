@@ -161,7 +161,7 @@ def decode_groups(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- attention
-KERNEL_MODES = {"auto": 0, "heads": 1, "shared": 2}
+KERNEL_MODES = {"auto": 0, "heads": 1, "shared": 2, "split": 3}
 
 
 def attend_rows(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor,
@@ -174,8 +174,10 @@ def attend_rows(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor,
     The first n_shared columns must be the same rows and masks for all query heads of a
     KV head (HGA's sinks / local / own chunk).  kernel: "heads" (a warp per query head,
     deep prefetch: best for device memory), "shared" (a warp per column for all heads of
-    a KV head, shared columns read once: best for pinned host memory over PCIe), or
-    "auto" (by where kv_rows lives).  Writes and returns out [R, Hq, D] (float32 if None).
+    a KV head, shared columns read once: best for pinned host memory over PCIe), "split"
+    (shared columns by the second, routed ones by the first; slower on an H200), or "auto"
+    (heads on device memory, shared on host memory).  Writes and returns out [R, Hq, D]
+    (float32 if None).
     """
     R, Hq, D = q.shape
     if out is None:
