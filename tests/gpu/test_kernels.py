@@ -333,7 +333,8 @@ def test_decode_end_to_end(rep, lengths):
                                            layer.local, layer.groups)
     same_masks = total = 0
     for r, S in enumerate(lengths):
-        want, mask = reference.hga_attention(q[r: r + 1].cpu().double(), ks[r], vs[r], S - 1, rope, cfg,
+        want, mask = reference.hga_attention(q[r: r + 1].cpu().double(), ks[r], vs[r], S - 1,
+                                             rope, cfg,
                                              dtype=torch.float64)
         # our mask from the list: key positions gid*16 + t where token_ok
         mine = torch.zeros(Hq, S, dtype=torch.bool)

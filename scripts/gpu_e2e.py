@@ -1,0 +1,93 @@
+"""End-to-end vLLM on a GPU: dense FLASH_ATTN vs HGA, same model shape, same run.
+
+Qwen3-30B-A3B architecture (48 layers, 32 query / 4 KV heads, head_dim 128, 128 experts),
+dummy weights with online fp8 (as in the dense baseline notes), random token prompts.
+decode tok/s = batch * N / (t(N+1 tokens) - t(1 token)).
+
+    python scripts/gpu_e2e.py --out results.json --contexts 8192 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+    "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+    "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+    "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+    "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
+    "max_position_embeddings": 262144, "rope_theta": 10000000.0, "rms_norm_eps": 1e-6,
+    "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "bos_token_id": 151643, "eos_token_id": 151645, "attention_bias": False,
+}
+
+
+def model_dir() -> str:
+    d = tempfile.mkdtemp(prefix="qwen3-30b-a3b-shape-")
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(QWEN3_30B_A3B, f)
+    return d
+
+
+def measure(llm, ctx: int, batch: int, new: int) -> dict:
+    import random
+
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    rng = random.Random(ctx + batch)
+    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 150000) for _ in range(ctx)])
+               for _ in range(batch)]
+
+    def run(n: int) -> float:
+        sp = SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True)
+        t = time.perf_counter()
+        llm.generate(prompts, sp, use_tqdm=False)
+        return time.perf_counter() - t
+
+    run(1)  # warm-up (and prefix caching is off, so nothing is reused)
+    t1 = run(1)
+    tn = run(new + 1)
+    return {"context": ctx, "batch": batch, "prefill_s": round(t1, 3),
+            "decode_tok_s": round(batch * new / (tn - t1), 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--backends", nargs="+", default=["FLASH_ATTN", "HGA"])
+    ap.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--host-kv", default="16GiB")
+    args = ap.parse_args()
+    from vllm import LLM
+
+    model = model_dir()
+    results = []
+    for backend in args.backends:
+        extra = {"hga": {"host_kv_bytes": args.host_kv}} if backend == "HGA" else {}
+        t = time.perf_counter()
+        llm = LLM(model=model, load_format="dummy", quantization="fp8", skip_tokenizer_init=True,
+                  attention_backend=backend, max_model_len=max(args.contexts) + args.new + 64,
+                  gpu_memory_utilization=0.85, max_num_batched_tokens=16384,
+                  enable_prefix_caching=False, additional_config=extra)
+        startup = time.perf_counter() - t
+        for ctx in args.contexts:
+            row = {"backend": backend, "startup_s": round(startup, 1),
+                   **measure(llm, ctx, args.batch, args.new)}
+            results.append(row)
+            print("RESULT", json.dumps(row), flush=True)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+
+
+if __name__ == "__main__":
+    main()
