@@ -50,8 +50,7 @@ def measure(llm, ctx: int, batch: int, new: int) -> dict:
         llm.generate(prompts, sp, use_tqdm=False)
         return time.perf_counter() - t
 
-    run(1)  # warm-up (and prefix caching is off, so nothing is reused)
-    t1 = run(1)
+    t1 = run(1)  # prefix caching is off, so the second run re-prefills too
     tn = run(new + 1)
     return {"context": ctx, "batch": batch, "prefill_s": round(t1, 3),
             "decode_tok_s": round(batch * new / (tn - t1), 2)}
