@@ -92,6 +92,13 @@ class Oracle:
     kind: str = "group"
 
 
+@dataclass(frozen=True)
+class PerLayer:
+    """A mode per layer: layers[i] for layer i, default for the others."""
+    default: Any
+    layers: dict
+
+
 @dataclass
 class LayerStats:
     """Per-layer, per-head sums over queries whose pool is non-empty."""
@@ -152,7 +159,10 @@ def _attention_fn(module, query, key, value, attention_mask, scaling=None, dropo
     if _STATE.capture is not None:
         _STATE.capture[module.layer_idx] = (q.clone(), k.clone())
     t0 = time.time()
-    out = layer_attention(q, k, v, scale, module.layer_idx, _STATE.mode, _STATE.measure,
+    mode = _STATE.mode
+    if isinstance(mode, PerLayer):
+        mode = mode.layers.get(module.layer_idx, mode.default)
+    out = layer_attention(q, k, v, scale, module.layer_idx, mode, _STATE.measure,
                           _STATE.stats, _STATE.rope)
     if os.environ.get("VLLM_HGA_ANALYSIS_VERBOSE"):
         print(f"layer {module.layer_idx}: {time.time() - t0:.1f} s", flush=True)
@@ -240,7 +250,10 @@ def layer_attention(q, k, v, scale, layer: int, mode, measure: dict, stats: Laye
     T, Hq, D = q.shape
     rep = Hq // k.shape[1]
     cfg = _cfg_of(mode)
-    router = mode[1] if isinstance(mode, tuple) else None
+    # (cfg, factory): factory(k, cfg, rope) gives a router with routing.route's contract
+    router = mode[1](k, cfg, rope) if isinstance(mode, tuple) else None
+    routers = {n: r[1](k, _cfg_of(r), rope) for n, r in measure.items()
+               if isinstance(r, tuple)} if stats is not None else {}
     dense_here = cfg is None or layer in cfg.dense_layers
     if dense_here and stats is None:
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -291,7 +304,7 @@ def layer_attention(q, k, v, scale, layer: int, mode, measure: dict, stats: Laye
         probs = torch.softmax(att, dim=-1)
         out[first:last] = torch.einsum("ths,hsd->thd", probs[..., :last], vx[:, :last])
         if stats is not None and dense_here:
-            _measure(stats, layer, lg, probs, qb, pos, measure, summ_for, nG)
+            _measure(stats, layer, lg, probs, qb, pos, measure, summ_for, nG, routers)
     return out
 
 
@@ -319,9 +332,9 @@ def _hga_sdpa(q, k, v, scale, cfg, summ, router):
     return out
 
 
-def _measure(stats: LayerStats, layer, lg, probs, qb, pos, measure, summ_for, nG):
+def _measure(stats: LayerStats, layer, lg, probs, qb, pos, measure, summ_for, nG, routers):
     """Accumulate the true attention mass each rule in `measure` (name -> HGAConfig,
-    Oracle, or (HGAConfig, router)) would capture, over queries with a non-empty pool."""
+    Oracle, or (HGAConfig, router factory)) would capture, over queries with a non-empty pool."""
     gs = GROUP
     Tb, Hq, _ = lg.shape
     first_cfg = _cfg_of(next(iter(measure.values())))
@@ -331,7 +344,7 @@ def _measure(stats: LayerStats, layer, lg, probs, qb, pos, measure, summ_for, nG
     gmass = probs.view(Tb, Hq, nG, gs).sum(-1)  # [Tb, Hq, nG] true attention per group
     win_ref = None
     for name, rule in measure.items():
-        router = rule[1] if isinstance(rule, tuple) else None
+        router = routers.get(name)
         cfg = _cfg_of(rule)
         vis, win, budget = hga_group_vis(qb, pos, summ_for(cfg), cfg, nG, router)
         if isinstance(rule, Oracle):
@@ -421,3 +434,67 @@ def cfg_with(base: HGAConfig | None = None, **kw) -> HGAConfig:
 def mean(x) -> float:
     x = list(x)
     return sum(x) / len(x) if x else math.nan
+
+
+# ------------------------------------------------------------------ experimental routers
+def stat_router(kind: str, alpha: float = 2.0, level: str = "max_group"):
+    """Router factory for summary statistics the backend does not store (yet).
+
+    Group scores from the post-RoPE keys of each closed group:
+      "quest"  sum_d max(q_d kmax_d, q_d kmin_d): an upper bound of q.k in the group;
+      "meanstd" q.mean + alpha * sqrt(sum_d q_d^2 var_d);
+      "gauss"  q.mean*scale + scale^2/2 * sum_d q_d^2 var_d (log-mean-exp under a
+               Gaussian key model);
+      "mean"   q.mean of post-RoPE keys (no RoPE mixing: rope_threshold = 0).
+    Chunk scores: the best group score of the chunk (level "max_group") or the mean-key
+    chunk summary score (level "summary", from the stored summaries).  Then top K_c
+    chunks, top G groups, as routing.route.
+    """
+    def factory(k: torch.Tensor, cfg: HGAConfig, rope: RopeSpec):
+        C, gs, M = cfg.chunk_size, cfg.group_size, cfg.groups_per_chunk
+        n = k.shape[0] // C
+        H, D = k.shape[1], k.shape[2]
+        kg = k[: n * C].view(n, M, gs, H, D)
+        if kind == "quest":
+            a = (kg.amax(2) + kg.amin(2)) / 2  # [n, M, H, D]
+            b = (kg.amax(2) - kg.amin(2)) / 2
+        else:
+            a = kg.mean(2)
+            b = kg.var(2, unbiased=False)
+        scale = D ** -0.5
+
+        def route(qb, pos, chunk_sum, group_sum, cfg_):
+            N, Hq, _ = qb.shape
+            rep = Hq // H
+            qd = qb.view(N, H, rep, D)
+            s = torch.einsum("nkrd,jmkd->nkrjm", qd, a)
+            if kind == "quest":
+                s = s + torch.einsum("nkrd,jmkd->nkrjm", qd.abs(), b)
+            elif kind == "meanstd":
+                s = s + alpha * torch.einsum("nkrd,jmkd->nkrjm", qd * qd, b).clamp(min=0).sqrt()
+            elif kind == "gauss":
+                s = s * scale + scale ** 2 / 2 * torch.einsum("nkrd,jmkd->nkrjm", qd * qd, b)
+            group_scores = s.reshape(N, Hq, n, M)
+            if level == "summary":
+                chunk_scores = torch.einsum("nkrd,jkd->nkrj", qd, chunk_sum[0]).reshape(N, Hq, n)
+            else:
+                chunk_scores = group_scores.amax(-1)
+            return _two_level(group_scores, chunk_scores, pos, cfg_)
+        return route
+    return factory
+
+
+def _two_level(group_scores, chunk_scores, pos, cfg):
+    """routing.route's selection given precomputed scores [N, Hq, n, M] / [N, Hq, n]."""
+    N, Hq, n, M = group_scores.shape
+    fixed, pool = routing.window_masks(pos, n, cfg)
+    Kc = min(cfg.topk_chunks, n)
+    G = min(cfg.groups_per_query, Kc * M)
+    pool_h = pool.unsqueeze(1).expand(N, Hq, n)
+    cs = chunk_scores.masked_fill(~pool_h, float("-inf"))
+    kept = torch.topk(cs, Kc, dim=-1).indices
+    kept_ok = pool_h.gather(-1, kept)
+    gsc = group_scores.gather(2, kept.unsqueeze(-1).expand(N, Hq, Kc, M))
+    gsc = gsc.masked_fill(~kept_ok.unsqueeze(-1), float("-inf")).view(N, Hq, Kc * M)
+    best = torch.topk(gsc, G, dim=-1).indices
+    return fixed, kept.gather(-1, best // M) * M + best % M, kept_ok.gather(-1, best // M)
