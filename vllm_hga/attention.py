@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import ops, routing
-from .ops import cuda_ops
 from .config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
+from .ops import cuda_ops
 from .rope import RopeSpec
 
 GROUPS = CHUNK_SIZE // GROUP_SIZE
@@ -44,7 +44,7 @@ class HGALayer:
         self._count("query_tokens", q.shape[0])
         if md.decode_rows.numel():
             if self.dense:
-                for row, r in zip(md.decode_rows.tolist(), md.decode_reqs.tolist()):
+                for row, r in md.decode_pairs:  # host lists: no device sync
                     out[row:row + 1] = self.attend_prefix(q, pool, summ, md, r, row, 1)
             else:
                 out[md.decode_rows] = self.decode(q, pool, summ, md).to(out.dtype)

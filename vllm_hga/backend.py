@@ -28,8 +28,8 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from .attention import GROUPS, HGALayer
 from .config import CHUNK_SIZE, HGAConfig
-from .rope import RopeSpec, spec_from_vllm_rope
 from .metrics import worker_metrics
+from .rope import RopeSpec, spec_from_vllm_rope
 from .store import host_pool, summary_view
 
 
@@ -87,6 +87,7 @@ class HGAMetadata:
     q_lens: list[int]
     tok_starts: list[int]  # per request: row of its first query in the batch
     prefill_reqs: list[int]  # requests with more than one query this step
+    decode_pairs: list[tuple[int, int]]  # (batch row, request) of single-query requests
     decode_rows: torch.Tensor  # [Rd] batch rows of single-query requests
     decode_reqs: torch.Tensor  # [Rd] their request indices
     decode_pos: torch.Tensor  # [Rd] their positions
@@ -117,6 +118,7 @@ class HGAMetadata:
             block_table=block_table, q_starts=q_starts, q_lens=q_lens,
             tok_starts=qsl[:num_reqs],
             prefill_reqs=[r for r in range(num_reqs) if q_lens[r] > 1],
+            decode_pairs=[(qsl[r], r) for r in decodes],
             decode_rows=idx([qsl[r] for r in decodes]), decode_reqs=idx(decodes),
             decode_pos=idx([q_starts[r] for r in decodes]),
             decode_chunks=1 + max((q_starts[r] // CHUNK_SIZE for r in decodes), default=-1),
