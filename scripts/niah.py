@@ -35,10 +35,20 @@ NEEDLES = {
                "What is the access code for the north gate?", "7391"),
     "city": ("Ms. Okonkwo's sister lives in the city of Valparaiso.",
              "In which city does Ms. Okonkwo's sister live?", "Valparaiso"),
+    "pin": ("The PIN for the blue safe is 5824.",
+            "What is the PIN for the blue safe?", "5824"),
+    "year": ("The old mill by the river was built in 1873.",
+             "In what year was the old mill by the river built?", "1873"),
+    "animal": ("The favourite animal of Queen Marguerite is the red panda.",
+               "What is the favourite animal of Queen Marguerite?", "red panda"),
     "name": ("The lighthouse keeper on Skerry Island is named Tobias Wrenfield.",
              "What is the name of the lighthouse keeper on Skerry Island?", "Wrenfield"),
 }
-HAYSTACKS = ["devils_dictionary", "gnu_coding_standards"]
+GPL_FILES = ["/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/GPL-2"]
+HAYSTACKS = ["gpl", "devils_dictionary"]
+# Needles the dense model mostly answers (measured: docs/QUALITY.md); city/name/animal are
+# kept for reference: SmolLM2-135M answers them too rarely even with dense attention.
+KINDS = ["password", "number", "pin", "year"]
 DEPTHS = [0.05, 0.25, 0.5, 0.75, 0.95]
 LENGTHS = [2048, 4096, 8000]
 NEW_TOKENS = 32
@@ -52,14 +62,22 @@ def _chat_ids(tok, content: str) -> list[int]:
     return list(ids)
 
 
-def build_prompt(tok, hay: str, n_tokens: int, depth: float, kind: str) -> dict:
-    """A chat prompt of at most n_tokens tokens with the needle at `depth` of the haystack."""
+def hay_text(name: str) -> str:
+    """A haystack: a vllm_hga.texts document, or "gpl" (the GNU GPL v3 then v2, as every
+    Debian/Ubuntu system ships them in /usr/share/common-licenses, package base-files)."""
+    if name == "gpl":
+        return "\n\n".join(Path(f).read_text() for f in GPL_FILES)
     from vllm_hga.texts import load_text
 
+    return load_text(name)
+
+
+def build_prompt(tok, hay: str, n_tokens: int, depth: float, kind: str) -> dict:
+    """A chat prompt of at most n_tokens tokens with the needle at `depth` of the haystack."""
     needle, question, answer = NEEDLES[kind]
     overhead = len(_chat_ids(tok, f"\n{needle}\n\n\n{question}"))
     n_hay = n_tokens - overhead - 8
-    lines = tok.decode(tok.encode(load_text(hay))[:n_hay]).split("\n")
+    lines = tok.decode(tok.encode(hay_text(hay))[:n_hay]).split("\n")
     # the line boundary whose token offset is closest to depth * (haystack tokens)
     offsets, acc = [], 0
     for line in lines:
@@ -68,7 +86,7 @@ def build_prompt(tok, hay: str, n_tokens: int, depth: float, kind: str) -> dict:
     offsets.append(acc)
     cut = min(range(len(lines) + 1), key=lambda i: abs(offsets[i] - depth * acc))
     while True:  # drop trailing lines if re-tokenization at the seams made it too long
-        doc = "\n".join(lines[:cut] + [needle] + lines[cut:])
+        doc = "\n".join(lines[:cut] + ["", needle, ""] + lines[cut:])  # its own paragraph
         ids = _chat_ids(tok, f"{doc}\n\n{question}")
         if len(ids) <= n_tokens or len(lines) <= cut:
             break
@@ -119,12 +137,13 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", choices=ec.DTYPES, default="bfloat16")
     ap.add_argument("--hays", nargs="+", default=HAYSTACKS)
-    ap.add_argument("--kinds", nargs="+", default=list(NEEDLES))
+    ap.add_argument("--kinds", nargs="+", default=KINDS, choices=list(NEEDLES))
     ap.add_argument("--depths", type=float, nargs="+", default=DEPTHS)
     ap.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
     ap.add_argument("--config", action="append", default=[],
                     help="NAME=JSON of hga keys (repeatable); default: default={}")
     ap.add_argument("--skip-dense", action="store_true")
+    ap.add_argument("--dense-only", action="store_true")
     ap.add_argument("--json", help="write every trial (prompt, output, pass) here")
     args = ap.parse_args()
 
@@ -138,7 +157,7 @@ def main() -> None:
     results = {}
     if not args.skip_dense:
         results["dense"] = run("CPU_ATTN", None, trials, args.dtype)
-    for name, hga in configs.items():
+    for name, hga in ({} if args.dense_only else configs).items():
         results[name] = run("HGA", hga, trials, args.dtype)
     print(f"haystacks {', '.join(args.hays)}; needles {', '.join(args.kinds)}; "
           f"dtype {args.dtype}; pass = answer in greedy output")

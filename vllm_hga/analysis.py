@@ -35,6 +35,7 @@ import torch
 from . import routing
 from .config import HGAConfig
 from .ops import SummaryRotation, summarize_blocks
+from .reference import group_key_variance
 from .rope import RopeSpec
 
 ATTN_NAME = "hga_analysis"
@@ -143,6 +144,7 @@ class _State:
     stats: LayerStats | None = None
     rope: RopeSpec | None = None
     capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    probe: Any = None
 
 
 _STATE = _State()
@@ -156,8 +158,17 @@ def _attention_fn(module, query, key, value, attention_mask, scaling=None, dropo
     k = key[0].transpose(0, 1).float()
     v = value[0].transpose(0, 1).float()
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    if q.shape[0] != k.shape[0]:  # cached decoding (generate): dense only
+        assert _STATE.mode == "dense", "cached decoding is supported for dense mode only"
+        T, S = q.shape[0], k.shape[0]
+        allowed = torch.arange(S).unsqueeze(0) <= torch.arange(S - T, S).unsqueeze(1)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=allowed, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2), None
     if _STATE.capture is not None:
         _STATE.capture[module.layer_idx] = (q.clone(), k.clone())
+    if _STATE.probe is not None:
+        _STATE.probe(module.layer_idx, q, k, scale)
     t0 = time.time()
     mode = _STATE.mode
     if isinstance(mode, PerLayer):
@@ -184,9 +195,12 @@ def _summaries(k: torch.Tensor, cfg: HGAConfig, rope: RopeSpec):
     n = k.shape[0] // C
     H, D = k.shape[1], k.shape[2]
     if n == 0:
-        return (torch.zeros(1, 0, H, D), torch.zeros(1, 0, cfg.groups_per_chunk, H, D))
+        return (torch.zeros(1, 0, H, D), torch.zeros(1, 0, cfg.groups_per_chunk, H, D),
+                torch.zeros(1, 0, H, D))
     pages = summarize_blocks(k[: n * C].view(n, C, H, D), SummaryRotation(rope, cfg))
-    return pages[:, :, 0].unsqueeze(0), pages[:, :, 1:].transpose(1, 2).unsqueeze(0)
+    var = (group_key_variance(k[: n * C], cfg).unsqueeze(0)
+           if cfg.group_score == "mean_std" else None)
+    return pages[:, :, 0].unsqueeze(0), pages[:, :, 1:].transpose(1, 2).unsqueeze(0), var
 
 
 def hga_group_vis(qb, pos, summ, cfg: HGAConfig, n_groups: int, router=None):
@@ -197,9 +211,12 @@ def hga_group_vis(qb, pos, summ, cfg: HGAConfig, n_groups: int, router=None):
     groups; win [Tb, n_groups] bool: the same without the routed groups; budget
     [Tb, Hq]: routed groups per head).  Causality inside the own chunk is left to the
     caller's causal mask."""
-    chunk_sum, group_sum = summ
+    chunk_sum, group_sum, var = summ
     M = cfg.groups_per_chunk
-    fixed, ids, ok = (router or routing.route)(qb, pos, chunk_sum, group_sum, cfg)
+    if router is not None:
+        fixed, ids, ok = router(qb, pos, chunk_sum, group_sum, cfg)
+    else:
+        fixed, ids, ok = routing.route(qb, pos, chunk_sum, group_sum, cfg, group_var=var)
     n_sum = fixed.shape[1] * M
     win = torch.zeros(qb.shape[0], n_groups, dtype=torch.bool)
     win[:, :min(n_sum, n_groups)] = fixed.repeat_interleave(M, dim=-1)[:, :n_groups]
@@ -263,7 +280,7 @@ def layer_attention(q, k, v, scale, layer: int, mode, measure: dict, stats: Laye
     summ_cache: dict[tuple, Any] = {}
 
     def summ_for(c: HGAConfig):
-        key = (c.rope_threshold,)
+        key = (c.rope_threshold, c.group_score)
         if key not in summ_cache:
             summ_cache[key] = _summaries(k, c, rope)
         return summ_cache[key]
@@ -405,10 +422,27 @@ class Analyzer:
             x = torch.tensor([ids])
             logits = self.model(input_ids=x).logits[0, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
+            self.last_argmax = logits.argmax(-1)  # greedy token after each prefix
             stats = _STATE.stats.summary() if _STATE.stats is not None else None
         finally:
             _STATE.mode, _STATE.measure, _STATE.stats = "dense", {}, None
         return nll, stats
+
+    @torch.inference_mode()
+    def probe(self, ids: list[int], probe: SpanProbe, mode: Any = "dense") -> torch.Tensor:
+        """Run `probe` on every layer's q/k during a forward under `mode`; per-token NLL."""
+        _STATE.probe = probe
+        try:
+            return self.nll(ids, mode)[0]
+        finally:
+            _STATE.probe = None
+
+    @torch.inference_mode()
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        """Dense greedy continuation of ids (n new tokens)."""
+        _STATE.mode = "dense"
+        out = self.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+        return out[0, len(ids):].tolist()
 
     @torch.inference_mode()
     def capture(self, ids: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -419,6 +453,42 @@ class Analyzer:
             return _STATE.capture
         finally:
             _STATE.capture = None
+
+
+class SpanProbe:
+    """Per layer and head: the dense attention mass that queries at `q_pos` put on the
+    keys `span` (e.g. a needle), and how much of it each routing rule keeps visible."""
+
+    def __init__(self, q_pos: list[int], span: range, rules: dict[str, Any], rope: RopeSpec,
+                 n_layers: int, n_heads: int):
+        self.q_pos, self.span, self.rules, self.rope = q_pos, span, rules, rope
+        z = lambda: torch.zeros(n_layers, n_heads, dtype=torch.float64)  # noqa: E731
+        self.mass = z()
+        self.kept = {n: z() for n in rules}
+
+    def __call__(self, layer, q, k, scale):
+        pos = torch.tensor(self.q_pos)
+        S = int(pos.max()) + 1
+        nG = -(-S // GROUP)
+        rep = q.shape[1] // k.shape[1]
+        kx = k[:S].repeat_interleave(rep, dim=1)
+        lg = torch.einsum("thd,shd->ths", q[pos], kx) * scale
+        lg = lg.masked_fill((torch.arange(S).unsqueeze(0) > pos.unsqueeze(1)).unsqueeze(1),
+                            float("-inf"))
+        probs = torch.softmax(lg, -1)
+        sp = torch.zeros(S, dtype=torch.bool)
+        sp[self.span.start:self.span.stop] = True
+        self.mass[layer] += (probs * sp).sum(-1).double().mean(0)
+        for name, rule in self.rules.items():
+            cfg = _cfg_of(rule)
+            if layer in cfg.dense_layers:
+                self.kept[name][layer] += (probs * sp).sum(-1).double().mean(0)
+                continue
+            router = rule[1](k, cfg, self.rope) if isinstance(rule, tuple) else None
+            vis, _, _ = hga_group_vis(q[pos], pos, _summaries(k, cfg, self.rope), cfg, nG,
+                                      router)
+            tok = vis.repeat_interleave(GROUP, -1)[..., :S]
+            self.kept[name][layer] += (probs * (tok & sp)).sum(-1).double().mean(0)
 
 
 def cfg_with(base: HGAConfig | None = None, **kw) -> HGAConfig:
@@ -458,6 +528,21 @@ def stat_router(kind: str, alpha: float = 2.0, level: str = "max_group"):
         if kind == "quest":
             a = (kg.amax(2) + kg.amin(2)) / 2  # [n, M, H, D]
             b = (kg.amax(2) - kg.amin(2)) / 2
+        elif kind == "meanstd_iso":  # one scalar variance per group (mean over channels)
+            a = None
+            b = kg.var(2, unbiased=False).mean(-1, keepdim=True).expand(n, M, H, D)
+        elif kind == "meanstd_pair":  # one variance per group and rotary pair
+            a = None
+            var = kg.var(2, unbiased=False)
+            half = D // 2
+            pv = (var[..., :half] + var[..., half:]) / 2  # neox pairs (i, i + D/2)
+            b = torch.cat([pv, pv], dim=-1)
+        elif kind == "meanstd_g":  # per-group per-channel variance, stored group means
+            a = None
+            b = kg.var(2, unbiased=False)
+        elif kind == "meanstd_chunk":  # one pooled within-group variance per chunk
+            a = None  # the stored (mixed-RoPE) group summaries
+            b = kg.var(2, unbiased=False).mean(1, keepdim=True).expand(n, M, H, D)
         else:
             a = kg.mean(2)
             b = kg.var(2, unbiased=False)
@@ -467,10 +552,10 @@ def stat_router(kind: str, alpha: float = 2.0, level: str = "max_group"):
             N, Hq, _ = qb.shape
             rep = Hq // H
             qd = qb.view(N, H, rep, D)
-            s = torch.einsum("nkrd,jmkd->nkrjm", qd, a)
+            s = torch.einsum("nkrd,jmkd->nkrjm", qd, a if a is not None else group_sum[0])
             if kind == "quest":
                 s = s + torch.einsum("nkrd,jmkd->nkrjm", qd.abs(), b)
-            elif kind == "meanstd":
+            elif kind.startswith("meanstd"):
                 s = s + alpha * torch.einsum("nkrd,jmkd->nkrjm", qd * qd, b).clamp(min=0).sqrt()
             elif kind == "gauss":
                 s = s * scale + scale ** 2 / 2 * torch.einsum("nkrd,jmkd->nkrjm", qd * qd, b)
@@ -498,3 +583,19 @@ def _two_level(group_scores, chunk_scores, pos, cfg):
     gsc = gsc.masked_fill(~kept_ok.unsqueeze(-1), float("-inf")).view(N, Hq, Kc * M)
     best = torch.topk(gsc, G, dim=-1).indices
     return fixed, kept.gather(-1, best // M) * M + best % M, kept_ok.gather(-1, best // M)
+
+
+def find_span(tok, ids: list[int], text: str) -> range:
+    """Token positions of `text` inside ids (binary search on decoded prefixes)."""
+    def first(pred):
+        lo, hi = 0, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if pred(tok.decode(ids[:mid])):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+    start = first(lambda s: text[:12] in s) - 1
+    end = first(lambda s: text in s)
+    return range(max(0, start), end)

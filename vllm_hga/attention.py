@@ -98,7 +98,9 @@ class HGALayer:
         win_ok = win_ok.expand(qb.shape[0], self.num_heads, -1)
         if self.dense or c <= F + L:
             return win, win_ok
-        _, ids, ok = routing.route(qb, pos, chunk_sum[:, :c], group_sum[:, :c], self.cfg)
+        var = chunk_sum[:, :c] if self.cfg.group_score == "mean_std" else None
+        _, ids, ok = routing.route(qb, pos, chunk_sum[:, :c], group_sum[:, :c], self.cfg,
+                                   group_var=var)
         union = torch.unique(ids[ok])  # sorted group ids any query of the chunk opened
         member = torch.zeros(*ids.shape[:2], union.numel() + 1, dtype=torch.bool, device=dev)
         slot = torch.where(ok, torch.searchsorted(union, ids), union.numel())
@@ -117,7 +119,7 @@ class HGALayer:
         """
         qd = q[md.decode_rows]
         pos = md.decode_pos
-        if qd.is_cuda and cuda_ops.available():
+        if qd.is_cuda and cuda_ops.available() and self.cfg.group_score == "mean":
             return cuda_ops.decode_groups(qd, pos, md.block_table[md.decode_reqs],
                                           md.decode_chunks, summ, self.cfg, self.sinks,
                                           self.local, self.groups)
@@ -126,9 +128,10 @@ class HGALayer:
         dev = q.device
         bt = md.block_table[md.decode_reqs, : md.decode_chunks].long()  # [R, n]
         pages = summ[bt]  # [R, n, H, 1+M, D]
+        var = pages[:, :, :, 0] if self.cfg.group_score == "mean_std" else None
         _, open_g, open_ok = routing.route(qd, pos, pages[:, :, :, 0],
                                            pages[:, :, :, 1:].transpose(2, 3), self.cfg,
-                                           self.groups)
+                                           self.groups, group_var=var)
         c = (pos // CHUNK_SIZE).unsqueeze(1)  # [R, 1]
         sink_j = torch.arange(self.sinks, device=dev).unsqueeze(0).expand(R, -1)
         local_j = c - self.local + torch.arange(self.local, device=dev).unsqueeze(0)

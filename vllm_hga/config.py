@@ -40,6 +40,16 @@ class HGAConfig:
     # How a chunk is scored for level-1 routing: "summary" (q . chunk summary, the paper)
     # or "max_group" (the best of its group scores: a short span is not averaged away).
     chunk_score: str = "summary"
+    # How a group is scored (level 2, and level 1 under chunk_score "max_group"):
+    # "mean" (q . group summary, the paper) or "mean_std": q . group summary +
+    # score_alpha * sqrt(sum_d q_d^2 var_d), where var is the per-channel variance of the
+    # chunk's post-RoPE keys around their own group's mean (one [D] row per chunk and KV
+    # head).  A group whose keys spread along q can hold a key that scores far above the
+    # mean; the mean alone dilutes a single matching token 16-fold.  Opt-in; needs the
+    # variance summary row (see docs/QUALITY.md), which takes the place of the chunk summary,
+    # so it requires chunk_score "max_group".
+    group_score: str = "mean"
+    score_alpha: float = 2.0
     # RoPE pair i is "high frequency" (summed after rotation) when
     # (chunk_size - 1) * inv_freq_i > rope_threshold radians; else it is summed before
     # rotation and rotated at the span's middle position.  0.5 is the authors' value.
@@ -97,6 +107,13 @@ class HGAConfig:
              f"rope_threshold must be a number >= 0 (radians); got {self.rope_threshold!r}")
         need(self.chunk_score in ("summary", "max_group"),
              f"chunk_score must be 'summary' or 'max_group'; got {self.chunk_score!r}")
+        need(self.group_score in ("mean", "mean_std"),
+             f"group_score must be 'mean' or 'mean_std'; got {self.group_score!r}")
+        need(isinstance(self.score_alpha, (int, float)) and self.score_alpha >= 0,
+             f"score_alpha must be a number >= 0; got {self.score_alpha!r}")
+        need(self.group_score == "mean" or self.chunk_score == "max_group",
+             "group_score 'mean_std' stores the key variance where the chunk summary was; "
+             "set chunk_score: max_group with it")
         need(self.rope_style in (None, "neox", "gptj"),
              f"rope_style must be 'neox' or 'gptj'; got {self.rope_style!r}")
         need(all(isinstance(i, int) and i >= 0 for i in self.dense_layers),

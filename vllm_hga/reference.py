@@ -11,7 +11,9 @@ tested against this file.  The rules, for a query at position p in chunk c = p /
   c - 1 is always kept: it is in the local window when L >= 1, else forced into the pick,
   after which its groups compete with the others', as in the authors' code);
 * group scores q . group_summary over the groups of the kept chunks pick the top
-  G = groups_per_query groups (the paper's K_g // 2);
+  G = groups_per_query groups (the paper's K_g // 2); with group_score "mean_std" a
+  group's score adds score_alpha * sqrt(sum_d q_d^2 var_d) (var: its chunk's
+  within-group key variance, ``group_key_variance``);
 * attention is exact softmax over the real keys of sinks + local + own chunk + groups.
 
 Ties in top-k go to the lower index here; production paths use torch.topk, whose order
@@ -34,6 +36,9 @@ from .rope import RopeSpec, rotate
 class Summaries:
     chunk: torch.Tensor  # [n_chunks, H_kv, D]
     group: torch.Tensor  # [n_chunks, M, H_kv, D]
+    # [n_chunks, H_kv, D]: per-channel variance of each chunk's post-RoPE keys around their
+    # own group's mean (group_score "mean_std" only; None otherwise)
+    var: torch.Tensor | None = None
 
 
 def summarize(k: torch.Tensor, start_pos: int, rope: RopeSpec, cfg: HGAConfig) -> Summaries:
@@ -59,7 +64,29 @@ def summarize(k: torch.Tensor, start_pos: int, rope: RopeSpec, cfg: HGAConfig) -
     H, D = k.shape[1], k.shape[2]
     chunk = k_chunk.reshape(n, C, H, D).mean(dim=1)
     group = k_group.reshape(n, M, gs, H, D).mean(dim=2)
-    return Summaries(chunk, group)
+    var = None
+    if cfg.group_score == "mean_std":
+        var = group_key_variance(k, cfg)
+    return Summaries(chunk, group, var)
+
+
+def group_key_variance(k: torch.Tensor, cfg: HGAConfig) -> torch.Tensor:
+    """[n, H, D]: per channel, the mean over a chunk's keys of (k - its group's mean)^2,
+    from post-RoPE keys k [n*C, H, D] (the within-group variance, pooled over the chunk)."""
+    C, gs = cfg.chunk_size, cfg.group_size
+    n, H, D = k.shape[0] // C, k.shape[1], k.shape[2]
+    kg = k[: n * C].reshape(n, C // gs, gs, H, D)
+    return (kg - kg.mean(dim=2, keepdim=True)).pow(2).mean(dim=(1, 2))
+
+
+def group_scores(q: torch.Tensor, group: torch.Tensor, var: torch.Tensor | None,
+                 cfg: HGAConfig) -> torch.Tensor:
+    """Level-2 scores of groups with summaries group [..., D] (and their chunk's variance
+    var [..., D], same leading shape) for one query head's q [D]."""
+    s = group @ q
+    if cfg.group_score == "mean_std":
+        s = s + cfg.score_alpha * (var @ (q * q)).clamp(min=0).sqrt()
+    return s
 
 
 def _top(scores: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -93,8 +120,11 @@ def visible_mask(q: torch.Tensor, q_start: int, seq_len: int, summ: Summaries,
             continue
         for h in range(Hq):
             kv = h // rep
+            var = summ.var[:, kv].unsqueeze(1).expand(-1, M, -1) if summ.var is not None \
+                else None  # [n, M, D]: a chunk's variance serves its four groups
             if cfg.chunk_score == "max_group":
-                chunk_scores = (summ.group[pool, :, kv] @ qd[t, h]).amax(dim=1)
+                chunk_scores = group_scores(qd[t, h], summ.group[pool, :, kv],
+                                            None if var is None else var[pool], cfg).amax(dim=1)
             else:
                 chunk_scores = summ.chunk[pool, kv] @ qd[t, h]
             if L == 0 and c - 1 >= F:  # keep the immediately preceding chunk
@@ -105,8 +135,9 @@ def visible_mask(q: torch.Tensor, q_start: int, seq_len: int, summ: Summaries,
             else:
                 kept = _top(chunk_scores, pool, cfg.topk_chunks)
             gids = (kept.reshape(-1, 1) * M + torch.arange(M)).reshape(-1)
-            group_scores = summ.group[gids // M, gids % M, kv] @ qd[t, h]
-            for g in _top(group_scores, gids, cfg.groups_per_query).tolist():
+            scores = group_scores(qd[t, h], summ.group[gids // M, gids % M, kv],
+                                  None if var is None else var[gids // M, gids % M], cfg)
+            for g in _top(scores, gids, cfg.groups_per_query).tolist():
                 mask[h, t, g * gs:(g + 1) * gs] = True
     return mask
 

@@ -29,13 +29,16 @@ def window_masks(pos: torch.Tensor, n_chunks: int,
 
 
 def route(q: torch.Tensor, pos: torch.Tensor, chunk_sum: torch.Tensor, group_sum: torch.Tensor,
-          cfg: HGAConfig, groups_per_query: int | None = None
+          cfg: HGAConfig, groups_per_query: int | None = None,
+          group_var: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Route queries q [N, Hq, D] at positions pos [N].
 
     chunk_sum [B, n, Hkv, D] and group_sum [B, n, M, Hkv, D] are the summaries of chunk
     slots 0..n-1 (B = N, or 1 to share one request's summaries); slots a query may not
-    see are masked by position, so their contents never matter.
+    see are masked by position, so their contents never matter.  group_var [B, n, Hkv, D]
+    (``reference.group_key_variance``) is needed by group_score "mean_std" only; chunk_sum
+    is then not read (chunk scores are the best group score).
 
     Returns (fixed [N, n] bool, open_ids [N, Hq, G] long, open_ok [N, Hq, G] bool): whole
     chunks every head sees, and per head the group ids (chunk * M + group) routing opened;
@@ -56,8 +59,16 @@ def route(q: torch.Tensor, pos: torch.Tensor, chunk_sum: torch.Tensor, group_sum
     b = "" if shared else "n"
     if shared:
         chunk_sum, group_sum = chunk_sum[0], group_sum[0]
-    qd = q.to(chunk_sum.dtype).view(N, Hkv, rep, -1)
+    qd = q.to(group_sum.dtype).view(N, Hkv, rep, -1)
     group_scores = torch.einsum(f"nkrd,{b}jmkd->nkrjm", qd, group_sum).reshape(N, Hq, n, M)
+    if cfg.group_score == "mean_std":
+        if group_var is None:
+            raise ValueError("group_score 'mean_std' needs group_var (the key variance "
+                             "summaries); this caller does not provide them")
+        var = group_var[0] if shared else group_var
+        spread = torch.einsum(f"nkrd,{b}jkd->nkrj", qd * qd, var.to(qd.dtype))
+        spread = spread.clamp(min=0).sqrt().reshape(N, Hq, n, 1)
+        group_scores = group_scores + cfg.score_alpha * spread
     # level 1: chunk scores per query head (a KV head's summary serves its GQA group)
     if cfg.chunk_score == "max_group":
         chunk_scores = group_scores.amax(dim=-1)

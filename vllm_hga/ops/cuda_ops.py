@@ -84,7 +84,7 @@ def _rot_tables(rot: torch_ops.SummaryRotation, device: torch.device, head_size:
 
 def summarize_blocks(k: torch.Tensor, rot: torch_ops.SummaryRotation) -> torch.Tensor:
     """Summaries [nb, H, 1+M, D] float32 of full chunks k [nb, C, H, D] (any strides)."""
-    if not _covered(k) or k.stride(-1) != 1:
+    if not _covered(k) or k.stride(-1) != 1 or rot.variance:
         return torch_ops.summarize_blocks(k, rot)
     nb, _, H, D = k.shape
     out = torch.empty(nb, H, 1 + GROUPS, D, dtype=torch.float32, device=k.device)
@@ -102,7 +102,7 @@ def summarize_pool(pool: torch.Tensor, blocks: torch.Tensor, summ: torch.Tensor,
     if blocks.numel() == 0:
         return
     keys = pool[:, :, 0].transpose(1, 2)  # [nb, 64, H, D] view
-    if not (_covered(pool) and summ.is_cuda and summ.stride(-1) == 1):
+    if not (_covered(pool) and summ.is_cuda and summ.stride(-1) == 1) or rot.variance:
         summ[blocks] = torch_ops.summarize_blocks(keys[blocks], rot).to(summ.dtype)
         return
     blocks = blocks.to(torch.long).contiguous()

@@ -43,6 +43,9 @@ class SummaryRotation:
         a, b = rope.pair_index()
         self.a, self.b = a.to(device), b.to(device)
         self.groups = cfg.groups_per_chunk
+        # group_score "mean_std": row 0 of a summary page holds the chunk's within-group key
+        # variance (reference.group_key_variance) instead of the chunk summary
+        self.variance = cfg.group_score == "mean_std"
 
     def rotated(self, k: torch.Tensor, level: int) -> torch.Tensor:
         """k [nb, C, H, D] (float32/64) rotated to the chunk (level 0) or group (1) middles."""
@@ -63,7 +66,11 @@ def summarize_blocks(k: torch.Tensor, rot: SummaryRotation) -> torch.Tensor:
     """
     nb, C, H, D = k.shape
     k32 = k.to(_math_dtype(k))
-    chunk = rot.rotated(k32, 0).mean(dim=1)  # [nb, H, D]
+    if rot.variance:
+        kg = k32.view(nb, rot.groups, C // rot.groups, H, D)
+        chunk = (kg - kg.mean(dim=2, keepdim=True)).pow(2).mean(dim=(1, 2))  # [nb, H, D]
+    else:
+        chunk = rot.rotated(k32, 0).mean(dim=1)  # [nb, H, D]
     group = rot.rotated(k32, 1).view(nb, rot.groups, C // rot.groups, H, D).mean(dim=2)
     return torch.cat([chunk.unsqueeze(1), group], dim=1).transpose(1, 2).contiguous()
 
