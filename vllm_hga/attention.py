@@ -10,7 +10,7 @@ import torch
 
 from . import ops, routing
 from .config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
-from .ops import cuda_ops
+from .ops import cuda_ops, cuda_prefill
 from .rope import RopeSpec
 
 GROUPS = CHUNK_SIZE // GROUP_SIZE
@@ -27,6 +27,7 @@ class HGALayer:
         self.rot = ops.SummaryRotation(rope, cfg, device)
         # Fixed decode widths: never more than a max-length request can use.
         max_chunks = -(-max_model_len // CHUNK_SIZE)
+        self.max_chunks = max_chunks  # sizes the CUDA prefill scratch (ops/cuda_prefill.py)
         self.sinks = min(cfg.sink_chunks, max_chunks)
         self.local = min(cfg.local_chunks, max_chunks)
         self.groups = min(cfg.groups_per_query, max_chunks * GROUPS)
@@ -48,13 +49,23 @@ class HGALayer:
                     out[row:row + 1] = self.attend_prefix(q, pool, summ, md, r, row, 1)
             else:
                 out[md.decode_rows] = self.decode(q, pool, summ, md).to(out.dtype)
+        if md.prefill_reqs and not self.dense and cuda_prefill.covers(q, pool, summ, self.cfg):
+            for r in md.prefill_reqs:  # kernels: all queries of a request at once
+                start, n = md.tok_starts[r], md.q_lens[r]
+                cuda_prefill.prefill(q[start:start + n], md.q_starts[r], pool, summ,
+                                     md.block_table[r], self.cfg, self.sinks, self.local,
+                                     self.groups, self.scale, out[start:start + n],
+                                     self.max_chunks, count=self._count_attention
+                                     if self.metrics is not None else None)
+            return
         for r in md.prefill_reqs:
             start, n = md.tok_starts[r], md.q_lens[r]
             out[start:start + n] = self.attend_prefix(q, pool, summ, md, r, start, n)
 
     # ------------------------------------------------------------------ prefill
     def attend_prefix(self, q, pool, summ, md, r: int, row: int, n: int) -> torch.Tensor:
-        """Queries rows [row, row+n) of request r, one chunk of queries at a time.
+        """Queries rows [row, row+n) of request r, one chunk of queries at a time (the torch
+        path: CPU, and CUDA inputs the kernels do not cover; see ops/cuda_prefill.py).
 
         The queries of one chunk share their sinks, local window and own chunk; only the
         routed groups differ, so each chunk gathers its window plus the union of the

@@ -1,0 +1,121 @@
+"""HGA prefill on the GPU without a per-chunk Python loop (HGALayer.attend_prefix's job).
+
+For one prefill request (queries at positions q_start .. q_start+n-1, keys 0 .. S-1):
+
+1. one gather copies the request's blocks [0, ceil(S/64)) of full K/V from the pool (pinned
+   host memory through UVA, or device memory) into a device scratch laid out like the pool,
+   and their summary pages into a scratch of pages; the scratch is allocated once per worker
+   (sized for max_model_len) and reused by every layer and request;
+2. every query is a routing "row" with its own position over an identity block table, so
+   the decode kernels route it (cuda_ops.decode_groups: chunk top-K_c, group top-G, the
+   fixed-width list of sinks + local + own chunk + routed groups) and attend it
+   (cuda_ops.attend_groups) over the scratch, exactly as they do a decode query;
+3. queries go in slices of at most ``max_rows`` rows, which bounds the grids
+   (blockIdx.z <= 65535) and the per-slice lists ([rows, Hq, Gt] ids + masks).
+
+The result is per-query HGA (DESIGN.md §1) and equals the decode path's for the same query.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
+from . import cuda_ops
+
+GROUPS = CHUNK_SIZE // GROUP_SIZE
+MAX_ROWS = 4096  # queries per routing/attention launch (<= 65535 grid rows)
+
+
+def covers(q: torch.Tensor, pool: torch.Tensor, summ: torch.Tensor, cfg: HGAConfig) -> bool:
+    """True when the kernel path applies to this layer's prefill (else the torch path)."""
+    return (cuda_ops.available() and q.is_cuda and pool.is_cuda and summ.is_cuda
+            and q.dtype == pool.dtype and q.dtype in cuda_ops.DTYPES
+            and q.shape[-1] in cuda_ops.HEAD_SIZES and pool.is_contiguous()
+            and summ.dtype == torch.float32 and summ.stride(-1) == 1
+            and cfg.topk_chunks <= cuda_ops.MAX_TOPK_CHUNKS
+            # "mean_std" scores need the routing kernels' variance term (decode falls back
+            # to torch for it too); the torch prefill path handles it meanwhile
+            and cfg.group_score == "mean")
+
+
+class Scratch:
+    """Device copies of one request's K/V blocks and summary pages, shared by all layers."""
+
+    def __init__(self, max_chunks: int, Hkv: int, D: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.kv = torch.empty(max_chunks, Hkv, 2, CHUNK_SIZE, D, dtype=dtype, device=device)
+        self.summ = torch.empty(max_chunks, Hkv, 1 + GROUPS, D, dtype=torch.float32,
+                                device=device)
+        # identity block table: routing row i reads scratch block j for chunk j
+        self.ident = torch.arange(max_chunks, dtype=torch.int32, device=device).unsqueeze(0)
+
+    @property
+    def max_chunks(self) -> int:
+        return self.kv.shape[0]
+
+    def nbytes(self) -> int:
+        return self.kv.nbytes + self.summ.nbytes + self.ident.nbytes
+
+
+_SCRATCH: dict[tuple, Scratch] = {}
+
+
+def scratch(max_chunks: int, Hkv: int, D: int, dtype: torch.dtype,
+            device: torch.device) -> Scratch:
+    """The worker's scratch for this shape (allocated on first use, grown if ever needed)."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (device.type, index, dtype, Hkv, D)
+    s = _SCRATCH.get(key)
+    if s is None or s.max_chunks < max_chunks:
+        _SCRATCH.pop(key, None)  # free the smaller one first
+        s = _SCRATCH[key] = Scratch(max_chunks, Hkv, D, dtype, device)
+    return s
+
+
+def gather_request(pool: torch.Tensor, summ: torch.Tensor, blocks: torch.Tensor,
+                   sc: Scratch) -> None:
+    """sc.kv[:n] = pool[blocks], sc.summ[:n] = summ[blocks] (blocks: int [n] on the device)."""
+    n = blocks.numel()
+    nb = pool.shape[0]
+    blocks = blocks.to(torch.long)
+    cuda_ops.gather_rows(pool.view(nb, -1), blocks, sc.kv[:n].view(n, -1))
+    torch.index_select(summ, 0, blocks, out=sc.summ[:n])
+
+
+def prefill(q: torch.Tensor, q_start: int, pool: torch.Tensor, summ: torch.Tensor,
+            block_row: torch.Tensor, cfg: HGAConfig, sinks: int, local: int, groups: int,
+            scale: float, out: torch.Tensor, max_chunks: int, max_rows: int = MAX_ROWS,
+            kernel: str = "auto", count=None) -> None:
+    """HGA attention of one request's queries q [n, Hq, D] at positions q_start.. into out.
+
+    pool [nb, Hkv, 2, 64, D] and summ [nb, Hkv, 1+M, D] float32 as HGALayer.forward's;
+    block_row [>= ceil(S/64)] the request's block-table row; sinks/local/groups as
+    HGALayer's; out [n, Hq, D] (any float dtype, last dim contiguous).  count(keys, pos,
+    kv_bytes), if given, receives the metrics of each slice (device tensors, no sync).
+    """
+    n, Hq, D = q.shape
+    if n == 0:
+        return
+    Hkv = pool.shape[1]
+    S = q_start + n
+    n_chunks = -(-S // CHUNK_SIZE)
+    sc = scratch(max(max_chunks, n_chunks), Hkv, D, pool.dtype, q.device)
+    gather_request(pool, summ, block_row[:n_chunks], sc)
+    kv = sc.kv[:n_chunks]
+    n_shared = (sinks + local + 1) * GROUPS
+    step = max(1, min(max_rows, 65535))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        pos = torch.arange(q_start + a, q_start + b, device=q.device)
+        nc = (q_start + b - 1) // CHUNK_SIZE + 1  # 1 + the slice's largest own chunk
+        bt = sc.ident[:, :nc].expand(b - a, nc)
+        qs = q[a:b]
+        rows, ok, _ = cuda_ops.decode_groups(qs, pos, bt, nc, sc.summ, cfg, sinks, local,
+                                             groups)
+        cuda_ops.attend_groups(qs, kv, rows, ok, scale, n_shared, out[a:b], kernel)
+        if count is not None:
+            count(ok.sum(), pos, 0)
+    if count is not None:  # the request's K/V crossed from the pool once
+        count(0, pos[:0], n_chunks * kv[0].numel() * kv.element_size())
