@@ -38,6 +38,8 @@ TORCH_LIBRARY(vllm_hga, m) {
         " Tensor(a!) rows, Tensor(a!) token_ok, Tensor(a!) gid) -> ()");
   m.def("attend_groups(Tensor q, Tensor kv_rows, Tensor rows, Tensor token_ok, int num_kv_heads,"
         " int v_offset, int n_shared, float scale, int mode, Tensor(a!) out) -> ()");
+  m.def("prefill_attend(Tensor q, int p0, Tensor kv, Tensor gid, Tensor token_ok, int nfix,"
+        " int seq_len, int sink_chunks, int local_chunks, float scale, Tensor(a!) out) -> ()");
   m.def("gather_rows(Tensor src, Tensor idx, Tensor(a!) dst) -> ()");
   m.def("gather_rows_ce(Tensor src, Tensor idx_cpu, Tensor(a!) dst) -> ()");
   m.def("uva_view(Tensor host) -> Tensor");

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vllm_hga.attention import HGALayer
 from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
-from vllm_hga.ops import cuda_ops, torch_ops
+from vllm_hga.ops import cuda_ops, cuda_prefill, torch_ops
 from vllm_hga.rope import RopeSpec
 
 HQ, HKV, D, DT = 32, 4, 128, torch.bfloat16
@@ -293,6 +293,120 @@ def small_kernels(pools: Pools, reps: int, ceil: dict) -> list[dict]:
     return res
 
 
+def prefill_point(ctx: int, cfg: HGAConfig, reps: int, impls=("rows", "tc")) -> dict:
+    """One layer's HGA prefill of a ctx-token prompt (one request, q_start 0): gather into
+    the scratch + routing + attention, per attention implementation, with the pool in
+    device memory and in pinned host memory; dense causal SDPA of the same length."""
+    g = torch.Generator(device=DEV).manual_seed(ctx)
+    n = -(-ctx // CHUNK_SIZE)
+    nb = n + 1
+    shape = (nb, HKV, 2, CHUNK_SIZE, D)
+    pool_dev = torch.randn(shape, generator=g, device=DEV, dtype=DT)
+    host = torch.empty(shape, dtype=DT, pin_memory=True)
+    host.copy_(pool_dev)
+    pool_uva = cuda_ops.uva_view(host)
+    block_row = (1 + torch.randperm(nb - 1, device=DEV, generator=g)).to(torch.int32)
+    rope = RopeSpec.default(D, 1e6)
+    rot = torch_ops.SummaryRotation(rope, cfg, DEV)
+    summ = torch.zeros(nb, HKV, 1 + M, D, device=DEV)
+    cuda_ops.summarize_pool(pool_dev, block_row[: ctx // CHUNK_SIZE].long(), summ, rot)
+    q = torch.randn(ctx, HQ, D, generator=g, device=DEV).to(DT)
+    out = torch.empty_like(q)
+    layer = HGALayer(cfg, rope, HQ, HKV, D, D ** -0.5, ctx + CHUNK_SIZE, device=DEV)
+    scale = D ** -0.5
+    rec = {"ctx": ctx, "tc_built": cuda_prefill.tc_available()}
+
+    def note(key, value):  # progress, in case a later measurement kills the process
+        rec[key] = value
+        print(f"  prefill ctx {ctx}: {key} = {value}", flush=True)
+
+    def run(pool, impl):
+        cuda_prefill.prefill(q, 0, pool, summ, block_row, cfg, layer.sinks, layer.local,
+                             layer.groups, scale, out, layer.max_chunks, impl=impl)
+
+    sc = cuda_prefill.scratch(layer.max_chunks, HKV, D, DT, q.device)
+    rec["scratch_MB"] = sc.nbytes() / 1e6
+    for where, pool in (("dev", pool_dev), ("uva", pool_uva)):
+        note(f"gather_{where}_ms", timeit(
+            lambda p=pool: cuda_prefill.gather_request(p, summ, block_row, sc), reps,
+            graph=False) * 1e3)
+    keys = torch.zeros((), dtype=torch.float64, device=DEV)
+
+    def route(count=False):
+        for a, b in cuda_prefill.slices(0, ctx, cuda_prefill.MAX_ROWS, True):
+            pos = torch.arange(a, b, device=DEV)
+            nc = (b - 1) // CHUNK_SIZE + 1
+            _, ok, _ = cuda_ops.decode_groups(q[a:b], pos, sc.ident[:, :nc].expand(b - a, nc),
+                                              nc, sc.summ, cfg, layer.sinks, layer.local,
+                                              layer.groups)
+            if count:
+                keys.add_(ok.sum())
+
+    route(count=True)
+    rec["density"] = float(keys) / (HQ * ctx * (ctx + 1) / 2)
+    rec["hga_GFLOP"] = 4 * D * float(keys) / 1e9
+    note("route_ms", timeit(route, reps, graph=False) * 1e3)
+    results = {}
+    for impl in impls:
+        for where, pool in (("dev", pool_dev), ("uva", pool_uva)):
+            note(f"{impl}_{where}_ms", timeit(lambda p=pool, i=impl: run(p, i), reps,
+                                              graph=False) * 1e3)
+        run(pool_dev, impl)
+        results[impl] = out.float()
+        note(f"{impl}_nan", bool(torch.isnan(out).any()))
+    if len(results) == 2:  # both implementations attend the same lists: they must agree
+        a, b = results.values()
+        note("tc_vs_rows_rel", float((b - a).norm() / a.norm()))
+    del results
+    # dense causal attention of the same length (GQA: 32 query heads over 4 KV heads)
+    rec["dense_GFLOP"] = 4 * D * HQ * ctx * (ctx + 1) / 2 / 1e9
+    qd = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D]
+    kd = torch.randn(1, HKV, ctx, D, generator=g, device=DEV).to(DT)
+    vd = torch.randn(1, HKV, ctx, D, generator=g, device=DEV).to(DT)
+    best = math.inf
+    for name, backend in _sdpa_backends():
+        for gqa in (True, False):
+            try:
+                k_, v_ = (kd, vd) if gqa else (kd.repeat_interleave(HQ // HKV, 1),
+                                               vd.repeat_interleave(HQ // HKV, 1))
+                with torch.nn.attention.sdpa_kernel([backend]):
+                    t = timeit(lambda k_=k_, v_=v_, gqa=gqa: torch.nn.functional.
+                               scaled_dot_product_attention(qd, k_, v_, is_causal=True,
+                                                            scale=scale, enable_gqa=gqa),
+                               reps, graph=False)
+                note(f"dense_{name}{'' if gqa else '_expanded'}_ms", t * 1e3)
+                best = min(best, t)
+                break
+            except RuntimeError:
+                continue
+    rec["dense_ms"] = best * 1e3 if best < math.inf else None
+    if rec["dense_ms"]:
+        for k in ("rows_dev", "rows_uva", "tc_dev", "tc_uva"):
+            if f"{k}_ms" in rec:
+                rec[f"speedup_{k}_vs_dense"] = rec["dense_ms"] / rec[f"{k}_ms"]
+        rec["dense_TFLOPs"] = rec["dense_GFLOP"] / rec["dense_ms"]
+    del pool_dev, host, pool_uva, kd, vd
+    torch.cuda.empty_cache()
+    return rec
+
+
+def print_prefill(points: list[dict]) -> None:
+    print("\n## Prefill attention, one layer, one request (gather + routing + attention)\n")
+    cols = [("ctx", "ctx", 0), ("density", "density", 4), ("gather dev ms", "gather_dev_ms", 2),
+            ("gather uva ms", "gather_uva_ms", 2), ("route ms", "route_ms", 2),
+            ("rows dev ms", "rows_dev_ms", 2), ("rows uva ms", "rows_uva_ms", 2),
+            ("tc dev ms", "tc_dev_ms", 2), ("tc uva ms", "tc_uva_ms", 2),
+            ("dense SDPA ms", "dense_ms", 2), ("dense TFLOP/s", "dense_TFLOPs", 0),
+            ("x tc dev vs dense", "speedup_tc_dev_vs_dense", 2),
+            ("x tc uva vs dense", "speedup_tc_uva_vs_dense", 2),
+            ("x rows dev vs dense", "speedup_rows_dev_vs_dense", 2),
+            ("tc vs rows rel", "tc_vs_rows_rel", 5)]
+    print("| " + " | ".join(h for h, _, _ in cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in points:
+        print("| " + " | ".join(fmt(r.get(k), nd) for _, k, nd in cols) + " |")
+
+
 def fmt(v, nd=1):
     if v is None:
         return "-"
@@ -350,6 +464,11 @@ def main() -> None:
     ap.add_argument("--dense-limit-gb", type=float, default=40.0)
     ap.add_argument("--torch-limit", type=int, default=16 * 131072, help="max batch*ctx")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--prefill-contexts", default="8192,32768,131072",
+                    help="prefill section contexts ('' to skip)")
+    ap.add_argument("--prefill-reps", type=int, default=5)
+    ap.add_argument("--prefill-only", action="store_true", help="skip the decode sections")
+    ap.add_argument("--prefill-impls", default="rows,tc")
     args = ap.parse_args()
     assert cuda_ops.available(), f"vllm_hga._C missing: {cuda_ops.IMPORT_ERROR}"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -359,6 +478,19 @@ def main() -> None:
               "cfg": HGAConfig().as_dict()}
     result["ceilings"] = ceil = ceilings(args.reps)
     print(json.dumps(ceil), flush=True)
+    result["prefill"] = []
+    for ctx in [int(x) for x in args.prefill_contexts.split(",") if x]:
+        rec = prefill_point(ctx, HGAConfig(), args.prefill_reps,
+                            tuple(args.prefill_impls.split(",")))
+        result["prefill"].append(rec)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                          for k, v in rec.items()}), flush=True)
+    if args.prefill_only:
+        result["seconds"] = time.time() - t0
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        print_prefill(result["prefill"])
+        return
     pools = Pools(args.pool_blocks)
     cfg = HGAConfig()
     result["points"] = []
@@ -377,6 +509,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     print_tables(result)
+    print_prefill(result["prefill"])
 
 
 if __name__ == "__main__":

@@ -81,14 +81,14 @@ class Request:
         self.layer = HGALayer(cfg, self.rope, Hq, Hkv, D, D ** -0.5, S + 100, device=DEV)
 
     def prefill(self, q_start: int, max_rows: int = cuda_prefill.MAX_ROWS,
-                out_dtype=None, kernel: str = "auto") -> torch.Tensor:
+                out_dtype=None, kernel: str = "auto", impl: str = "rows") -> torch.Tensor:
         L = self.layer
         q = self.q[q_start:].to(DEV)
         out = torch.full(q.shape, NAN, dtype=out_dtype or self.dtype, device=DEV)
         poison_scratch()
         cuda_prefill.prefill(q, q_start, self.pool, self.summ, self.bt, self.cfg, L.sinks,
                              L.local, L.groups, D_SCALE(self.D), out, L.max_chunks,
-                             max_rows=max_rows, kernel=kernel)
+                             max_rows=max_rows, kernel=kernel, impl=impl)
         return out
 
     def lists(self, q_start: int):
@@ -117,15 +117,22 @@ def D_SCALE(D: int) -> float:
     return D ** -0.5
 
 
-def check_request(req: Request, q_start: int, out: torch.Tensor, windows, min_agree=0.95):
-    """out (the prefill of queries q_start..S-1) against (1) exact float64 attention under
-    the decode kernels' lists, for every query, and (2) reference.hga_attention (routing
-    and attention) on the query windows given."""
+IMPLS = ("rows", "tc")
+
+
+def check_request(req: Request, q_start: int, outs: dict, windows, min_agree=0.95):
+    """Prefills of queries q_start..S-1 (outs: impl -> output) against (1) exact float64
+    attention under the decode kernels' lists, for every query, and (2)
+    reference.hga_attention (routing and attention) on the query windows given."""
+    if "tc" in outs:
+        assert cuda_prefill.tc_available(), "csrc/prefill.cu not built: 'tc' would fall back"
     mask = req.mask_of(req.lists(q_start))
     q = req.q[q_start:]
     exact = reference.masked_attention(q.to(DEV, torch.float64), req.k.to(DEV, torch.float64),
                                        req.v.to(DEV, torch.float64), mask, req.D ** -0.5)
-    assert rel_err(out, exact) < TOL[out.dtype]
+    for impl, out in outs.items():
+        err = rel_err(out, exact)
+        assert err < TOL[out.dtype], f"{impl}: {err}"
     del exact
     mask = mask.cpu()
     agree = total = 0
@@ -138,8 +145,10 @@ def check_request(req: Request, q_start: int, out: torch.Tensor, windows, min_ag
         total += same.numel()
         rows = same.all(0)  # queries whose every head routes like the reference
         if rows.any():
-            got = out[a - q_start: b - q_start].cpu()[rows]
-            assert rel_err(got, want[rows]) < TOL[out.dtype]
+            for impl, out in outs.items():
+                got = out[a - q_start: b - q_start].cpu()[rows]
+                err = rel_err(got, want[rows])
+                assert err < TOL[out.dtype], f"{impl} vs reference: {err}"
     # fp32 summaries vs the reference's float64 ones may flip a rare near-tie
     assert agree >= min_agree * total, f"routing agrees with the reference on {agree}/{total}"
 
@@ -155,11 +164,11 @@ CASES = {  # S, q_start, reference windows (absolute query positions)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rep", [1, 3, 8])
 @pytest.mark.parametrize("case", list(CASES))
-def test_prefill_matches_reference(case, rep, dtype):
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"impl_{i}")
+def test_prefill_matches_reference(impl, case, rep, dtype):
     S, q_start, windows = CASES[case]
     req = Request(S, 2 * rep, 2, 128, dtype, HGAConfig(), seed=rep * 100 + S)
-    out = req.prefill(q_start)
-    check_request(req, q_start, out, windows)
+    check_request(req, q_start, {impl: req.prefill(q_start, impl=impl)}, windows)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -168,22 +177,34 @@ def test_prefill_matches_reference(case, rep, dtype):
               chunk_score="max_group"),
 ], ids=["no-local", "no-sink-max-group"])
 @pytest.mark.parametrize("D", [64, 256])
-def test_prefill_configs_and_head_sizes(cfg, D):
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"impl_{i}")
+def test_prefill_configs_and_head_sizes(impl, cfg, D):
     req = Request(2500, 6, 2, D, torch.bfloat16, cfg, seed=D)
-    out = req.prefill(700)
-    check_request(req, 700, out, [(700, 760), (2440, 2500)])
+    check_request(req, 700, {impl: req.prefill(700, impl=impl)}, [(700, 760), (2440, 2500)])
 
 
 @pytest.mark.parametrize("uva", [False, True])
-def test_prefill_slices_and_pool_memory(uva):
-    """Many small slices (odd size) give the result of one launch; host pool via UVA."""
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"impl_{i}")
+def test_prefill_slices_and_pool_memory(impl, uva):
+    """Many small slices (odd size) give the result of one launch; host pool via UVA;
+    float32 output; and the other implementation / attention kernels agree."""
     req = Request(5000, 32, 4, 128, torch.bfloat16, HGAConfig(), seed=3, uva=uva)
-    whole = req.prefill(1234)
-    sliced = req.prefill(1234, max_rows=333, out_dtype=torch.float32)
+    whole = req.prefill(1234, impl=impl)
+    sliced = req.prefill(1234, max_rows=333, out_dtype=torch.float32, impl=impl)
     assert rel_err(sliced, whole.float()) < TOL[torch.bfloat16]
-    check_request(req, 1234, sliced, [(1234, 1300), (4940, 5000)])
-    for kernel in ("heads", "shared"):
-        assert rel_err(req.prefill(1234, kernel=kernel), whole) < TOL[torch.bfloat16]
+    check_request(req, 1234, {impl: sliced}, [(1234, 1300), (4940, 5000)])
+    if impl == "rows":
+        for kernel in ("heads", "shared"):
+            assert rel_err(req.prefill(1234, kernel=kernel), whole) < TOL[torch.bfloat16]
+    else:
+        assert rel_err(req.prefill(1234, impl="rows"), whole) < TOL[torch.bfloat16]
+
+
+def test_fp32_falls_back_to_rows():
+    """float32 has no tensor-core kernel: impl "tc" must still give the exact result."""
+    req = Request(1500, 8, 2, 64, torch.float32, HGAConfig(), seed=4)
+    check_request(req, 0, {"rows": req.prefill(0), "tc->rows": req.prefill(0, impl="tc")},
+                  [(1400, 1500)])
 
 
 def test_scratch_shared_and_sized_once():
@@ -196,14 +217,16 @@ def test_scratch_shared_and_sized_once():
     assert cuda_prefill.scratch(1, 2, 128, torch.bfloat16, torch.device(DEV)).kv.data_ptr() == ptr
 
 
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"impl_{i}")
 @pytest.mark.parametrize("uva", [False, True])
-def test_layer_forward_matches_torch_path(uva):
+def test_layer_forward_matches_torch_path(uva, impl, monkeypatch):
     """HGALayer.forward on CUDA (kernel prefill + kernel decode, mixed batches, chunked
     prefill) against the same steps through the torch path on the CPU."""
+    monkeypatch.setattr(cuda_prefill, "DEFAULT_IMPL", impl)
     cfg, Hq, Hkv, D, dtype = HGAConfig(), 16, 2, 128, torch.bfloat16
     g = torch.Generator().manual_seed(1)
     rope = RopeSpec.default(D, 1e6)
-    lengths = [4100, 501, 777]
+    lengths = [2100, 501, 777]
     nblk = [-(-S // CHUNK_SIZE) for S in lengths]
     nb = 1 + sum(nblk) + 4
     perm = (1 + torch.randperm(nb - 1, generator=g)).tolist()
@@ -227,8 +250,8 @@ def test_layer_forward_matches_torch_path(uva):
         layer = HGALayer(cfg, rope, Hq, Hkv, D, D ** -0.5, 8192, device=dev)
         sides[side] = (pool, summ, layer, dev)
     # steps: request -> (first position, tokens)
-    steps = [{0: (0, 3000), 1: (0, 500)},
-             {0: (3000, 1100), 1: (500, 1), 2: (0, 777)}]
+    steps = [{0: (0, 1500), 1: (0, 500)},
+             {0: (1500, 600), 1: (500, 1), 2: (0, 777)}]
     poison_scratch()
     for sched in steps:
         reqs = sorted(sched)

@@ -13,6 +13,15 @@ For one prefill request (queries at positions q_start .. q_start+n-1, keys 0 .. 
 3. queries go in slices of at most ``max_rows`` rows, which bounds the grids
    (blockIdx.z <= 65535) and the per-slice lists ([rows, Hq, Gt] ids + masks).
 
+Attention, two implementations (``impl``):
+
+* ``"rows"``: cuda_ops.attend_groups, every query a decode row (CUDA cores, each query
+  head reads its own copy of its groups);
+* ``"tc"``: csrc/prefill.cu, block-sparse on tensor cores: a block takes the 64 queries of
+  one chunk and one head, stages the window chunks they share plus the union of the groups
+  they routed to through shared memory, and masks per query (half/bf16; up to 64 routed
+  groups per query; else "rows").  Slices then end on chunk boundaries.
+
 The result is per-query HGA (DESIGN.md §1) and equals the decode path's for the same query.
 """
 
@@ -25,6 +34,12 @@ from . import cuda_ops
 
 GROUPS = CHUNK_SIZE // GROUP_SIZE
 MAX_ROWS = 4096  # queries per routing/attention launch (<= 65535 grid rows)
+MAX_ROUTED_TC = 64  # csrc/prefill.cu kMaxRouted
+DEFAULT_IMPL = "tc"
+
+
+def tc_available() -> bool:
+    return cuda_ops.available() and hasattr(torch.ops.vllm_hga, "prefill_attend")
 
 
 def covers(q: torch.Tensor, pool: torch.Tensor, summ: torch.Tensor, cfg: HGAConfig) -> bool:
@@ -84,18 +99,30 @@ def gather_request(pool: torch.Tensor, summ: torch.Tensor, blocks: torch.Tensor,
     torch.index_select(summ, 0, blocks, out=sc.summ[:n])
 
 
+def slices(q_start: int, n: int, step: int, aligned: bool):
+    """[a, b) query slices of at most step rows; aligned: b (but the last) on a chunk start."""
+    a = 0
+    while a < n:
+        b = min(n, a + step)
+        if aligned and b < n:
+            b = max(a + 1, (q_start + b) // CHUNK_SIZE * CHUNK_SIZE - q_start)
+        yield a, b
+        a = b
+
+
 def prefill(q: torch.Tensor, q_start: int, pool: torch.Tensor, summ: torch.Tensor,
             block_row: torch.Tensor, cfg: HGAConfig, sinks: int, local: int, groups: int,
             scale: float, out: torch.Tensor, max_chunks: int, max_rows: int = MAX_ROWS,
-            kernel: str = "auto", count=None) -> None:
+            kernel: str = "auto", count=None, impl: str = "auto") -> None:
     """HGA attention of one request's queries q [n, Hq, D] at positions q_start.. into out.
 
     pool [nb, Hkv, 2, 64, D] and summ [nb, Hkv, 1+M, D] float32 as HGALayer.forward's;
     block_row [>= ceil(S/64)] the request's block-table row; sinks/local/groups as
     HGALayer's; out [n, Hq, D] (any float dtype, last dim contiguous).  count(keys, pos,
     kv_bytes), if given, receives the metrics of each slice (device tensors, no sync).
+    impl: "rows", "tc" or "auto" (DEFAULT_IMPL); kernel: attend_groups' kernel for "rows".
     """
-    n, Hq, D = q.shape
+    n, _, D = q.shape
     if n == 0:
         return
     Hkv = pool.shape[1]
@@ -105,16 +132,26 @@ def prefill(q: torch.Tensor, q_start: int, pool: torch.Tensor, summ: torch.Tenso
     gather_request(pool, summ, block_row[:n_chunks], sc)
     kv = sc.kv[:n_chunks]
     n_shared = (sinks + local + 1) * GROUPS
-    step = max(1, min(max_rows, 65535))
-    for a in range(0, n, step):
-        b = min(n, a + step)
+    impl = DEFAULT_IMPL if impl == "auto" else impl
+    routed = min(groups, min(cfg.topk_chunks, n_chunks) * GROUPS)  # decode_groups' width
+    tc = (impl == "tc" and tc_available() and q.dtype in (torch.float16, torch.bfloat16)
+          and routed <= MAX_ROUTED_TC)
+    step = max(CHUNK_SIZE if tc else 1, min(max_rows, 65535))
+    for a, b in slices(q_start, n, step, tc):
         pos = torch.arange(q_start + a, q_start + b, device=q.device)
         nc = (q_start + b - 1) // CHUNK_SIZE + 1  # 1 + the slice's largest own chunk
         bt = sc.ident[:, :nc].expand(b - a, nc)
         qs = q[a:b]
-        rows, ok, _ = cuda_ops.decode_groups(qs, pos, bt, nc, sc.summ, cfg, sinks, local,
-                                             groups)
-        cuda_ops.attend_groups(qs, kv, rows, ok, scale, n_shared, out[a:b], kernel)
+        rows, ok, gid = cuda_ops.decode_groups(qs, pos, bt, nc, sc.summ, cfg, sinks, local,
+                                               groups)
+        if tc:
+            o = out[a:b] if out.dtype == q.dtype else torch.empty_like(qs)
+            torch.ops.vllm_hga.prefill_attend(qs, q_start + a, kv, gid, ok, n_shared, S,
+                                              cfg.sink_chunks, cfg.local_chunks, float(scale), o)
+            if out.dtype != q.dtype:
+                out[a:b].copy_(o)
+        else:
+            cuda_ops.attend_groups(qs, kv, rows, ok, scale, n_shared, out[a:b], kernel)
         if count is not None:
             count(ok.sum(), pos, 0)
     if count is not None:  # the request's K/V crossed from the pool once
