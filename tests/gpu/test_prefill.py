@@ -9,12 +9,13 @@ scripts/gpu_check.sh.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from vllm_hga import reference
 from vllm_hga.attention import HGALayer
-from vllm_hga.backend import HGAMetadata
 from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
 from vllm_hga.ops import cuda_ops, cuda_prefill, torch_ops
 from vllm_hga.rope import RopeSpec
@@ -25,6 +26,35 @@ pytestmark = [
 ]
 
 DEV = "cuda"
+
+try:
+    from vllm_hga.backend import HGAMetadata
+
+    plan = HGAMetadata.plan
+except ImportError:  # the device machine has CUDA torch but no vLLM: the same planning
+    def plan(qsl, seq_lens, block_table, slot_mapping, T):
+        """HGAMetadata.plan (vllm_hga/backend.py) without importing vLLM."""
+        R = len(seq_lens)
+        q_lens = [qsl[i + 1] - qsl[i] for i in range(R)]
+        q_starts = [s - n for s, n in zip(seq_lens, q_lens)]
+        decodes = [r for r in range(R) if q_lens[r] == 1]
+        closing = [(r, j) for r in range(R)
+                   for j in range(q_starts[r] // CHUNK_SIZE, seq_lens[r] // CHUNK_SIZE)]
+        dev = block_table.device
+
+        def idx(values):
+            return torch.tensor(values, dtype=torch.long, device=dev)
+
+        return SimpleNamespace(
+            num_actual_tokens=T, slot_mapping=slot_mapping, block_table=block_table,
+            q_starts=q_starts, q_lens=q_lens, tok_starts=qsl[:R],
+            prefill_reqs=[r for r in range(R) if q_lens[r] > 1],
+            decode_pairs=[(qsl[r], r) for r in decodes],
+            decode_rows=idx([qsl[r] for r in decodes]), decode_reqs=idx(decodes),
+            decode_pos=idx([q_starts[r] for r in decodes]),
+            decode_chunks=1 + max((q_starts[r] // CHUNK_SIZE for r in decodes), default=-1),
+            closing_blocks=block_table[idx([r for r, _ in closing]),
+                                       idx([j for _, j in closing])].long())
 M = CHUNK_SIZE // GROUP_SIZE
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 NAN = float("nan")
@@ -268,7 +298,7 @@ def test_layer_forward_matches_torch_path(uva, impl, monkeypatch):
         v = torch.cat([vs[r][a:a + n] for r, (a, n) in sorted(sched.items())])
         outs = {}
         for side, (pool, summ, layer, dev) in sides.items():
-            md = HGAMetadata.plan(qsl, seq, bt[reqs].to(dev), torch.cat(slots).to(dev), T)
+            md = plan(qsl, seq, bt[reqs].to(dev), torch.cat(slots).to(dev), T)
             out = torch.full((T, Hq, D), NAN, dtype=dtype, device=dev)
             layer.forward(q.to(dev), k.to(dev), v.to(dev), pool, summ, md, out)
             outs[side] = out.cpu()

@@ -8,8 +8,8 @@ For one prefill request (queries at positions q_start .. q_start+n-1, keys 0 .. 
    (sized for max_model_len) and reused by every layer and request;
 2. every query is a routing "row" with its own position over an identity block table, so
    the decode kernels route it (cuda_ops.decode_groups: chunk top-K_c, group top-G, the
-   fixed-width list of sinks + local + own chunk + routed groups) and attend it
-   (cuda_ops.attend_groups) over the scratch, exactly as they do a decode query;
+   fixed-width list of sinks + local + own chunk + routed groups) exactly as they route a
+   decode query; attention over the scratch follows those lists (below);
 3. queries go in slices of at most ``max_rows`` rows, which bounds the grids
    (blockIdx.z <= 65535) and the per-slice lists ([rows, Hq, Gt] ids + masks).
 
@@ -35,7 +35,12 @@ from . import cuda_ops
 GROUPS = CHUNK_SIZE // GROUP_SIZE
 MAX_ROWS = 4096  # queries per routing/attention launch (<= 65535 grid rows)
 MAX_ROUTED_TC = 64  # csrc/prefill.cu kMaxRouted
-DEFAULT_IMPL = "tc"
+# "auto": "tc" for requests of up to TC_MAX_TOKENS tokens, "rows" above.  Measured on an
+# H200 (docs/BENCHMARKS.md, one layer of Qwen3-30B-A3B shape, random data): tc 13.4 vs
+# rows 26.0 ms at 8K, 99 vs 114 ms at 32K, 633 vs 572 ms at 128K (routing, shared by
+# both, is 5 / 29 / 230 ms of that).
+DEFAULT_IMPL = "auto"
+TC_MAX_TOKENS = 65536
 
 
 def tc_available() -> bool:
@@ -120,7 +125,8 @@ def prefill(q: torch.Tensor, q_start: int, pool: torch.Tensor, summ: torch.Tenso
     block_row [>= ceil(S/64)] the request's block-table row; sinks/local/groups as
     HGALayer's; out [n, Hq, D] (any float dtype, last dim contiguous).  count(keys, pos,
     kv_bytes), if given, receives the metrics of each slice (device tensors, no sync).
-    impl: "rows", "tc" or "auto" (DEFAULT_IMPL); kernel: attend_groups' kernel for "rows".
+    impl: "rows", "tc" or "auto" (DEFAULT_IMPL; "auto" picks by length, TC_MAX_TOKENS);
+    kernel: attend_groups' kernel for "rows".
     """
     n, _, D = q.shape
     if n == 0:
@@ -133,6 +139,8 @@ def prefill(q: torch.Tensor, q_start: int, pool: torch.Tensor, summ: torch.Tenso
     kv = sc.kv[:n_chunks]
     n_shared = (sinks + local + 1) * GROUPS
     impl = DEFAULT_IMPL if impl == "auto" else impl
+    if impl == "auto":
+        impl = "tc" if S <= TC_MAX_TOKENS else "rows"
     routed = min(groups, min(cfg.topk_chunks, n_chunks) * GROUPS)  # decode_groups' width
     tc = (impl == "tc" and tc_available() and q.dtype in (torch.float16, torch.bfloat16)
           and routed <= MAX_ROUTED_TC)
