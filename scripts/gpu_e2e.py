@@ -64,18 +64,23 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--host-kv", default="16GiB")
+    ap.add_argument("--hga", default="{}", help="JSON of extra hga keys (e.g. a preset)")
+    ap.add_argument("--capture-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16],
+                    help="CUDA graph batch sizes (fewer = faster start-up, both backends)")
     args = ap.parse_args()
     from vllm import LLM
 
     model = model_dir()
     results = []
     for backend in args.backends:
-        extra = {"hga": {"host_kv_bytes": args.host_kv}} if backend == "HGA" else {}
+        extra = ({"hga": {"host_kv_bytes": args.host_kv, **json.loads(args.hga)}}
+                 if backend == "HGA" else {})
         t = time.perf_counter()
         llm = LLM(model=model, load_format="dummy", quantization="fp8", skip_tokenizer_init=True,
                   attention_backend=backend, max_model_len=max(args.contexts) + args.new + 64,
                   gpu_memory_utilization=0.85, max_num_batched_tokens=16384,
-                  enable_prefix_caching=False, additional_config=extra)
+                  enable_prefix_caching=False, additional_config=extra,
+                  compilation_config={"cudagraph_capture_sizes": args.capture_sizes})
         startup = time.perf_counter() - t
         for ctx in args.contexts:
             row = {"backend": backend, "startup_s": round(startup, 1),
