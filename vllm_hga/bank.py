@@ -91,11 +91,10 @@ class DeviceBank:
         slots = slots.to(self.device, torch.long)
         blocks = torch.where(slots >= 0, slots // CHUNK_SIZE, nb)
         held = self.slot_of_block[blocks]  # dummy entry nb is always -1
-        self.slot_of_block[blocks] = -1
+        self.slot_of_block.index_fill_(0, blocks, -1)
         held = torch.where(held >= 0, held, self.capacity)
-        self.block_of_slot[held] = -1
-        self.last_use[held] = -1  # evicted first
-        self.block_of_slot[self.capacity] = -1
+        self.block_of_slot.index_fill_(0, held, -1)
+        self.last_use.index_fill_(0, held, -1)  # evicted first
 
     # ------------------------------------------------------------------ decode
     def admit(self, pool: torch.Tensor, rows: torch.Tensor, token_ok: torch.Tensor,
@@ -115,27 +114,26 @@ class DeviceBank:
             col_ok[..., a:b] = False
         blk = rows // H2M
         need = torch.zeros(nb + 1, dtype=torch.bool, device=self.device)
-        need[torch.where(col_ok, blk, nb).flatten()] = True
-        need = need[:nb]
+        need = need.index_fill_(0, torch.where(col_ok, blk, nb).flatten(), True)[:nb]
         sob = self.slot_of_block[:nb]
         resident = sob >= 0
         hit = need & resident
         miss = need & ~resident
         n_hit = hit.sum()
         # hits first: they must not be chosen as victims below (last_use = step is the max)
-        self.last_use[torch.where(hit, sob, cap)] = step
+        self.last_use.index_fill_(0, torch.where(hit, sob, cap), step)
         rank = torch.cumsum(miss, 0) - 1  # k-th missing block (block order)
         admit = miss & (rank < cap - n_hit)
         victims = torch.sort(self.last_use[:cap], stable=True).indices  # LRU first
         slot = victims[rank.clamp(0, cap - 1)]
         slot = torch.where(admit, slot, cap)
         old = self.block_of_slot[slot]  # block evicted from each assigned slot
-        self.slot_of_block[torch.where(admit & (old >= 0), old, nb)] = -1
-        self.slot_of_block[torch.where(admit, self._arange, nb)] = slot
-        self.slot_of_block[nb] = -1
-        self.block_of_slot[slot] = self._arange
-        self.last_use[slot] = step
+        self.slot_of_block.index_fill_(0, torch.where(admit & (old >= 0), old, nb), -1)
+        self.slot_of_block.index_put_((torch.where(admit, self._arange, nb),), slot)
+        self.slot_of_block[nb] = -1  # the dummy entry took the padding's writes
+        self.block_of_slot.index_put_((slot,), self._arange)
         self.block_of_slot[cap] = -1
+        self.last_use.index_fill_(0, slot, step)
         self._fill(pool, admit, slot)
         if metrics is not None:
             n_admit = admit.sum()
