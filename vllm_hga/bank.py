@@ -111,7 +111,7 @@ class DeviceBank:
         col_ok = token_ok.any(-1)
         a, b = own_cols
         if b > a:
-            col_ok[..., a:b] = False
+            col_ok[..., a:b].fill_(False)
         blk = rows // H2M
         need = torch.zeros(nb + 1, dtype=torch.bool, device=self.device)
         need = need.index_fill_(0, torch.where(col_ok, blk, nb).flatten(), True)[:nb]
@@ -130,9 +130,11 @@ class DeviceBank:
         old = self.block_of_slot[slot]  # block evicted from each assigned slot
         self.slot_of_block.index_fill_(0, torch.where(admit & (old >= 0), old, nb), -1)
         self.slot_of_block.index_put_((torch.where(admit, self._arange, nb),), slot)
-        self.slot_of_block[nb] = -1  # the dummy entry took the padding's writes
+        # the dummy entries took the padding's writes; narrow().fill_ (a kernel with a
+        # scalar argument), not `t[i] = -1`, which is a synchronising host-to-device copy
+        self.slot_of_block.narrow(0, nb, 1).fill_(-1)
         self.block_of_slot.index_put_((slot,), self._arange)
-        self.block_of_slot[cap] = -1
+        self.block_of_slot.narrow(0, cap, 1).fill_(-1)
         self.last_use.index_fill_(0, slot, step)
         self._fill(pool, admit, slot)
         if metrics is not None:
