@@ -6,7 +6,8 @@
 namespace hga {
 
 template <typename T>
-void launch_attend(const T*, int64_t, int64_t, const T*, const int64_t*, const uint8_t*, int, int,
+void launch_attend(const T*, int64_t, int64_t, const T*, const T*, const int64_t*, const uint8_t*,
+                   int, int,
                    int, int, int, int, int, float, bool, int, int, int, int, int, float*, float*,
                    cudaStream_t);
 
@@ -40,7 +41,7 @@ bool is_host_memory(const void* p) {
 // mode: 0 = pick by where kv_rows lives, 1 = per-head kernel, 2 = shared-column kernel,
 // 3 = shared-column kernel on the first n_shared columns, per-head kernel on the rest.
 void attend_groups(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, at::Tensor token_ok,
-                   int64_t num_kv_heads, int64_t v_offset, int64_t n_shared, double scale,
+                   const std::optional<at::Tensor>& bank_rows, int64_t num_kv_heads, int64_t v_offset, int64_t n_shared, double scale,
                    int64_t mode, at::Tensor out) {
   check_cuda(q, "q");
   check_cuda(kv_rows, "kv_rows");
@@ -67,6 +68,16 @@ void attend_groups(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, at::Tensor
                 reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 &&
                 reinterpret_cast<uintptr_t>(kv_rows.data_ptr()) % 16 == 0,
             "q and kv_rows must be 16-byte aligned");
+  const void* bank_ptr = nullptr;  // rows < 0 read the device bank (bank.py)
+  if (bank_rows.has_value()) {
+    const at::Tensor& b = *bank_rows;
+    check_cuda(b, "bank_rows");
+    HGA_CHECK(b.dim() == 3 && b.size(1) == kGroup && b.size(2) == D && b.is_contiguous() &&
+                  b.scalar_type() == q.scalar_type() &&
+                  reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0,
+              "bank_rows must be contiguous 16-byte aligned [rows, 16, D] in q's dtype");
+    bank_ptr = b.data_ptr();
+  }
   if (R == 0 || Gt == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -99,6 +110,7 @@ void attend_groups(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, at::Tensor
     auto launch = [&](bool heads, int c0, int c1, int splits, int first) {
       launch_attend<scalar_t>(reinterpret_cast<const scalar_t*>(q.data_ptr()), q.stride(0),
                               q.stride(1), reinterpret_cast<const scalar_t*>(kv_rows.data_ptr()),
+                              reinterpret_cast<const scalar_t*>(bank_ptr),
                               rows.data_ptr<int64_t>(),
                               reinterpret_cast<const uint8_t*>(token_ok.data_ptr()), R, Hq, Hkv,
                               D, Gt, int(n_shared), int(v_offset), qscale, heads, c0, c1, splits,

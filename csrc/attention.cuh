@@ -34,11 +34,16 @@ __device__ __forceinline__ uint32_t load_mask(const uint8_t* p) {
   return bits;
 }
 
+// row >= 0: row of kv (the pool); row < 0: row -row-1 of the device bank (bank.py), which
+// has the pool's block layout (V row v_off rows after the K row in both).
 template <typename T, int D>
-__device__ __forceinline__ void load_group(const T* __restrict__ kv, int64_t row, int v_off,
-                                           int lane, RowSlice<T, D> (&k)[kGroup],
+__device__ __forceinline__ void load_group(const T* __restrict__ kv, const T* __restrict__ bank,
+                                           int64_t row, int v_off, int lane,
+                                           RowSlice<T, D> (&k)[kGroup],
                                            RowSlice<T, D> (&v)[kGroup]) {
-  const T* kp = kv + row * (kGroup * D) + lane * (D / 32);
+  const T* base = row < 0 ? bank : kv;
+  row = row < 0 ? -row - 1 : row;
+  const T* kp = base + row * (kGroup * D) + lane * (D / 32);
   const T* vp = kp + int64_t(v_off) * (kGroup * D);
 #pragma unroll
   for (int t = 0; t < kGroup; ++t) k[t].load(kp + t * D);
@@ -111,7 +116,8 @@ __device__ __forceinline__ void head_update(const float (&q)[D / 32],
 template <typename T, int D, int HB>
 __global__ void __launch_bounds__(kAttnWarps * 32)
 attend_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
-                     const T* __restrict__ kv, const int64_t* __restrict__ rows,
+                     const T* __restrict__ kv, const T* __restrict__ bank,
+                     const int64_t* __restrict__ rows,
                      const uint8_t* __restrict__ token_ok, int Gt, int n_shared, int v_off,
                      int Hq, int rep, int n_hb, float qscale, int col_begin, int col_end,
                      int cols_per_split, int split_begin, int S,
@@ -142,7 +148,7 @@ attend_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
       const uint32_t mask = load_mask(token_ok + (head0 + col) * kGroup);
       if (!mask) continue;
       RowSlice<T, D> kr[kGroup], vr[kGroup];
-      load_group<T, D>(kv, rows[head0 + col], v_off, lane, kr, vr);
+      load_group<T, D>(kv, bank, rows[head0 + col], v_off, lane, kr, vr);
 #pragma unroll
       for (int h = 0; h < HB; ++h)
         if (h < nh) head_update<T, D>(qf[h], kr, vr, mask, m[h], l[h], acc[h], lane);
@@ -154,7 +160,7 @@ attend_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
         const uint32_t mask = load_mask(token_ok + idx * kGroup);
         if (!mask) continue;
         RowSlice<T, D> kr[kGroup], vr[kGroup];
-        load_group<T, D>(kv, rows[idx], v_off, lane, kr, vr);
+        load_group<T, D>(kv, bank, rows[idx], v_off, lane, kr, vr);
         head_update<T, D>(qf[h], kr, vr, mask, m[h], l[h], acc[h], lane);
       }
     }
@@ -197,20 +203,21 @@ attend_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
 // is computed (two register buffers where they fit).
 template <typename T, int D>
 __device__ __forceinline__ void fetch_next(uint32_t& bits, int64_t my_row, uint32_t my_mask,
-                                           const T* __restrict__ kv, int v_off, int lane,
-                                           RowSlice<T, D> (&k)[kGroup],
+                                           const T* __restrict__ kv, const T* __restrict__ bank,
+                                           int v_off, int lane, RowSlice<T, D> (&k)[kGroup],
                                            RowSlice<T, D> (&v)[kGroup], uint32_t& mask) {
   const int src = __ffs(bits) - 1;
   bits &= bits - 1;
   const int64_t row = __shfl_sync(0xffffffffu, my_row, src);
   mask = __shfl_sync(0xffffffffu, my_mask, src);
-  load_group<T, D>(kv, row, v_off, lane, k, v);
+  load_group<T, D>(kv, bank, row, v_off, lane, k, v);
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(256)
 attend_heads_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
-                    const T* __restrict__ kv, const int64_t* __restrict__ rows,
+                    const T* __restrict__ kv, const T* __restrict__ bank,
+                    const int64_t* __restrict__ rows,
                     const uint8_t* __restrict__ token_ok, int Gt, int v_off, int Hq, int rep,
                     int n_hb, float qscale, int col_begin, int col_end, int cols_per_split,
                     int split_begin, int S, float* __restrict__ part_o,
@@ -248,21 +255,21 @@ attend_heads_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
     RowSlice<T, D> kb[kGroup], vb[kGroup];
     uint32_t mb;
     if (bits) {
-      fetch_next<T, D>(bits, my_row, my_mask, kv, v_off, lane, ka, va, ma);
+      fetch_next<T, D>(bits, my_row, my_mask, kv, bank, v_off, lane, ka, va, ma);
       while (true) {
         const bool more_b = bits != 0u;
-        if (more_b) fetch_next<T, D>(bits, my_row, my_mask, kv, v_off, lane, kb, vb, mb);
+        if (more_b) fetch_next<T, D>(bits, my_row, my_mask, kv, bank, v_off, lane, kb, vb, mb);
         head_update<T, D>(qf, ka, va, ma, m, l, acc, lane);
         if (!more_b) break;
         const bool more_a = bits != 0u;
-        if (more_a) fetch_next<T, D>(bits, my_row, my_mask, kv, v_off, lane, ka, va, ma);
+        if (more_a) fetch_next<T, D>(bits, my_row, my_mask, kv, bank, v_off, lane, ka, va, ma);
         head_update<T, D>(qf, kb, vb, mb, m, l, acc, lane);
         if (!more_a) break;
       }
     }
   } else {
     while (bits) {
-      fetch_next<T, D>(bits, my_row, my_mask, kv, v_off, lane, ka, va, ma);
+      fetch_next<T, D>(bits, my_row, my_mask, kv, bank, v_off, lane, ka, va, ma);
       head_update<T, D>(qf, ka, va, ma, m, l, acc, lane);
     }
   }
@@ -298,7 +305,8 @@ __global__ void combine_kernel(const float* __restrict__ part_o, const float* __
 // Columns [col_begin, col_end) in `splits` splits written to partial slots split_begin..
 // of S_total, by attend_heads_kernel (heads) or attend_groups_kernel.
 template <typename T>
-void launch_attend(const T* q, int64_t q_sr, int64_t q_sh, const T* kv, const int64_t* rows,
+void launch_attend(const T* q, int64_t q_sr, int64_t q_sh, const T* kv, const T* bank,
+                   const int64_t* rows,
                    const uint8_t* token_ok, int R, int Hq, int Hkv, int D, int Gt, int n_shared,
                    int v_off, float qscale, bool heads_kernel, int col_begin, int col_end,
                    int splits, int split_begin, int S_total, float* part_o, float* part_ml,
@@ -311,7 +319,7 @@ void launch_attend(const T* q, int64_t q_sr, int64_t q_sh, const T* kv, const in
     const int threads = 32 * (rep < 8 ? rep : 8);
     HGA_DISPATCH_HEAD(D, "attend_groups", [&] {
       attend_heads_kernel<T, kD><<<grid, threads, 0, stream>>>(
-          q, q_sr, q_sh, kv, rows, token_ok, Gt, v_off, Hq, rep, n_hb, qscale, col_begin,
+          q, q_sr, q_sh, kv, bank, rows, token_ok, Gt, v_off, Hq, rep, n_hb, qscale, col_begin,
           col_end, cps, split_begin, S_total, part_o, part_ml);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -324,7 +332,7 @@ void launch_attend(const T* q, int64_t q_sr, int64_t q_sh, const T* kv, const in
     auto launch = [&](auto hb_const) {
       constexpr int kHB = decltype(hb_const)::value;
       attend_groups_kernel<T, kD, kHB><<<grid, kAttnWarps * 32, 0, stream>>>(
-          q, q_sr, q_sh, kv, rows, token_ok, Gt, n_shared, v_off, Hq, rep, n_hb, qscale,
+          q, q_sr, q_sh, kv, bank, rows, token_ok, Gt, n_shared, v_off, Hq, rep, n_hb, qscale,
           col_begin, col_end, cps, split_begin, S_total, part_o, part_ml);
     };
     switch (HB) {
@@ -338,7 +346,8 @@ void launch_attend(const T* q, int64_t q_sr, int64_t q_sh, const T* kv, const in
 }
 
 #define HGA_INSTANTIATE_ATTEND(T)                                                            \
-  template void launch_attend<T>(const T*, int64_t, int64_t, const T*, const int64_t*,       \
+  template void launch_attend<T>(const T*, int64_t, int64_t, const T*, const T*,            \
+                                 const int64_t*,                                             \
                                  const uint8_t*, int, int, int, int, int, int, int, float,  \
                                  bool, int, int, int, int, int, float*, float*, cudaStream_t);
 #endif  // HGA_ATTEND_DEFINE_LAUNCHER

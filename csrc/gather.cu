@@ -39,6 +39,33 @@ gather_rows_kernel(const uint4* __restrict__ src, const int64_t* __restrict__ id
   }
 }
 
+// Device bank fill (bank.py): block i of the grid copies pool[blocks[i]] (one whole block:
+// all KV heads, K and V) into bank[slots[i]]; entries with slots[i] < 0 are padding of a
+// fixed-shape list and exit at once.  Source may be pinned host memory (UVA).
+__global__ void __launch_bounds__(256)
+bank_fill_kernel(const uint4* __restrict__ pool, uint4* __restrict__ bank,
+                 const int64_t* __restrict__ blocks, const int64_t* __restrict__ slots,
+                 int64_t vecs) {
+  const int64_t slot = slots[blockIdx.x];
+  if (slot < 0) return;
+  const uint4* s = pool + blocks[blockIdx.x] * vecs;
+  uint4* d = bank + slot * vecs;
+  for (int64_t v0 = int64_t(blockIdx.y) * blockDim.x * kGatherUnroll; v0 < vecs;
+       v0 += int64_t(gridDim.y) * blockDim.x * kGatherUnroll) {
+    uint4 buf[kGatherUnroll];
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u) {
+      const int64_t v = v0 + u * blockDim.x + threadIdx.x;
+      if (v < vecs) buf[u] = s[v];
+    }
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u) {
+      const int64_t v = v0 + u * blockDim.x + threadIdx.x;
+      if (v < vecs) d[v] = buf[u];
+    }
+  }
+}
+
 int64_t row_bytes(const at::Tensor& src, const at::Tensor& dst) {
   HGA_CHECK(src.is_contiguous() && dst.is_contiguous() && src.dim() >= 1 && dst.dim() >= 1 &&
                 src.scalar_type() == dst.scalar_type(),
@@ -66,6 +93,34 @@ void gather_rows(at::Tensor src, at::Tensor idx, at::Tensor dst) {
   gather_rows_kernel<<<int(blocks), 256, 0, stream>>>(
       reinterpret_cast<const uint4*>(src.data_ptr()), idx.data_ptr<int64_t>(),
       reinterpret_cast<uint4*>(dst.data_ptr()), n, int(bytes / 16));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void bank_fill(at::Tensor pool, at::Tensor bank, at::Tensor blocks, at::Tensor slots) {
+  check_cuda(pool, "pool");
+  check_cuda(bank, "bank");
+  HGA_CHECK(pool.is_contiguous() && bank.is_contiguous() && pool.dim() == 5 && bank.dim() == 5 &&
+                pool.scalar_type() == bank.scalar_type() &&
+                pool.sizes().slice(1) == bank.sizes().slice(1),
+            "pool/bank must be contiguous [*, H, 2, 64, D] of one dtype and block shape");
+  HGA_CHECK(blocks.is_cuda() && slots.is_cuda() && blocks.scalar_type() == at::kLong &&
+                slots.scalar_type() == at::kLong && blocks.is_contiguous() &&
+                slots.is_contiguous() && blocks.numel() == slots.numel(),
+            "blocks/slots must be int64 device tensors of equal length");
+  const int64_t bytes = pool.numel() == 0 ? 0 : pool.nbytes() / pool.size(0);
+  HGA_CHECK(bytes % 16 == 0 && reinterpret_cast<uintptr_t>(pool.data_ptr()) % 16 == 0 &&
+                reinterpret_cast<uintptr_t>(bank.data_ptr()) % 16 == 0,
+            "blocks must be multiples of 16 bytes, 16-byte aligned");
+  const int64_t n = blocks.numel();
+  if (n == 0 || bytes == 0) return;
+  const c10::cuda::CUDAGuard guard(bank.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t vecs = bytes / 16;
+  const int per_y = 256 * kGatherUnroll;
+  const dim3 grid(unsigned(n), unsigned(std::min<int64_t>((vecs + per_y - 1) / per_y, 16)));
+  bank_fill_kernel<<<grid, 256, 0, stream>>>(
+      reinterpret_cast<const uint4*>(pool.data_ptr()), reinterpret_cast<uint4*>(bank.data_ptr()),
+      blocks.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), vecs);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -115,4 +170,5 @@ void gather_rows_ce(at::Tensor src, at::Tensor idx_cpu, at::Tensor dst) {
 TORCH_LIBRARY_IMPL(vllm_hga, CUDA, m) {
   m.impl("gather_rows", &hga::gather_rows);
   m.impl("gather_rows_ce", &hga::gather_rows_ce);
+  m.impl("bank_fill", &hga::bank_fill);
 }

@@ -34,6 +34,24 @@ __device__ __forceinline__ float slice_dot(const float4 (&s)[D / 32], const floa
   return acc;  // every lane of the 8 holds the full dot
 }
 
+// group_score "mean_std": alpha * sqrt(max(0, sum_d q_d^2 var_d)) of a variance row held
+// as slice_dot's slices; every lane of the 8 gets it.
+template <int D>
+__device__ __forceinline__ float slice_spread(const float4 (&s)[D / 32], const float* q, int l8,
+                                              float alpha) {
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) {
+    const float4 qq = *reinterpret_cast<const float4*>(q + (i * 8 + l8) * 4);
+    acc += s[i].x * qq.x * qq.x + s[i].y * qq.y * qq.y + s[i].z * qq.z * qq.z +
+           s[i].w * qq.w * qq.w;
+  }
+  acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+  return alpha * sqrtf(fmaxf(acc, 0.f));
+}
+
 template <int D>
 __device__ __forceinline__ void load_slices(float4 (&s)[D / 32], const float* row, int l8) {
 #pragma unroll
@@ -45,8 +63,8 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
 route_chunks_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
                     const int64_t* __restrict__ pos, const int* __restrict__ bt, int64_t bt_sr,
                     const float* __restrict__ summ, int64_t s_sb, int64_t s_sh, int64_t s_sr,
-                    int Hq, int rep, int F, int L, int max_group, int Kc, int S, int split_len,
-                    float* __restrict__ cand_s,
+                    int Hq, int rep, int F, int L, int max_group, int spread, float alpha,
+                    int Kc, int S, int split_len, float* __restrict__ cand_s,
                     int* __restrict__ cand_i) {
   extern __shared__ float smem[];
   float* q_s = smem;               // [rep][D]
@@ -73,8 +91,13 @@ route_chunks_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
       const int j = base + u * kRouteWarps * 4 + sub;
       page[u] = j < len ? summ + int64_t(bt[r * bt_sr + lo + j]) * s_sb + kvh * s_sh : nullptr;
     }
-    // chunk score: q . chunk summary (row 0), or max_group: the best q . group summary
-    for (int row = max_group; row < (max_group ? 1 + kGroups : 1); ++row) {
+    // chunk score: q . chunk summary (row 0), or max_group: the best q . group summary;
+    // with spread (group_score "mean_std", which implies max_group) row 0 holds the
+    // chunk's key variance and comes last: every group of the chunk gets the same
+    // alpha * sqrt(q^2 . var), so the best group score is max(q . group) + that.
+    const int n_rows = max_group ? kGroups + (spread ? 1 : 0) : 1;
+    for (int rr = 0; rr < n_rows; ++rr) {
+      const int row = max_group ? (rr < kGroups ? 1 + rr : 0) : 0;
       float4 sv[U][D / 32];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
@@ -96,9 +119,14 @@ route_chunks_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
           for (int hh = 0; hh < 8; ++hh) {
             const int h = h0 + hh;
             if (h < rep) {  // uniform across the warp
-              const float v = slice_dot<D>(sv[u], q_s + h * D, l8);
               float* dst = sc + h * split_len + j;
-              if (page[u] && l8 == 0) *dst = forced ? INFINITY : row <= 1 ? v : fmaxf(*dst, v);
+              if (rr == kGroups) {  // the variance row
+                const float sp = slice_spread<D>(sv[u], q_s + h * D, l8, alpha);
+                if (page[u] && l8 == 0) *dst = forced ? INFINITY : *dst + sp;
+              } else {
+                const float v = slice_dot<D>(sv[u], q_s + h * D, l8);
+                if (page[u] && l8 == 0) *dst = forced ? INFINITY : rr == 0 ? v : fmaxf(*dst, v);
+              }
             }
           }
         }
@@ -151,7 +179,7 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
                     const float* __restrict__ summ, int64_t s_sb, int64_t s_sh, int64_t s_sr,
                     const float* __restrict__ cand_s, const int* __restrict__ cand_i, int n_cand,
                     int Kc, int Hq, int Hkv, int n_chunks, int F, int sinks, int local, int G,
-                    int Gt, int64_t* __restrict__ rows, uint8_t* __restrict__ token_ok,
+                    int Gt, int spread, float alpha, int64_t* __restrict__ rows, uint8_t* __restrict__ token_ok,
                     int64_t* __restrict__ gid_out) {
   extern __shared__ float smem[];
   float* cs = smem;                                    // [n_cand] candidate scores
@@ -161,6 +189,7 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
   int* gids = reinterpret_cast<int*>(gs + 4 * Kc);     // [4 Kc]
   int* sel = gids + 4 * Kc;                            // [4 Kc] selected flags
   int* kept_blk = sel + 4 * Kc;                        // [Kc] block ids of kept chunks
+  float* kept_sp = reinterpret_cast<float*>(kept_blk + Kc);  // [Kc] spread terms (mean_std)
 
   const int item = blockIdx.x;  // r * Hq + h
   const int r = item / Hq, h = item % Hq;
@@ -204,6 +233,40 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
   }
   const int ng = nk * kGroups;
   constexpr int U = D >= 256 ? 2 : 4;
+  if (spread) {  // alpha * sqrt(q^2 . var) per kept chunk (row 0 holds its key variance)
+    float4 qsq[D / 32];
+#pragma unroll
+    for (int i = 0; i < D / 32; ++i)
+      qsq[i] = make_float4(qv[i].x * qv[i].x, qv[i].y * qv[i].y, qv[i].z * qv[i].z,
+                           qv[i].w * qv[i].w);
+    for (int k0 = 0; k0 < nk; k0 += 4 * U) {
+      float4 sv[U][D / 32];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int k = k0 + 4 * u + sub;
+        if (k < nk) {
+          load_slices<D>(sv[u], summ + int64_t(kept_blk[k]) * s_sb + kvh * s_sh, l8);
+        } else {
+#pragma unroll
+          for (int i = 0; i < D / 32; ++i) sv[u][i] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int k = k0 + 4 * u + sub;
+        float acc = 0.f;
+#pragma unroll
+        for (int i = 0; i < D / 32; ++i)
+          acc += sv[u][i].x * qsq[i].x + sv[u][i].y * qsq[i].y + sv[u][i].z * qsq[i].z +
+                 sv[u][i].w * qsq[i].w;
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+        if (k < nk && l8 == 0) kept_sp[k] = alpha * sqrtf(fmaxf(acc, 0.f));
+      }
+    }
+    __syncwarp();
+  }
   for (int e0 = 0; e0 < ng; e0 += 4 * U) {
     float4 sv[U][D / 32];
 #pragma unroll
@@ -229,7 +292,7 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
       acc += __shfl_xor_sync(0xffffffffu, acc, 2);
       acc += __shfl_xor_sync(0xffffffffu, acc, 4);
       if (e < ng && l8 == 0) {
-        gs[e] = acc;
+        gs[e] = spread ? acc + kept_sp[e / kGroups] : acc;
         gids[e] = kept[e / kGroups] * kGroups + e % kGroups;
       }
     }
@@ -318,8 +381,8 @@ RouteArgs check_route_inputs(const at::Tensor& q, const at::Tensor& pos, const a
 }
 
 void route_chunks(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
-                  int64_t sink_chunks, int64_t local_chunks, int64_t max_group, int64_t split_len,
-                  at::Tensor cand_score, at::Tensor cand_idx) {
+                  int64_t sink_chunks, int64_t local_chunks, int64_t max_group, int64_t spread,
+                  double alpha, int64_t split_len, at::Tensor cand_score, at::Tensor cand_idx) {
   const RouteArgs a = check_route_inputs(q, pos, bt, summ);
   HGA_CHECK(cand_score.dim() == 4 && cand_score.size(0) == a.R && cand_score.size(1) == a.Hq &&
                 cand_score.is_contiguous() && cand_idx.is_contiguous() &&
@@ -327,6 +390,7 @@ void route_chunks(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
                 cand_idx.scalar_type() == at::kInt,
             "cand_score/cand_idx must be float32/int32 [R, Hq, splits, K_c]");
   const int S = cand_score.size(2), Kc = cand_score.size(3);
+  HGA_CHECK(!spread || max_group, "the spread term (group_score mean_std) needs max_group");
   if (a.R == 0 || S == 0 || Kc == 0) return;
   HGA_CHECK(Kc <= kMaxTopkChunks, "topk_chunks above ", kMaxTopkChunks, " not compiled");
   const int rep = a.Hq / a.Hkv;
@@ -344,7 +408,7 @@ void route_chunks(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
           reinterpret_cast<const scalar_t*>(q.data_ptr()), a.q_sr, a.q_sh,
           pos.data_ptr<int64_t>(), bt.data_ptr<int>(), a.bt_sr, summ.data_ptr<float>(), a.s_sb,
           a.s_sh, a.s_sr, a.Hq, rep, int(sink_chunks), int(local_chunks), int(max_group != 0),
-          Kc, S, int(split_len),
+          int(spread != 0), float(alpha), Kc, S, int(split_len),
           cand_score.data_ptr<float>(), cand_idx.data_ptr<int>());
     });
   });
@@ -354,7 +418,8 @@ void route_chunks(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
 void route_groups(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
                   at::Tensor cand_score, at::Tensor cand_idx, int64_t n_chunks,
                   int64_t sink_chunks, int64_t local_chunks, int64_t sinks, int64_t local,
-                  at::Tensor rows, at::Tensor token_ok, at::Tensor gid) {
+                  int64_t spread, double alpha, at::Tensor rows, at::Tensor token_ok,
+                  at::Tensor gid) {
   const RouteArgs a = check_route_inputs(q, pos, bt, summ);
   const int S = cand_score.size(2), Kc = cand_score.size(3);
   HGA_CHECK(Kc <= kMaxTopkChunks, "topk_chunks above ", kMaxTopkChunks, " not compiled");
@@ -370,7 +435,7 @@ void route_groups(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
   HGA_CHECK(Gt >= nfix && n_chunks >= 1 && bt.size(1) >= n_chunks, "bad list width or n_chunks");
   if (a.R == 0) return;
   const int n_cand = S * Kc;
-  const size_t smem = size_t(2 * n_cand + 2 * Kc + 3 * 4 * Kc) * 4;
+  const size_t smem = size_t(2 * n_cand + 3 * Kc + 3 * 4 * Kc) * 4;
   const c10::cuda::CUDAGuard guard(q.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   HGA_DISPATCH_FLOAT(q.scalar_type(), "route_groups", [&] {
@@ -384,7 +449,8 @@ void route_groups(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
           pos.data_ptr<int64_t>(), bt.data_ptr<int>(), a.bt_sr, summ.data_ptr<float>(), a.s_sb,
           a.s_sh, a.s_sr, n_cand ? cand_score.data_ptr<float>() : nullptr,
           n_cand ? cand_idx.data_ptr<int>() : nullptr, n_cand, Kc, a.Hq, a.Hkv, int(n_chunks),
-          int(sink_chunks), int(sinks), int(local), Gt - nfix, Gt, rows.data_ptr<int64_t>(),
+          int(sink_chunks), int(sinks), int(local), Gt - nfix, Gt, int(spread != 0),
+          float(alpha), rows.data_ptr<int64_t>(),
           reinterpret_cast<uint8_t*>(token_ok.data_ptr()), gid.data_ptr<int64_t>());
     });
   });

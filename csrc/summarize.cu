@@ -35,14 +35,16 @@ __global__ void write_kv_kernel(T* __restrict__ pool, const T* __restrict__ key,
 
 // Thread d of block (i, h) sums dimension d of the 64 keys of chunk blocks_in[i], head h,
 // after rotating low-frequency RoPE pairs to the chunk (group) middle; writes the means
-// to out[blocks_out[i], h, 0 (chunk) | 1+g (group g), d].
+// to out[blocks_out[i], h, 0 (chunk) | 1+g (group g), d].  With `variance`, row 0 is
+// instead the mean over the chunk of (k - its group's mean)^2 of the raw post-RoPE keys
+// (reference.group_key_variance), for group_score "mean_std".
 template <typename T>
 __global__ void summarize_kernel(const T* __restrict__ k, int64_t k_sb, int64_t k_st,
                                  int64_t k_sh, const int64_t* __restrict__ blocks_in,
                                  float* __restrict__ out, int64_t o_sb, int64_t o_sh,
                                  int64_t o_sr, const int64_t* __restrict__ blocks_out,
                                  const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-                                 const int* __restrict__ dim_map, int D, int P) {
+                                 const int* __restrict__ dim_map, int D, int P, int variance) {
   const int d = threadIdx.x;
   if (d >= D) return;
   const int i = blockIdx.x, h = blockIdx.y;
@@ -52,7 +54,7 @@ __global__ void summarize_kernel(const T* __restrict__ k, int64_t k_sb, int64_t 
   const int code = dim_map[D + d];      // pair * 2 + (d is the pair's second component)
   const int pair = code >> 1;
   const bool second = code & 1;
-  float chunk_sum = 0.f, group_sum = 0.f;
+  float chunk_sum = 0.f, group_sum = 0.f, raw_sum = 0.f, sq_sum = 0.f;
 #pragma unroll 4
   for (int t = 0; t < kChunk; ++t) {
     const float x = to_float(base[t * k_st + d]);
@@ -67,12 +69,22 @@ __global__ void summarize_kernel(const T* __restrict__ k, int64_t k_sb, int64_t 
     }
     chunk_sum += cv;
     group_sum += gv;
+    raw_sum += x;
     if ((t & (kGroup - 1)) == kGroup - 1) {
       dst[(1 + t / kGroup) * o_sr] = group_sum * (1.f / kGroup);
       group_sum = 0.f;
+      if (variance) {  // second pass over the group (L1-resident): sum of squared deviations
+        const float mean = raw_sum * (1.f / kGroup);
+        for (int u = t + 1 - kGroup; u <= t; ++u) {
+          const float e = to_float(base[u * k_st + d]) - mean;
+          sq_sum += e * e;
+        }
+        raw_sum = 0.f;
+      }
     }
   }
-  dst[0] = chunk_sum * (1.f / kChunk);
+  // row 0: the chunk summary, or (group_score "mean_std") the within-group key variance
+  dst[0] = variance ? sq_sum * (1.f / kChunk) : chunk_sum * (1.f / kChunk);
 }
 
 void write_kv(at::Tensor pool, at::Tensor key, at::Tensor value, at::Tensor slots) {
@@ -111,7 +123,7 @@ void write_kv(at::Tensor pool, at::Tensor key, at::Tensor value, at::Tensor slot
 }
 
 void summarize(at::Tensor k, at::Tensor blocks_in, at::Tensor out, at::Tensor blocks_out,
-               at::Tensor cos, at::Tensor sin, at::Tensor dim_map) {
+               at::Tensor cos, at::Tensor sin, at::Tensor dim_map, int64_t variance) {
   check_cuda(k, "k");
   HGA_CHECK(k.dim() == 4 && k.size(1) == kChunk && k.stride(3) == 1,
             "k must be [blocks, 64, H, D] with a contiguous last dim (any other strides)");
@@ -141,7 +153,7 @@ void summarize(at::Tensor k, at::Tensor blocks_in, at::Tensor out, at::Tensor bl
         reinterpret_cast<const scalar_t*>(k.data_ptr()), k.stride(0), k.stride(1), k.stride(2),
         blocks_in.data_ptr<int64_t>(), out.data_ptr<float>(), out.stride(0), out.stride(1),
         out.stride(2), blocks_out.data_ptr<int64_t>(), cos.data_ptr<float>(),
-        sin.data_ptr<float>(), dim_map.data_ptr<int>(), D, P);
+        sin.data_ptr<float>(), dim_map.data_ptr<int>(), D, P, int(variance != 0));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

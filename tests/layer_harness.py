@@ -11,6 +11,7 @@ import random
 import torch
 
 from vllm_hga.attention import GROUPS, HGALayer
+from vllm_hga.bank import DeviceBank
 from vllm_hga.backend import HGAMetadata
 from vllm_hga.config import CHUNK_SIZE
 from vllm_hga.rope import RopeSpec
@@ -46,6 +47,9 @@ class PagedRun:
         self.summ = torch.full((nb_total, num_kv_heads, 1 + GROUPS, head_size), float("nan"))
         self.layer = HGALayer(cfg, self.rope, num_heads, num_kv_heads, head_size,
                               head_size ** -0.5, max(lengths) + CHUNK_SIZE)
+        chunks = cfg.bank_size("cpu")  # the device bank, in ordinary memory on CPU
+        if chunks:
+            self.layer.bank = DeviceBank(chunks, num_kv_heads, head_size, dtype, "cpu")
         self.done = [0] * len(lengths)
 
     def step(self, schedule: dict[int, int]) -> dict[int, torch.Tensor]:

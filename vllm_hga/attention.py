@@ -19,9 +19,11 @@ GROUPS = CHUNK_SIZE // GROUP_SIZE
 class HGALayer:
     def __init__(self, cfg: HGAConfig, rope: RopeSpec, num_heads: int, num_kv_heads: int,
                  head_size: int, scale: float, max_model_len: int, dense: bool = False,
-                 device: torch.device | str = "cpu", metrics=None):
+                 device: torch.device | str = "cpu", metrics=None, bank=None):
         self.cfg, self.rope, self.dense = cfg, rope, dense
         self.metrics = metrics  # a metrics.WorkerMetrics, or None (tests)
+        self.bank = bank  # a bank.DeviceBank (decode working set in device memory), or None
+        self.kernels = True  # CUDA kernels where they apply (tests turn them off to compare)
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.scale = float(scale)
         self.rot = ops.SummaryRotation(rope, cfg, device)
@@ -39,6 +41,10 @@ class HGALayer:
         pool [nb, Hkv, 2, 64, D] full K/V; summ [nb, Hkv, 1+M, D] float32 summaries.
         """
         ops.write_kv(pool, key, value, md.slot_mapping[: key.shape[0]])
+        bank = None if self.dense else self.bank
+        if bank is not None:
+            bank.bind(pool)
+            bank.invalidate(md.slot_mapping[: key.shape[0]])  # written blocks leave the bank
         if md.closing_blocks.numel():
             ops.summarize_pool(pool, md.closing_blocks, summ, self.rot)
             self._count("summary_bytes_written", md.closing_blocks.numel() * summ[0].numel() * 4)
@@ -130,7 +136,7 @@ class HGALayer:
         """
         qd = q[md.decode_rows]
         pos = md.decode_pos
-        if qd.is_cuda and cuda_ops.available() and self.cfg.group_score == "mean":
+        if qd.is_cuda and cuda_ops.available() and self.kernels:
             return cuda_ops.decode_groups(qd, pos, md.block_table[md.decode_reqs],
                                           md.decode_chunks, summ, self.cfg, self.sinks,
                                           self.local, self.groups)
@@ -166,8 +172,16 @@ class HGALayer:
         rows, token_ok, _ = self.decode_groups(q, summ, md)
         keys = token_ok.sum()
         self._count_attention(keys, md.decode_pos, keys * self.head_size * 2 * pool.itemsize)
+        n_shared = (self.sinks + self.local + 1) * GROUPS
+        bank = None if self.dense else self.bank
+        if bank is None:
+            return ops.attend_groups(q[md.decode_rows], pool, rows, token_ok, self.scale,
+                                     n_shared=n_shared)
+        # sinks, closed local chunks and routed chunks go through the bank; the open own
+        # chunk (the last GROUPS fixed columns) is read from the pool
+        rows = bank.admit(pool, rows, token_ok, (n_shared - GROUPS, n_shared), self.metrics)
         return ops.attend_groups(q[md.decode_rows], pool, rows, token_ok, self.scale,
-                                 n_shared=(self.sinks + self.local + 1) * GROUPS)
+                                 n_shared=n_shared, bank=bank.data)
 
     # ------------------------------------------------------------------ metrics
     def _count(self, name: str, value) -> None:

@@ -30,7 +30,7 @@ from .attention import GROUPS, HGALayer
 from .config import CHUNK_SIZE, HGAConfig
 from .metrics import worker_metrics
 from .rope import RopeSpec, spec_from_vllm_rope
-from .store import host_pool, summary_view
+from .store import device_bank, host_pool, summary_view
 
 
 class HGAAttentionBackend(AttentionBackend):
@@ -192,6 +192,7 @@ class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
                 kv_cache: torch.Tensor, attn_metadata: HGAMetadata, output: torch.Tensor,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
         if attn_metadata is None:  # memory-profiling run
+            self._bank(layer, key)  # allocated now so that vLLM's profiler counts it
             return output.fill_(0)
         if self.layer is None:
             from vllm.model_executor.models.utils import extract_layer_index
@@ -200,6 +201,7 @@ class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
             self.layer = HGALayer(self.cfg, self.rope, self.num_heads, self.num_kv_heads,
                                   self.head_size, self.scale, self.max_model_len, dense,
                                   query.device, worker_metrics())
+            self.layer.bank = self._bank(layer, key)
         T = attn_metadata.num_actual_tokens
         store = host_pool(self.cfg.disk_dir)
         pool = store.layer(layer.layer_name, kv_cache.shape[0], self.num_kv_heads,
@@ -209,3 +211,15 @@ class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
                            summary_view(kv_cache, GROUPS, D), attn_metadata,
                            output[:T].view(T, H, D))
         return output
+
+    def _bank(self, layer, key: torch.Tensor):
+        """This layer's device bank (store.device_bank), or None (off, CPU, dense layer)."""
+        chunks = self.cfg.bank_size(key.device.type)
+        if chunks == 0:
+            return None
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        if extract_layer_index(layer.layer_name) in self.cfg.dense_layers:
+            return None
+        return device_bank(layer.layer_name, chunks, self.num_kv_heads, self.head_size,
+                           key.dtype, key.device)

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 CHUNK_SIZE = 64  # tokens per chunk; one chunk is one vLLM KV block
 GROUP_SIZE = 16  # tokens per group; 4 groups per chunk
+DEFAULT_BANK_CHUNKS = 512  # device bank per layer on CUDA when bank_chunks is not set
 
 # Presets live in the repository's configs/ (the package is installed editable).
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -67,8 +68,10 @@ class HGAConfig:
     # Optional NVMe tier: directory for cold blocks, and its byte budget.
     disk_dir: str | None = None
     disk_kv_bytes: int | None = None
-    # Device working set: chunks of K/V kept on the device for routed groups (LRU).
-    bank_chunks: int = 512
+    # Device bank (bank.py): an LRU working set of whole chunks of K/V in device memory per
+    # layer, which decode attention reads instead of the host pool.  0 = off; None = 512 on
+    # CUDA, off on CPU (where the pool already is ordinary memory).
+    bank_chunks: int | None = None
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -91,7 +94,11 @@ class HGAConfig:
         for name in ("sink_chunks", "local_chunks"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0; got {v!r}")
-        for name in ("topk_chunks", "topk_groups", "groups_per_query", "bank_chunks"):
+        need(self.bank_chunks is None or (isinstance(self.bank_chunks, int)
+                                          and self.bank_chunks >= 0),
+             f"bank_chunks must be an integer >= 0 (0 = no device bank); got "
+             f"{self.bank_chunks!r}")
+        for name in ("topk_chunks", "topk_groups", "groups_per_query"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1; got {v!r}")
         need(self.sink_chunks + self.local_chunks >= 1,
@@ -129,6 +136,12 @@ class HGAConfig:
     @property
     def groups_per_chunk(self) -> int:
         return self.chunk_size // self.group_size
+
+    def bank_size(self, device_type: str) -> int:
+        """Chunks per layer in the device bank on this device type (0 = no bank)."""
+        if self.bank_chunks is not None:
+            return self.bank_chunks
+        return DEFAULT_BANK_CHUNKS if device_type == "cuda" else 0
 
     @property
     def keys_per_query_bound(self) -> int:

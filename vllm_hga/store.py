@@ -6,6 +6,8 @@
   addressed by the same vLLM block id: ``[num_blocks, H_kv, 2, 64, D]`` in the model dtype.
   On CUDA it is pinned host memory read and written by the GPU through UVA (zero-copy);
   on CPU it is ordinary memory.
+* The device bank (bank.py, allocated here once per layer and worker, ``device_bank``)
+  keeps an LRU working set of whole blocks of K/V in device memory for decode attention.
 * With the NVMe tier on (``disk_dir``), the same tensor is a shared memory map of a file
   in ``disk_dir``: writes go to the page cache and the kernel writes them back; reads fault
   in only the 4 KiB pages of the groups routing selected.  The file is preallocated (a
@@ -96,6 +98,26 @@ def map_file(directory: str, name: str, shape: tuple[int, ...],
 
 
 _POOL: HostKVPool | None = None
+_BANKS: dict[str, "DeviceBank"] = {}
+
+
+def device_bank(name: str, chunks: int, num_kv_heads: int, head_size: int, dtype: torch.dtype,
+                device: torch.device) -> "DeviceBank":
+    """Layer `name`'s device bank (bank.py), allocated once per worker process.
+
+    The backend calls this on vLLM's memory-profiling forward already, so the profiler
+    counts the bank as model memory and sizes vLLM's KV cache around it.
+    """
+    from .bank import DeviceBank
+
+    bank = _BANKS.get(name)
+    if bank is None or bank.data.dtype != dtype or bank.capacity != chunks \
+            or bank.device != torch.device(device):
+        bank = _BANKS[name] = DeviceBank(chunks, num_kv_heads, head_size, dtype, device)
+        from .metrics import worker_metrics
+
+        worker_metrics().set("bank_bytes", sum(b.nbytes for b in _BANKS.values()))
+    return bank
 
 
 def host_pool(disk_dir: str | None = None) -> HostKVPool:

@@ -84,12 +84,12 @@ def _rot_tables(rot: torch_ops.SummaryRotation, device: torch.device, head_size:
 
 def summarize_blocks(k: torch.Tensor, rot: torch_ops.SummaryRotation) -> torch.Tensor:
     """Summaries [nb, H, 1+M, D] float32 of full chunks k [nb, C, H, D] (any strides)."""
-    if not _covered(k) or k.stride(-1) != 1 or rot.variance:
+    if not _covered(k) or k.stride(-1) != 1:
         return torch_ops.summarize_blocks(k, rot)
     nb, _, H, D = k.shape
     out = torch.empty(nb, H, 1 + GROUPS, D, dtype=torch.float32, device=k.device)
     idx = torch.arange(nb, device=k.device)
-    _ops().summarize(k, idx, out, idx, *_rot_tables(rot, k.device, D))
+    _ops().summarize(k, idx, out, idx, *_rot_tables(rot, k.device, D), int(rot.variance))
     return out
 
 
@@ -102,11 +102,12 @@ def summarize_pool(pool: torch.Tensor, blocks: torch.Tensor, summ: torch.Tensor,
     if blocks.numel() == 0:
         return
     keys = pool[:, :, 0].transpose(1, 2)  # [nb, 64, H, D] view
-    if not (_covered(pool) and summ.is_cuda and summ.stride(-1) == 1) or rot.variance:
+    if not (_covered(pool) and summ.is_cuda and summ.stride(-1) == 1):
         summ[blocks] = torch_ops.summarize_blocks(keys[blocks], rot).to(summ.dtype)
         return
     blocks = blocks.to(torch.long).contiguous()
-    _ops().summarize(keys, blocks, summ, blocks, *_rot_tables(rot, pool.device, pool.shape[-1]))
+    _ops().summarize(keys, blocks, summ, blocks, *_rot_tables(rot, pool.device, pool.shape[-1]),
+                     int(rot.variance))
 
 
 # ----------------------------------------------------------------------------- routing
@@ -152,11 +153,15 @@ def decode_groups(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor,
     S, split_len = (0, 1) if n_pool <= 0 else _route_splits(n_pool, R, Hkv, Hq // Hkv, D, _sms(q))
     cand_s = torch.empty(R, Hq, S, Kc, dtype=torch.float32, device=dev)
     cand_i = torch.empty(R, Hq, S, Kc, dtype=torch.int32, device=dev)
+    # group_score "mean_std": row 0 of a page is the chunk's key variance; every group
+    # score gets + score_alpha * sqrt(q^2 . var) (config guarantees chunk_score max_group)
+    spread = int(cfg.group_score == "mean_std")
+    alpha = float(cfg.score_alpha)
     if S:
         _ops().route_chunks(q, pos, bt, summ, F, L, int(cfg.chunk_score == "max_group"),
-                            split_len, cand_s, cand_i)
+                            spread, alpha, split_len, cand_s, cand_i)
     _ops().route_groups(q, pos, bt, summ, cand_s, cand_i, n_chunks, F, L, sinks, local,
-                        rows, token_ok, gid)
+                        spread, alpha, rows, token_ok, gid)
     return rows, token_ok, gid
 
 
@@ -167,7 +172,7 @@ KERNEL_MODES = {"auto": 0, "heads": 1, "shared": 2, "split": 3}
 def attend_rows(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor,
                 token_ok: torch.Tensor, scale: float, num_kv_heads: int, v_offset: int,
                 n_shared: int = 0, out: torch.Tensor | None = None,
-                kernel: str = "auto") -> torch.Tensor:
+                kernel: str = "auto", bank_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of q [R, Hq, D] over the 16-token rows `rows` [R, Hq, G] of
     kv_rows [*, 16, D] (V row = K row + v_offset), where token_ok [R, Hq, G, 16].
 
@@ -177,7 +182,8 @@ def attend_rows(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor,
     a KV head, shared columns read once: best for pinned host memory over PCIe), "split"
     (shared columns by the second, routed ones by the first; slower on an H200), or "auto"
     (heads on device memory, shared on host memory).  Writes and returns out [R, Hq, D]
-    (float32 if None).
+    (float32 if None).  bank_rows [*, 16, D] (device bank, bank.py): a row r < 0 in `rows`
+    is row -r-1 of bank_rows (its V row v_offset later, as in kv_rows).
     """
     R, Hq, D = q.shape
     if out is None:
@@ -190,26 +196,30 @@ def attend_rows(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor,
     if token_ok.data_ptr() % 16:
         token_ok = token_ok.clone()
     _ops().attend_groups(q if q.stride(-1) == 1 else q.contiguous(), kv_rows,
-                         rows.to(torch.long).contiguous(), token_ok, num_kv_heads, v_offset,
-                         n_shared, float(scale), KERNEL_MODES[kernel], out)
+                         rows.to(torch.long).contiguous(), token_ok, bank_rows, num_kv_heads,
+                         v_offset, n_shared, float(scale), KERNEL_MODES[kernel], out)
     return out
 
 
 def attend_groups(q: torch.Tensor, pool: torch.Tensor, group_rows: torch.Tensor,
                   token_ok: torch.Tensor, scale: float, n_shared: int = 0,
-                  out: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
-    """torch_ops.attend_groups (returns float32 [R, Hq, D]) reading K/V from the pool.
+                  out: torch.Tensor | None = None, kernel: str = "auto",
+                  bank: torch.Tensor | None = None) -> torch.Tensor:
+    """torch_ops.attend_groups (returns float32 [R, Hq, D]) reading K/V from the pool, and
+    from the device bank (bank.py, same block layout) for rows encoded < 0.
 
     n_shared > 0 (HGA decode lists: (F + L + 1) * 4) lets the kernel read the shared
     columns once per KV head; out (any float dtype) avoids a separate cast.
     """
-    q_ok = _covered(q, pool) and q.dtype == pool.dtype and pool.is_contiguous()
+    q_ok = _covered(q, pool) and q.dtype == pool.dtype and pool.is_contiguous() and (
+        bank is None or (bank.is_cuda and bank.dtype == pool.dtype and bank.is_contiguous()))
     if not q_ok:
-        res = torch_ops.attend_groups(q, pool, group_rows, token_ok, scale)
+        res = torch_ops.attend_groups(q, pool, group_rows, token_ok, scale, bank)
         return res if out is None else out.copy_(res)
     nb, H, _, C, D = pool.shape
+    bank_rows = None if bank is None else bank.view(-1, GROUP_SIZE, D)
     return attend_rows(q, pool.view(nb * H * 2 * (C // GROUP_SIZE), GROUP_SIZE, D), group_rows,
-                       token_ok, scale, H, C // GROUP_SIZE, n_shared, out, kernel)
+                       token_ok, scale, H, C // GROUP_SIZE, n_shared, out, kernel, bank_rows)
 
 
 def decode(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor, n_chunks: int,
@@ -219,6 +229,21 @@ def decode(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor, n_chun
     rows, token_ok, _ = decode_groups(q, pos, block_table, n_chunks, summ, cfg, sinks, local,
                                       groups)
     return attend_groups(q, pool, rows, token_ok, scale, (sinks + local + 1) * GROUPS, out)
+
+
+# ----------------------------------------------------------------------------- device bank
+def bank_fill_covered(pool: torch.Tensor, bank: torch.Tensor) -> bool:
+    return (_C is not None and pool.is_cuda and bank.is_cuda and pool.dtype == bank.dtype
+            and pool.is_contiguous() and bank.is_contiguous()
+            and (pool[0].numel() * pool.element_size()) % 16 == 0)
+
+
+def bank_fill(pool: torch.Tensor, bank: torch.Tensor, blocks: torch.Tensor,
+              slots: torch.Tensor) -> None:
+    """bank[slots[i]] = pool[blocks[i]] for entries with slots[i] >= 0 (others: padding,
+    skipped on the device; fixed shapes, no host sync)."""
+    _ops().bank_fill(pool, bank, blocks.to(torch.long).contiguous(),
+                     slots.to(torch.long).contiguous())
 
 
 # ----------------------------------------------------------------------------- host memory

@@ -53,10 +53,7 @@ def covers(q: torch.Tensor, pool: torch.Tensor, summ: torch.Tensor, cfg: HGAConf
             and q.dtype == pool.dtype and q.dtype in cuda_ops.DTYPES
             and q.shape[-1] in cuda_ops.HEAD_SIZES and pool.is_contiguous()
             and summ.dtype == torch.float32 and summ.stride(-1) == 1
-            and cfg.topk_chunks <= cuda_ops.MAX_TOPK_CHUNKS
-            # "mean_std" scores need the routing kernels' variance term (decode falls back
-            # to torch for it too); the torch prefill path handles it meanwhile
-            and cfg.group_score == "mean")
+            and cfg.topk_chunks <= cuda_ops.MAX_TOPK_CHUNKS)
 
 
 class Scratch:

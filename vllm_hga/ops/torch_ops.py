@@ -111,19 +111,32 @@ def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 
 
 def attend_groups(q: torch.Tensor, pool: torch.Tensor, group_rows: torch.Tensor,
-                  token_ok: torch.Tensor, scale: float) -> torch.Tensor:
+                  token_ok: torch.Tensor, scale: float,
+                  bank: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention over gathered 16-token groups.
 
     q [R, Hq, D]; group_rows [R, Hq, G] are K rows of the pool viewed as
     [blocks*H*2*M, 16, D], i.e. ((block*H + kv_head)*2)*M + group (the V row is M later);
     token_ok [R, Hq, G, 16] marks real, visible keys.  Returns [R, Hq, D] float32.
+    With a device bank (bank.py) [slots, H, 2, 64, D], a row r < 0 is row -r-1 of the bank
+    viewed the same way.
     """
     nb, H, _, C, D = pool.shape
     M = C // 16
     rows = pool.view(nb * H * 2 * M, 16, D)
     dt = _math_dtype(q)
-    k = rows[group_rows].to(dt)  # [R, Hq, G, 16, D]
-    v = rows[group_rows + M].to(dt)  # V half of the same block/head sits M rows later
+    if bank is None:
+        k = rows[group_rows].to(dt)  # [R, Hq, G, 16, D]
+        v = rows[group_rows + M].to(dt)  # V half of the same block/head sits M rows later
+    else:
+        in_bank = group_rows < 0
+        k = rows[group_rows.clamp(min=0)]
+        v = rows[group_rows.clamp(min=0) + M]
+        bank_rows = bank.view(-1, 16, D)
+        b = -group_rows[in_bank] - 1  # CPU: a data-dependent size costs nothing
+        k[in_bank] = bank_rows[b].to(k.device)
+        v[in_bank] = bank_rows[b + M].to(v.device)
+        k, v = k.to(dt), v.to(dt)
     R, Hq, G = group_rows.shape
     # slots that are not visible (the own chunk's future, padding) may hold anything,
     # even NaN bit patterns in never-written memory: 0 * NaN would poison the sum
