@@ -162,7 +162,10 @@ def check_request(req: Request, q_start: int, outs: dict, windows, min_agree=0.9
                                        req.v.to(DEV, torch.float64), mask, req.D ** -0.5)
     for impl, out in outs.items():
         err = rel_err(out, exact)
-        assert err < TOL[out.dtype], f"{impl}: {err}"
+        # "tc" multiplies P and V on tensor cores in the input dtype, so a float32 output
+        # of it is only as exact as its inputs; the CUDA-core kernels accumulate in fp32
+        tol = TOL[req.dtype] if impl == "tc" and req.dtype != torch.float32 else TOL[out.dtype]
+        assert err < tol, f"{impl}: {err}"
     del exact
     mask = mask.cpu()
     agree = total = 0
@@ -205,7 +208,9 @@ def test_prefill_matches_reference(impl, case, rep, dtype):
     HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=10, groups_per_query=5),
     HGAConfig(sink_chunks=0, local_chunks=2, topk_chunks=7, topk_groups=12,
               chunk_score="max_group"),
-], ids=["no-local", "no-sink-max-group"])
+    HGAConfig(sink_chunks=1, local_chunks=2, topk_chunks=8, topk_groups=20,
+              chunk_score="max_group", group_score="mean_std", score_alpha=3.0),
+], ids=["no-local", "no-sink-max-group", "mean-std"])
 @pytest.mark.parametrize("D", [64, 256])
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"impl_{i}")
 def test_prefill_configs_and_head_sizes(impl, cfg, D):
