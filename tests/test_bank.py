@@ -149,7 +149,7 @@ def test_small_bank_hit_rate_between_zero_and_one():
 
 
 def test_bank_chunks_config():
-    assert HGAConfig().bank_size("cuda") == 512 and HGAConfig().bank_size("cpu") == 0
+    assert HGAConfig().bank_size("cuda") == 0 and HGAConfig().bank_size("cpu") == 0
     assert HGAConfig(bank_chunks=0).bank_size("cuda") == 0
     assert HGAConfig(bank_chunks=7).bank_size("cpu") == 7
     from vllm_hga.config import HGAConfigError

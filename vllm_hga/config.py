@@ -19,7 +19,6 @@ from typing import Any, Mapping
 
 CHUNK_SIZE = 64  # tokens per chunk; one chunk is one vLLM KV block
 GROUP_SIZE = 16  # tokens per group; 4 groups per chunk
-DEFAULT_BANK_CHUNKS = 512  # device bank per layer on CUDA when bank_chunks is not set
 
 # Presets live in the repository's configs/ (the package is installed editable).
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -69,8 +68,10 @@ class HGAConfig:
     disk_dir: str | None = None
     disk_kv_bytes: int | None = None
     # Device bank (bank.py): an LRU working set of whole chunks of K/V in device memory per
-    # layer, which decode attention reads instead of the host pool.  0 = off; None = 512 on
-    # CUDA, off on CPU (where the pool already is ordinary memory).
+    # layer, which decode attention reads instead of the host pool.  0 or None = off, the
+    # default: on the H200 its admission (about 90 small kernel launches per layer and
+    # step) costs more than the host reads it saves (docs/BENCHMARKS.md, "Device bank").
+    # Set e.g. 512 to turn it on; it runs on CPU too (ordinary memory).
     bank_chunks: int | None = None
     preset: str | None = field(default=None, compare=False)
 
@@ -139,9 +140,7 @@ class HGAConfig:
 
     def bank_size(self, device_type: str) -> int:
         """Chunks per layer in the device bank on this device type (0 = no bank)."""
-        if self.bank_chunks is not None:
-            return self.bank_chunks
-        return DEFAULT_BANK_CHUNKS if device_type == "cuda" else 0
+        return self.bank_chunks or 0
 
     @property
     def keys_per_query_bound(self) -> int:

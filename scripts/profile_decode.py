@@ -1,0 +1,96 @@
+"""Time one layer's HGA decode step (routing + bank + attention, as HGALayer.decode runs it)
+on the GPU, for several configurations in the same run, plus dense SDPA at the same context.
+
+Qwen3-30B-A3B attention shape (32 query / 4 KV heads, D=128, bf16), pool in pinned host
+memory (UVA) as in serving.  CUDA-event time per step after warm-up, then a torch.profiler
+table of the slowest configuration's kernels and CPU ops.
+
+    python scripts/profile_decode.py --contexts 8192 32768 --batch 1 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "gpu"))
+
+CONFIGS = {
+    "paper": dict(sink_chunks=2, local_chunks=8, topk_chunks=20, topk_groups=32,
+                  chunk_score="summary", group_score="mean"),
+    "default": {},
+}
+
+
+def step_ms(fn, iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / iters
+
+
+def main() -> None:
+    from test_kernels import Batch  # the GPU tests' paged batch builder
+
+    from vllm_hga.bank import DeviceBank
+    from vllm_hga.config import HGAConfig
+    from vllm_hga.metrics import WorkerMetrics
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--bank-chunks", type=int, default=512)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    rows, slowest = [], None
+    for S in args.contexts:
+        for name, keys in CONFIGS.items():
+            for bank_on in (False, True):
+                cfg = HGAConfig(**keys)
+                b = Batch([S] * args.batch, 32, 4, 128, uva=True, cfg=cfg, seed=S)
+                layer = b.layer
+                layer.metrics = WorkerMetrics()
+                if bank_on:
+                    layer.bank = DeviceBank(args.bank_chunks, 4, 128, b.dtype, "cuda")
+                    layer.bank.bind(b.pool)
+                fn = lambda: layer.decode(b.q, b.pool, b.summ, b.md)  # noqa: E731
+                ms = step_ms(fn)
+                row = {"context": S, "batch": args.batch, "config": name, "bank": bank_on,
+                       "layer_step_ms": round(ms, 4)}
+                rows.append(row)
+                print("RESULT", json.dumps(row), flush=True)
+                if slowest is None or ms > slowest[0]:
+                    slowest = (ms, fn, row)
+        q = torch.randn(args.batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(args.batch, 4, S, 128, device="cuda", dtype=torch.bfloat16)
+        ms = step_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, k, enable_gqa=True))
+        row = {"context": S, "batch": args.batch, "config": "dense_sdpa_device_kv",
+               "layer_step_ms": round(ms, 4)}
+        rows.append(row)
+        print("RESULT", json.dumps(row), flush=True)
+    ms, fn, row = slowest
+    print("profile of", row)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
