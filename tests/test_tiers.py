@@ -117,3 +117,14 @@ def test_engine_config_sizes_blocks_from_the_disk_budget(tmp_path):
     with pytest.raises(Exception, match="does not exist"):
         engine_config(additional_config={"hga": {"disk_dir": str(tmp_path / "nope"),
                                                  "disk_kv_bytes": "1GiB"}})
+
+
+def test_nvme_tier_on_cuda_is_refused_at_start_up_with_the_fix(tmp_path):
+    from vllm_hga.config import HGAConfig
+    from vllm_hga.startup import unsupported_tiers
+
+    cfg = HGAConfig(disk_dir=str(tmp_path), disk_kv_bytes=1 << 30)
+    assert unsupported_tiers(cfg, "cpu") == []
+    (reason,) = unsupported_tiers(cfg, "cuda")
+    assert "CPU only" in reason and "host_kv_bytes" in reason
+    assert unsupported_tiers(HGAConfig(), "cuda") == []

@@ -179,6 +179,15 @@ def _default_host_budget() -> int:
     return int(min(available // 2, 64 * 2**30))
 
 
+def unsupported_tiers(cfg: HGAConfig, device_type: str) -> list[str]:
+    """Memory tiers this version cannot serve on this device type (checked at start-up)."""
+    if cfg.disk_dir is not None and device_type != "cpu":
+        return [f"the NVMe tier (disk_dir) runs on CPU only in this version; on {device_type} "
+                "the K/V pool must be pinned host RAM, which the kernels read directly. Drop "
+                "disk_dir/disk_kv_bytes and size the RAM tier with host_kv_bytes instead."]
+    return []
+
+
 def configure_engine(vllm_config) -> HGAConfig | None:
     """Validate and size an engine that selected HGA.  No-op for other backends."""
     if not is_hga_selected(vllm_config):
@@ -192,6 +201,8 @@ def configure_engine(vllm_config) -> HGAConfig | None:
             "model's RoPE pairing. If you know it, set --additional-config "
             "'{\"hga\": {\"rope_style\": \"neox\"}}' (rotate-half, Llama-like) or \"gptj\" "
             f"(interleaved). Validated: {sorted(NEOX_ARCHITECTURES)}.")
+    device_type = str(getattr(vllm_config.device_config, "device_type", "cpu") or "cpu")
+    reasons += unsupported_tiers(cfg, device_type)
     if reasons:
         raise HGAConfigError("HGA cannot serve this configuration:\n  - " + "\n  - ".join(reasons))
     cache = vllm_config.cache_config
@@ -207,8 +218,7 @@ def configure_engine(vllm_config) -> HGAConfig | None:
     per_request = -(-vllm_config.model_config.max_model_len // CHUNK_SIZE)
     # device bank (bank.py): a constant per worker, allocated on the profiling forward so
     # that vLLM's memory profiler counts it before sizing its own (summary) KV cache
-    device_type = getattr(vllm_config.device_config, "device_type", "cpu") or "cpu"
-    bank_bytes = cfg.bank_size(str(device_type)) * cap.host_bytes_per_block
+    bank_bytes = cfg.bank_size(device_type) * cap.host_bytes_per_block
     logger.info(
         "HGA: %s; %s K/V pool %.2f GiB for %d blocks = %d tokens = %d contexts of %d "
         "(%d B/token full K/V, %d B/token device summaries); device bank %.2f GiB "
@@ -216,7 +226,7 @@ def configure_engine(vllm_config) -> HGAConfig | None:
         "disk" if cfg.disk_dir else "host", cap.host_budget_bytes / 2**30, blocks,
         blocks * CHUNK_SIZE, blocks // per_request, vllm_config.model_config.max_model_len,
         cap.host_bytes_per_block // CHUNK_SIZE, cap.device_bytes_per_block // CHUNK_SIZE,
-        bank_bytes / 2**30, cfg.bank_size(str(device_type)))
+        bank_bytes / 2**30, cfg.bank_size(device_type))
     from .metrics import setup_in_api_process
 
     setup_in_api_process()
