@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from gpu_common import TOL, rel_err  # tests/gpu is on sys.path
 
 from vllm_hga import reference, routing
 from vllm_hga.attention import HGALayer
@@ -27,19 +28,8 @@ pytestmark = [
 DEV = "cuda"
 M = CHUNK_SIZE // GROUP_SIZE
 LENGTHS = (27, 61, 113, 482, 3330, 65_000)
-# ||out - ref|| / ||ref|| bounds by output dtype (fp32 math inside every kernel)
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _extension():
-    assert cuda_ops.available(), f"vllm_hga._C not importable: {cuda_ops.IMPORT_ERROR}"
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.to(out.device, torch.float64)
-    assert not torch.isnan(out).any(), "NaN in output (unwritten or poisoned element)"
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 class Batch:

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from gpu_common import TOL, rel_err  # tests/gpu is on sys.path
 
 from vllm_hga import reference
 from vllm_hga.attention import HGALayer
@@ -56,19 +57,9 @@ except ImportError:  # the device machine has CUDA torch but no vLLM: the same p
             closing_blocks=block_table[idx([r for r, _ in closing]),
                                        idx([j for _, j in closing])].long())
 M = CHUNK_SIZE // GROUP_SIZE
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 NAN = float("nan")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _extension():
-    assert cuda_ops.available(), f"vllm_hga._C not importable: {cuda_ops.IMPORT_ERROR}"
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.to(out.device, torch.float64)
-    assert not torch.isnan(out).any(), "NaN in output (unwritten or poisoned element)"
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def poison_scratch():
