@@ -84,6 +84,8 @@ def config_key(backend: str, hga: dict | None, dtype: str) -> str:
         extra = {k: v for k, v in (hga or {}).items() if k == "oracle"}
         cfg = HGAConfig.from_mapping({k: v for k, v in (hga or {}).items() if k != "oracle"})
         h = {**{k: v for k, v in cfg.as_dict().items() if k != "preset"}, **extra}
+        if cfg.group_score != "mean_std":
+            h.pop("score_alpha")  # only mean_std reads it
     blob = json.dumps({"b": backend, "h": h, "d": dtype}, sort_keys=True, default=list)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 

@@ -284,6 +284,8 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write a nats-vs-density PNG here")
     ap.add_argument("--cache", help="NLL cache folder (default ~/.cache/vllm-hga/eval)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="report only configs whose NLLs are all in the cache (no runs)")
     args = ap.parse_args()
 
     configs = parse_configs(args.config) if args.config else {"default": {}}
@@ -291,6 +293,15 @@ def main() -> None:
         configs.update({k: v for k, v in SWEEP.items() if k not in configs})
     windows = sorted(w for w in args.windows if w <= args.length)
     runner = Runner(args.backend, args.dtype, args.length, ec.NLLCache(args.cache))
+    if args.cached_only:
+        suffix = "" if args.backend == "vllm" else "_sim"
+        have = lambda h: all(runner.cache.get(  # noqa: E731
+            ec.config_key("HGA", h, args.dtype) + suffix, d, args.length) is not None
+            for d in args.docs)
+        skipped = [n for n, h in configs.items() if not have(h)]
+        configs = {n: h for n, h in configs.items() if have(h)}
+        if skipped:
+            print(f"not in the cache, left out: {', '.join(skipped)}")
     res = evaluate(runner, configs, args.docs, windows)
     print(report(res))
     if args.json:
