@@ -288,7 +288,8 @@ def main() -> None:
                     help="report only configs whose NLLs are all in the cache (no runs)")
     args = ap.parse_args()
 
-    configs = parse_configs(args.config) if args.config else {"default": {}}
+    configs = (parse_configs(args.config) if args.config
+               else {} if args.sweep else {"default": {}})  # the sweep holds the default
     if args.sweep:
         configs.update({k: v for k, v in SWEEP.items() if k not in configs})
     windows = sorted(w for w in args.windows if w <= args.length)
