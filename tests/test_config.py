@@ -7,19 +7,33 @@ import pytest
 from vllm_hga.config import HGAConfig, HGAConfigError
 
 
-def test_defaults_are_the_papers():
-    cfg = HGAConfig()
+def test_paper_preset_is_the_papers():
+    cfg = HGAConfig.from_mapping({"preset": "paper"})
     assert (cfg.sink_chunks, cfg.local_chunks, cfg.topk_chunks, cfg.topk_groups) == (2, 8, 20, 32)
     assert cfg.groups_per_query == 16
+    assert (cfg.chunk_score, cfg.group_score) == ("summary", "mean")
     assert cfg.keys_per_query_bound == (2 + 8 + 1) * 64 + 16 * 16
-    assert HGAConfig.from_mapping({"preset": "paper"}) == cfg
+
+
+def test_defaults_spend_the_papers_budget_differently():
+    """The defaults (docs/QUALITY.md, "Choice of the defaults") keep the paper's per-query
+    key budget, so their density equals the paper preset's at every length."""
+    from vllm_hga.analysis import keys_seen
+
+    cfg, paper = HGAConfig(), HGAConfig.from_mapping({"preset": "paper"})
+    assert (cfg.sink_chunks, cfg.local_chunks, cfg.topk_chunks, cfg.topk_groups) == (1, 2, 22, 88)
+    assert cfg.groups_per_query == 44
+    assert (cfg.chunk_score, cfg.group_score, cfg.score_alpha) == ("max_group", "mean_std", 3.0)
+    assert cfg.keys_per_query_bound == paper.keys_per_query_bound == 960
+    # every query position attends the same number of keys under both (so equal density)
+    assert [keys_seen(p, cfg) for p in range(8192)] == [keys_seen(p, paper) for p in range(8192)]
 
 
 @pytest.mark.parametrize("values, message", [
     ({"topk_chunks": 0}, "topk_chunks must be an integer >= 1"),
     ({"sink_chunks": -1}, "sink_chunks must be an integer >= 0"),
     ({"sink_chunks": 0, "local_chunks": 0}, "sink_chunks + local_chunks must be >= 1"),
-    ({"groups_per_query": 40}, "cannot exceed topk_groups"),
+    ({"groups_per_query": 100}, "cannot exceed topk_groups"),
     ({"topk_chunks": 2, "topk_groups": 9}, "exceeds the 8 groups"),
     ({"chunk_size": 128}, "chunk_size must be 64"),
     ({"rope_threshold": -1}, "rope_threshold must be a number >= 0"),

@@ -124,9 +124,9 @@ def test_dense_answers_from_deep_inside_6k_context(model_default):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "known miss, see docs/QUALITY.md: with the paper's default budgets the 135M model "
-    "does not retrieve the needle that dense attention retrieves; strict, so this test "
-    "fails CI the day it starts passing and the marker must go"))
+    "known miss, see docs/QUALITY.md (needle section): the paper's settings miss at 20% and 50% "
+    "depth; the defaults answer at 50% but write 'violet-harrel-42' at 20% (bf16); strict, "
+    "so this test fails CI the day it starts passing and the marker must go"))
 def test_default_hga_answers_from_deep_inside_6k_context(model_default):
     for text in answers(model_default, "HGA"):
         assert "violet-harbor-42" in text, text

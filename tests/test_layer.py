@@ -51,8 +51,10 @@ def test_full_coverage_equals_dense_mixed_batches(heads):
     HGAConfig(sink_chunks=0, local_chunks=4, topk_chunks=3, topk_groups=6),  # no sinks
     HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=6),  # forced prev
     HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8,
-              chunk_score="max_group"),
-], ids=["sparse", "no-sink", "no-local", "max-group"])
+              chunk_score="max_group", group_score="mean"),
+    HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8,
+              chunk_score="summary", group_score="mean"),
+], ids=["sparse", "no-sink", "no-local", "max-group", "paper-scoring"])
 @pytest.mark.parametrize("lengths", [[27, 61, 113], [482, 3330]])
 def test_sparse_layer_equals_reference_exactly_in_float64(lengths, cfg):
     run = PagedRun(lengths, cfg, 6, 2, dtype=torch.float64, seed=len(lengths))

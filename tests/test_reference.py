@@ -52,7 +52,8 @@ def summaries_by_definition(k_raw: torch.Tensor, rope: RopeSpec, cfg: HGAConfig)
 @pytest.mark.parametrize("name", sorted(ROPES))
 def test_summaries_equal_float64_definition(name):
     rope = ROPES[name]
-    cfg = HGAConfig()
+    # the paper's scoring: page row 0 is the chunk summary (mean_std puts the variance there)
+    cfg = HGAConfig.from_mapping({"preset": "paper"})
     gen = torch.Generator().manual_seed(1)
     S, H = 5 * 64 + 17, 3
     k_raw = torch.randn(S, H, rope.head_size, generator=gen, dtype=torch.float64) * 3
@@ -90,8 +91,9 @@ def _random_request(S, Hq, Hkv, D=64, seed=0, theta=10000.0):
     HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=4, topk_groups=6),
     HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=12),
     HGAConfig(sink_chunks=0, local_chunks=2, topk_chunks=2, topk_groups=8, groups_per_query=5),
+    HGAConfig.from_mapping({"preset": "paper"}),
     HGAConfig(),
-], ids=["small", "no-local", "no-sink", "paper"])
+], ids=["small", "no-local", "no-sink", "paper", "default"])
 def test_routing_invariants(cfg):
     S, Hq, Hkv = 1500, 4, 2
     rope, q, k, v = _random_request(S, Hq, Hkv, seed=3)

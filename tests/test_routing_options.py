@@ -18,14 +18,16 @@ OPTIONS = {
     "mean_std": dict(group_score="mean_std", chunk_score="max_group"),
     "mean_std-alpha0.5": dict(group_score="mean_std", chunk_score="max_group",
                               score_alpha=0.5),
-    "max_group": dict(chunk_score="max_group"),
+    "max_group": dict(chunk_score="max_group", group_score="mean"),
+    "paper-scoring": dict(chunk_score="summary", group_score="mean"),
 }
 BUDGETS = {
     "small": dict(sink_chunks=2, local_chunks=3, topk_chunks=4, topk_groups=6),
     "no-local": dict(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=12),
     "no-sink": dict(sink_chunks=0, local_chunks=2, topk_chunks=2, topk_groups=8,
                     groups_per_query=5),
-    "paper": dict(),
+    "paper": dict(sink_chunks=2, local_chunks=8, topk_chunks=20, topk_groups=32),
+    "default": dict(),
 }
 
 
@@ -68,11 +70,11 @@ def test_mean_std_changes_routing_and_alpha0_is_max_group():
     S, Hq, Hkv = 900, 4, 2
     rope, q, k = _request(S, Hq, Hkv, seed=7)
     small = BUDGETS["small"]
-    base = HGAConfig(chunk_score="max_group", **small)
+    base = HGAConfig(chunk_score="max_group", group_score="mean", **small)
     m0 = ref.visible_mask(q, 0, S, ref.summarize(k, 0, rope, base), base)
     a0 = HGAConfig(chunk_score="max_group", group_score="mean_std", score_alpha=0.0, **small)
     assert torch.equal(ref.visible_mask(q, 0, S, ref.summarize(k, 0, rope, a0), a0), m0)
-    a2 = HGAConfig(chunk_score="max_group", group_score="mean_std", **small)
+    a2 = HGAConfig(chunk_score="max_group", group_score="mean_std", score_alpha=2.0, **small)
     m2 = ref.visible_mask(q, 0, S, ref.summarize(k, 0, rope, a2), a2)
     assert not torch.equal(m2, m0)
     assert m2.sum() == m0.sum()  # same budget: only which groups differs
@@ -91,7 +93,7 @@ def test_group_key_variance_is_the_within_group_variance():
 
 def test_mean_std_needs_variance_and_max_group():
     with pytest.raises(HGAConfigError, match="max_group"):
-        HGAConfig(group_score="mean_std")
+        HGAConfig(group_score="mean_std", chunk_score="summary")
     with pytest.raises(HGAConfigError, match="group_score"):
         HGAConfig(group_score="max")
     with pytest.raises(HGAConfigError, match="score_alpha"):
@@ -120,7 +122,7 @@ LAYER_CASES = {
     "mean_std-no-local": dict(sink_chunks=1, local_chunks=0, topk_chunks=4, topk_groups=12,
                               group_score="mean_std", chunk_score="max_group", score_alpha=3.0),
     "max_group": dict(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8,
-                      chunk_score="max_group"),
+                      chunk_score="max_group", group_score="mean"),
 }
 
 

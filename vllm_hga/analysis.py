@@ -110,11 +110,14 @@ class LayerStats:
     fixed: torch.Tensor = None  # mass in sinks + local + own chunk
     pool: torch.Tensor = None  # mass in the routable pool
     captured: dict[str, torch.Tensor] = field(default_factory=dict)  # total mass in set
+    # mass in each rule's own sinks + local window + own chunk (rules may differ in F, L)
+    fixed_by: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         z = lambda: torch.zeros(self.n_layers, self.n_heads, dtype=torch.float64)  # noqa: E731
         self.count, self.fixed, self.pool = z(), z(), z()
         self.captured = {n: z() for n in self.names}
+        self.fixed_by = {n: z() for n in self.names}
 
     def summary(self) -> dict[str, Any]:
         cnt = self.count.clamp(min=1)
@@ -127,6 +130,9 @@ class LayerStats:
                 "captured": (cap.sum() / self.count.sum()).item(),
                 "pool_recall": ((cap - self.fixed).sum() / self.pool.sum()).item(),
                 "per_layer_captured": (cap.sum(1) / cnt.sum(1)).tolist(),
+                # mass in the routed groups only (captured minus the rule's own window)
+                "routed": ((cap - self.fixed_by[n]).sum() / self.count.sum()).item(),
+                "per_layer_routed": ((cap - self.fixed_by[n]).sum(1) / cnt.sum(1)).tolist(),
                 "per_layer_pool_recall": ((cap - self.fixed).sum(1)
                                           / self.pool.sum(1).clamp(min=1e-12)).tolist(),
                 "per_layer_head_pool_recall": ((cap - self.fixed)
@@ -376,6 +382,7 @@ def _measure(stats: LayerStats, layer, lg, probs, qb, pos, measure, summ_for, nG
         else:
             cap = (gmass * vis).sum(-1)  # own chunk: non-causal keys carry no mass
         stats.captured[name][layer] += cap[active].double().sum(0)
+        stats.fixed_by[name][layer] += (gmass * win.unsqueeze(1)).sum(-1)[active].double().sum(0)
         if win_ref is None:
             win_ref = win
     fixed = (gmass * win_ref.unsqueeze(1)).sum(-1)
