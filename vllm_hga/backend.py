@@ -29,6 +29,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from .attention import GROUPS, HGALayer
 from .config import CHUNK_SIZE, HGAConfig
 from .metrics import worker_metrics
+from .ops import cuda_ops, cuda_prefill
 from .rope import RopeSpec, spec_from_vllm_rope
 from .store import device_bank, host_pool, summary_view
 
@@ -192,7 +193,11 @@ class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
                 kv_cache: torch.Tensor, attn_metadata: HGAMetadata, output: torch.Tensor,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
         if attn_metadata is None:  # memory-profiling run
-            self._bank(layer, key)  # allocated now so that vLLM's profiler counts it
+            # the fixed working sets are allocated now, so that vLLM's profiler counts them
+            self._bank(layer, key)
+            if key.is_cuda and cuda_ops.available():  # the CUDA prefill scratch
+                cuda_prefill.scratch(-(-self.max_model_len // CHUNK_SIZE), self.num_kv_heads,
+                                     self.head_size, key.dtype, key.device)
             return output.fill_(0)
         if self.layer is None:
             from vllm.model_executor.models.utils import extract_layer_index
