@@ -55,7 +55,8 @@ class HGALayer:
                     out[row:row + 1] = self.attend_prefix(q, pool, summ, md, r, row, 1)
             else:
                 out[md.decode_rows] = self.decode(q, pool, summ, md).to(out.dtype)
-        if md.prefill_reqs and not self.dense and cuda_prefill.covers(q, pool, summ, self.cfg):
+        if md.prefill_reqs and not self.dense and self.kernels \
+                and cuda_prefill.covers(q, pool, summ, self.cfg):
             for r in md.prefill_reqs:  # kernels: all queries of a request at once
                 start, n = md.tok_starts[r], md.q_lens[r]
                 cuda_prefill.prefill(q[start:start + n], md.q_starts[r], pool, summ,
