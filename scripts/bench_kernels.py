@@ -401,9 +401,14 @@ def print_prefill(points: list[dict]) -> None:
             ("x tc uva vs dense", "speedup_tc_uva_vs_dense", 2),
             ("x rows dev vs dense", "speedup_rows_dev_vs_dense", 2),
             ("tc vs rows rel", "tc_vs_rows_rel", 5)]
+    print_table(cols, points)
+
+
+def print_table(cols, rows) -> None:
+    """A markdown table: cols = (header, key, decimals), one line per row dict."""
     print("| " + " | ".join(h for h, _, _ in cols) + " |")
     print("|" + "---|" * len(cols))
-    for r in points:
+    for r in rows:
         print("| " + " | ".join(fmt(r.get(k), nd) for _, k, nd in cols) + " |")
 
 
@@ -434,12 +439,10 @@ def print_tables(result: dict) -> None:
             ("x dev vs floor", "speedup_step_dev_vs_floor", 1),
             ("x uva vs SDPA", "speedup_step_uva_vs_sdpa", 2),
             ("torch step us", "torch_step_dev_us", 0)]
-    print("| " + " | ".join(h for h, _, _ in cols) + " |")
-    print("|" + "---|" * len(cols))
     for r in result["points"]:
         r["attn_dev_kernels"] = "/".join(f"{r[f'attn_dev_{k}_us']:.0f}"
                                          for k in ("heads", "shared", "split"))
-        print("| " + " | ".join(fmt(r.get(k), nd) for _, k, nd in cols) + " |")
+    print_table(cols, result["points"])
     print("\n## Host gather of the step's groups (K and V rows, 4 KiB each)\n")
     print("| ctx | B | MB | zero-copy us | zero-copy %H2D | copy-engine us | copy-engine %H2D |")
     print("|---|---|---|---|---|---|---|")
