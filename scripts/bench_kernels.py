@@ -136,7 +136,8 @@ def point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, ceil: dict, reps: int,
     rows, ok, _ = route()
     rep = HQ // HKV
     vis = ok.any(-1)
-    groups_read = int(vis[:, ::rep, :nfix].sum()) + int(vis[:, :, nfix:].sum())
+    groups_read = distinct_groups(rows, vis)
+    rec["groups_listed"] = int(vis[:, ::rep, :nfix].sum()) + int(vis[:, :, nfix:].sum())
     attn_bytes = groups_read * GROUP_KV_BYTES
     keys = int(ok.sum())
     n_pool = max(0, n - 1 - cfg.local_chunks - cfg.sink_chunks)
@@ -212,6 +213,18 @@ def point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, ceil: dict, reps: int,
         rec["torch_step_dev_us"] = t * 1e6
     torch.cuda.empty_cache()
     return rec
+
+
+def distinct_groups(rows: torch.Tensor, vis: torch.Tensor) -> int:
+    """Groups a step must read: distinct (request, pool row) pairs among visible columns.
+
+    A pool row names one KV head's group, so query heads of one KV head that route to the
+    same group share it (the L2 serves the repeats); counting per query head would credit
+    the kernel with bytes it never moved from memory.
+    """
+    req = torch.arange(rows.shape[0], device=rows.device).view(-1, 1, 1).expand_as(rows)
+    key = (req * (rows.max() + 1) + rows)[vis]
+    return int(torch.unique(key).numel())
 
 
 def profile_step(pools: Pools, ctx: int, B: int, cfg: HGAConfig) -> str:

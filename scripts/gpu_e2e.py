@@ -5,6 +5,8 @@ dummy weights with online fp8 (as in the dense baseline notes), random token pro
 decode tok/s = batch * N / (t(N+1 tokens) - t(1 token)).
 
     python scripts/gpu_e2e.py --out results.json --contexts 8192 32768
+    python scripts/gpu_e2e.py --out r.json --backends HGA HGA+bank \
+        --variant 'HGA+bank={"bank_chunks": 512}'     # HGA variants: name=JSON of hga keys
 """
 
 from __future__ import annotations
@@ -61,10 +63,12 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--backends", nargs="+", default=["FLASH_ATTN", "HGA"])
     ap.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768])
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batches", nargs="+", type=int, default=[1])
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--host-kv", default="16GiB")
-    ap.add_argument("--hga", default="{}", help="JSON of extra hga keys (e.g. a preset)")
+    ap.add_argument("--hga", default="{}", help="JSON of extra hga keys for every HGA variant")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME=JSON: an HGA variant (hga keys) run as backend NAME")
     ap.add_argument("--capture-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16],
                     help="CUDA graph batch sizes (fewer = faster start-up, both backends)")
     args = ap.parse_args()
@@ -72,23 +76,30 @@ def main() -> None:
 
     model = model_dir()
     results = []
-    for backend in args.backends:
-        extra = ({"hga": {"host_kv_bytes": args.host_kv, **json.loads(args.hga)}}
-                 if backend == "HGA" else {})
+    variants = {"HGA": {}}
+    for v in args.variant:
+        name, _, cfg = v.partition("=")
+        variants[name] = json.loads(cfg)
+    for name in args.backends:
+        backend = "HGA" if name in variants else name
+        extra = ({"hga": {"host_kv_bytes": args.host_kv, **json.loads(args.hga),
+                          **variants[name]}} if backend == "HGA" else {})
         t = time.perf_counter()
         llm = LLM(model=model, load_format="dummy", quantization="fp8", skip_tokenizer_init=True,
                   attention_backend=backend, max_model_len=max(args.contexts) + args.new + 64,
+                  max_num_seqs=max(max(args.batches), 16),
                   gpu_memory_utilization=0.85, max_num_batched_tokens=16384,
                   enable_prefix_caching=False, additional_config=extra,
                   compilation_config={"cudagraph_capture_sizes": args.capture_sizes})
         startup = time.perf_counter() - t
         for ctx in args.contexts:
-            row = {"backend": backend, "startup_s": round(startup, 1),
-                   **measure(llm, ctx, args.batch, args.new)}
-            results.append(row)
-            print("RESULT", json.dumps(row), flush=True)
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=1)
+            for batch in args.batches:
+                row = {"backend": name, "hga": extra.get("hga"), "startup_s": round(startup, 1),
+                       **measure(llm, ctx, batch, args.new)}
+                results.append(row)
+                print("RESULT", json.dumps(row), flush=True)
+                with open(args.out, "w") as f:
+                    json.dump(results, f, indent=1)
         llm.llm_engine.engine_core.shutdown()
         del llm
 
