@@ -62,8 +62,9 @@ class DecodeLists:
         for r in range(self.R):
             req = self.reqs[r]
             if req is not None and req["pos"] + 1 >= req["end"]:
-                self.free += req["bt"]  # finished: its blocks go back (reused in any order)
-                self.rng.shuffle(self.free)
+                freed = list(req["bt"])  # finished: its blocks are taken again first
+                self.rng.shuffle(freed)
+                self.free += freed
                 req = self.reqs[r] = None
             if req is None:
                 self._start(r)
