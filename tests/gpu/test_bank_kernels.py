@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bank_lists import DecodeLists  # tests/gpu is on sys.path
+from bank_lists import DecodeLists, assert_same, run_steps  # tests/gpu is on sys.path
 
 from vllm_hga.bank import DeviceBank
 from vllm_hga.config import BANK_MAX_CHUNKS, CHUNK_SIZE
@@ -49,44 +49,6 @@ def bank_pair(cap: int, Hkv: int, D: int, dtype, pool) -> tuple[DeviceBank, Devi
     ref.bind(pool)
     fused.bind(pool)
     return ref, fused
-
-
-def assert_same(ref: DeviceBank, fused: DeviceBank, host: torch.Tensor | None,
-                order: bool = True) -> None:
-    """Tables, counters, bank data; order: the LRU order (valid right after an admission;
-    invalidation leaves it to the next admission to correct)."""
-    cap = fused.capacity
-    assert torch.equal(ref.slot_of_block, fused.slot_of_block), "slot_of_block"
-    assert torch.equal(ref.block_of_slot, fused.block_of_slot), "block_of_slot"
-    # (the torch path's padding writes land in last_use's spare entry: not compared)
-    assert torch.equal(ref.last_use[:cap], fused.last_use[:cap]), "last_use"
-    assert torch.equal(ref.meta[:7], fused.meta[:7]), (ref.meta.tolist(), fused.meta.tolist())
-    if order:
-        lru = torch.sort(fused.last_use[:cap], stable=True).indices.to(torch.int32)
-        assert torch.equal(fused.order.view(2, cap)[fused.step & 1], lru), "LRU order"
-    held = (fused.block_of_slot[:cap] >= 0).nonzero()[:, 0]
-    assert int((fused.slot_of_block[:-1] >= 0).sum()) == held.numel()
-    if host is not None and held.numel():
-        blocks = fused.block_of_slot[held].cpu()
-        assert torch.equal(fused.data[held].cpu(), host[blocks]), "bank data != pool blocks"
-
-
-def run_steps(lists: DecodeLists, ref, fused, pool, host, steps: int, int32_every: int = 3):
-    stats = dict(hits=0, misses=0, admitted=0, dropped=0)
-    for i in range(steps):
-        rows, ok, slots = lists.step()
-        before = int((fused.slot_of_block >= 0).sum())
-        ref.invalidate(slots)
-        fused.invalidate(slots.int() if i % int32_every == 0 else slots)
-        stats["dropped"] += before - int((fused.slot_of_block >= 0).sum())
-        want = ref.admit(pool, rows, ok, lists.own_cols)
-        got = fused.admit(pool, rows, ok, lists.own_cols)
-        assert torch.equal(got, want), f"encoded rows differ at step {i}"
-        assert_same(ref, fused, host)
-        stats["hits"] += int(fused.meta[5])
-        stats["misses"] += int(fused.meta[6])
-        stats["admitted"] += int(fused.meta[1])
-    return stats
 
 
 @pytest.mark.parametrize("cap", [3, 40, 1024])
