@@ -137,10 +137,10 @@ class DeviceBank:
         return self.kernels and self.device.type == "cuda" and _cuda_ops().bank_kernels()
 
     def _tables(self) -> dict:
-        return dict(slot_of_block=self.slot_of_block, block_of_slot=self.block_of_slot,
-                    last_use=self.last_use, order=self.order, miss_bits=self._miss_bits,
-                    miss_summary=self._miss_summary, meta=self.meta,
-                    fill_blocks=self.fill_blocks, fill_slots=self.fill_slots)
+        return {"slot_of_block": self.slot_of_block, "block_of_slot": self.block_of_slot,
+                "last_use": self.last_use, "order": self.order, "miss_bits": self._miss_bits,
+                "miss_summary": self._miss_summary, "meta": self.meta,
+                "fill_blocks": self.fill_blocks, "fill_slots": self.fill_slots}
 
     # ------------------------------------------------------------------ writes
     def invalidate(self, slots: torch.Tensor) -> None:

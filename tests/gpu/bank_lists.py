@@ -46,7 +46,7 @@ class DecodeLists:
         if len(self.free) < n:
             raise RuntimeError("pool too small for the requests")
         bt = [self.free.pop() for _ in range(n)]
-        self.reqs[r] = dict(bt=bt, pos=start - 1, end=end, hot=[])
+        self.reqs[r] = {"bt": bt, "pos": start - 1, "end": end, "hot": []}
         self.pending += [bt[t // CHUNK] * CHUNK + t % CHUNK for t in range(start)]  # prefill
 
     def _route(self, req: dict, c: int) -> None:
@@ -133,7 +133,7 @@ def assert_same(ref, fused, host: torch.Tensor | None, order: bool = True) -> No
 def run_steps(lists: DecodeLists, ref, fused, pool, host, steps: int, int32_every: int = 3):
     """Both banks (DeviceBank: ref on the torch path, fused on the kernels) through `steps`
     decode steps of `lists`: invalidate, admit, compare rows and state after each."""
-    stats = dict(hits=0, misses=0, admitted=0, dropped=0)
+    stats = {"hits": 0, "misses": 0, "admitted": 0, "dropped": 0}
     for i in range(steps):
         rows, ok, slots = lists.step()
         before = int((fused.slot_of_block >= 0).sum())

@@ -142,8 +142,9 @@ def test_launches_no_sync_and_metrics():
         ref_enc = ref.admit(pool, rows, ok, lists.own_cols, m_ref)
         torch.cuda.synchronize()
         if i == 5:
-            inv = _kernels_in(lambda: fused.invalidate(slots))
-            adm = _kernels_in(lambda: fused.admit(pool, rows, ok, lists.own_cols, m_fused))
+            inv = _kernels_in(lambda s=slots: fused.invalidate(s))
+            adm = _kernels_in(lambda r=rows, o=ok: fused.admit(pool, r, o, lists.own_cols,
+                                                               m_fused))
             print(f"\ninvalidate kernels: {inv}\nadmit kernels: {adm}")
             assert len(inv) == 1 and len(adm) <= 3, (inv, adm)
             enc = None
@@ -190,10 +191,9 @@ def test_cuda_graph_replay_matches_eager():
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        with torch.cuda.graph(graph):
-            fused.invalidate(static_slots)
-            static_enc = fused.admit(pool, static_rows, static_ok, lists.own_cols, m_fused)
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        fused.invalidate(static_slots)
+        static_enc = fused.admit(pool, static_rows, static_ok, lists.own_cols, m_fused)
     torch.cuda.current_stream().wait_stream(side)
     assert_same(ref, fused, host)  # capture ran nothing
     for i in range(30):
@@ -216,7 +216,7 @@ def test_admission_time(R):
     """Timing print (no assertion on speed): eager admission per layer and step, fused vs
     torch path, steady state (same lists every step: all hits) and drifting lists."""
     nb, Hq, Hkv, D = 60_000, 32, 4, 128
-    host, pool = make_pool(nb, Hkv, D, torch.bfloat16, uva=True)
+    _, pool = make_pool(nb, Hkv, D, torch.bfloat16, uva=True)
     lists = DecodeLists(nb, R=R, Hq=Hq, Hkv=Hkv, sinks=1, local=2, topk=22, groups=44,
                         lengths=(8000, 32000), seed=R, device=DEV, max_decode=1000)
     steps = [lists.step()[:2] for _ in range(10)]
