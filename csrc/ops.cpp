@@ -40,6 +40,13 @@ TORCH_LIBRARY(vllm_hga, m) {
   m.def("attend_groups(Tensor q, Tensor kv_rows, Tensor rows, Tensor token_ok, Tensor? bank_rows,"
         " int num_kv_heads, int v_offset, int n_shared, float scale, int mode, Tensor(a!) out) -> ()");
   m.def("bank_fill(Tensor pool, Tensor(a!) bank, Tensor blocks, Tensor slots) -> ()");
+  m.def("bank_admit(Tensor pool, Tensor(a!) bank, Tensor rows, Tensor token_ok, int own_lo,"
+        " int own_hi, Tensor(b!) slot_of_block, Tensor(c!) block_of_slot, Tensor(d!) last_use,"
+        " Tensor(e!) order, Tensor(f!) miss_bits, Tensor(g!) miss_summary, Tensor(h!) meta,"
+        " Tensor(i!) fill_blocks, Tensor(j!) fill_slots, Tensor(k!) enc, Tensor(l!)[] sinks,"
+        " int chunk_bytes, bool fill) -> ()");
+  m.def("bank_invalidate(Tensor slots, Tensor(a!) slot_of_block, Tensor(b!) block_of_slot,"
+        " Tensor(c!) last_use) -> ()");
   m.def("prefill_attend(Tensor q, int p0, Tensor kv, Tensor gid, Tensor token_ok, int nfix,"
         " int seq_len, int sink_chunks, int local_chunks, float scale, Tensor(a!) out) -> ()");
   m.def("gather_rows(Tensor src, Tensor idx, Tensor(a!) dst) -> ()");

@@ -156,3 +156,115 @@ def test_bank_chunks_config():
 
     with pytest.raises(HGAConfigError, match="bank_chunks"):
         HGAConfig(bank_chunks=-1)
+
+
+def test_capacity_limit():
+    from vllm_hga.bank import DeviceBank
+    from vllm_hga.config import BANK_MAX_CHUNKS, HGAConfigError
+
+    assert HGAConfig(bank_chunks=BANK_MAX_CHUNKS).bank_size("cuda") == BANK_MAX_CHUNKS
+    with pytest.raises(HGAConfigError, match="bank_chunks"):
+        HGAConfig(bank_chunks=BANK_MAX_CHUNKS + 1)
+    with pytest.raises(ValueError, match="lower bank_chunks"):
+        DeviceBank(BANK_MAX_CHUNKS + 1, 1, 8, torch.float32, "cpu")
+
+
+# ----------------------------------------------------------------------------- kernel model
+class KernelModel:
+    """csrc/bank.cu's admission in plain Python, phase by phase: hits found and encoded at
+    mark time, misses in block order, victims from [empty slots by index] ++ [kept slots
+    in the previous LRU order] (no sort), new order = rest ++ touched slots by index,
+    order double-buffered by step parity.  Checked against the torch reference below."""
+
+    PENDING = object()
+
+    def __init__(self, cap: int, nb: int, h2m: int):
+        self.cap, self.nb, self.h2m = cap, nb, h2m
+        self.sob, self.bos, self.lu = [-1] * nb, [-1] * cap, [-1] * cap
+        self.order = [list(range(cap)), list(range(cap))]
+        self.step = 0
+        self.fills: list[tuple[int, int]] = []
+
+    def invalidate(self, slots) -> None:
+        for t in slots:
+            if t >= 0 and self.sob[t // CHUNK_SIZE] >= 0:
+                s = self.sob[t // CHUNK_SIZE]
+                self.sob[t // CHUNK_SIZE] = self.bos[s] = self.lu[s] = -1
+
+    def admit(self, rows: torch.Tensor, token_ok: torch.Tensor, own) -> torch.Tensor:
+        cap, h2m, step = self.cap, self.h2m, self.step + 1
+        gt = rows.shape[-1]
+        flat, ok = rows.flatten().tolist(), token_ok.any(-1).flatten().tolist()
+        enc, misses = [], set()
+        for i, (row, o) in enumerate(zip(flat, ok)):  # mark
+            if own[0] <= i % gt < own[1] or not o:
+                enc.append(row)
+            elif self.sob[row // h2m] >= 0:
+                s = self.sob[row // h2m]
+                self.lu[s] = step
+                enc.append(-(s * h2m + row % h2m) - 1)
+            else:
+                misses.add(row // h2m)
+                enc.append(self.PENDING)
+        empty = [s for s in range(cap) if self.lu[s] < 0]  # admit
+        kept = [s for s in self.order[(step - 1) & 1] if 0 <= self.lu[s] < step]
+        seq = empty + kept
+        n_admit = min(len(misses), len(seq))
+        self.fills = list(zip(sorted(misses)[:n_admit], seq[:n_admit]))
+        for blk, s in self.fills:
+            if self.bos[s] >= 0:
+                self.sob[self.bos[s]] = -1
+            self.bos[s], self.lu[s] = blk, step
+        for blk, s in self.fills:
+            self.sob[blk] = s
+        self.order[step & 1] = seq[n_admit:] + [s for s in range(cap) if self.lu[s] == step]
+        self.step = step
+        for i, e in enumerate(enc):  # encode the pending columns
+            if e is self.PENDING:
+                row = flat[i]
+                s = self.sob[row // h2m]
+                enc[i] = -(s * h2m + row % h2m) - 1 if s >= 0 else row
+        return torch.tensor(enc).view(rows.shape)
+
+
+@pytest.mark.parametrize("cap", [3, 17, 60, 400])
+def test_kernel_model_matches_torch_admission(cap):
+    """The CUDA kernels' LRU-order bookkeeping gives the torch path's tables and rows, over
+    decode steps with evictions, finished requests whose blocks are reused, invalidation."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "gpu"))
+    from bank_lists import DecodeLists
+
+    from vllm_hga.bank import DeviceBank
+
+    nb, Hkv, D = 700, 2, 4
+    lists = DecodeLists(nb, R=3, Hq=4, Hkv=Hkv, sinks=1, local=2, topk=6, groups=8,
+                        lengths=(300, 5000), seed=cap, max_decode=50)
+    pool = torch.randn(nb, Hkv, 2, CHUNK_SIZE, D)
+    bank = DeviceBank(cap, Hkv, D, torch.float32, "cpu")
+    bank.bind(pool)
+    model = KernelModel(cap, nb, lists.h2m)
+    hits = admitted = dropped = 0
+    for _ in range(120):
+        rows, ok, slots = lists.step()
+        dropped += sum(model.sob[t // CHUNK_SIZE] >= 0 for t in set(slots.tolist()) if t >= 0)
+        bank.invalidate(slots)
+        model.invalidate(slots.tolist())
+        enc = bank.admit(pool, rows, ok, lists.own_cols)
+        want = model.admit(rows, ok, lists.own_cols)
+        assert torch.equal(enc, want)
+        assert bank.slot_of_block[:nb].tolist() == model.sob
+        assert bank.block_of_slot[:cap].tolist() == model.bos
+        assert bank.last_use[:cap].tolist() == model.lu
+        order = torch.sort(bank.last_use[:cap], stable=True).indices.tolist()
+        assert model.order[model.step & 1] == order
+        for blk, s in model.fills:
+            assert torch.equal(bank.data[s], pool[blk])
+        hits += int(bank.meta[5])
+        admitted += len(model.fills)
+    assert bank.step == model.step == 120
+    assert hits > 0 and admitted == bank.stats()["bank_bytes_fetched"] // bank.chunk_bytes
+    assert admitted > cap or cap == 400  # the small banks filled up and evicted
+    assert dropped > 0 or cap == 3  # reused blocks left the bank

@@ -16,14 +16,21 @@ end that absorbs writes of padding, so every update is a fixed-shape scatter):
 * ``last_use [bank_chunks + 1]``: the layer's decode step that last touched the slot.
 
 Per decode step (``admit``): the chunks the group lists need (valid columns except the
-open own chunk) are marked in a [num_blocks] mask; resident ones refresh ``last_use``
-(hits); the others (misses) take the least recently used slots not hit this step, in block
+open own chunk) are found; resident ones refresh ``last_use`` (hits); the others (misses)
+take the least recently used slots not hit this step (ties: lower slot first), in block
 order, as long as slots remain, and are copied in from the pool.  Misses beyond the bank's
 size are read from the pool directly this step.  Every block written (``invalidate``:
 new tokens, or a freed block reused by another request) leaves the bank first, so stale
-data is never read.  No step reads a device value on the host: on CUDA the only
-data-dependent size (which blocks to copy) is ``torch.nonzero_static`` padded to the bank
-size, and the copy kernel skips the padding.
+data is never read.  No step reads a device value on the host, and the step counter is a
+device tensor (``meta[0]``), so admission can be captured in a CUDA graph.
+
+Two implementations with the same results: the torch ops below (the reference: CPU, and
+CUDA without the extension or with ``kernels = False``), and on CUDA three fused launches
+(csrc/bank.cu: mark, one-CTA admit, fill + encode) that keep the LRU order of the slots
+incrementally in ``order`` instead of sorting ``last_use``.  ``invalidate`` is one launch
+on CUDA.  Counters (hits, misses, chunks admitted) accumulate in ``meta`` on the device;
+``admit(metrics=WorkerMetrics)`` also adds them to its ``bank_*`` series (on CUDA the
+admit kernel adds into the metric accumulators directly, no extra launch).
 
 Attention reads group rows through the encoded row list ``admit`` returns: row >= 0 is a
 row of the pool viewed as [*, 16, D]; row < 0 is row ``-row - 1`` of the bank viewed the
@@ -34,30 +41,69 @@ from __future__ import annotations
 
 import torch
 
-from .config import CHUNK_SIZE, GROUP_SIZE
+from .config import BANK_MAX_CHUNKS, CHUNK_SIZE, GROUP_SIZE
 
 GROUPS = CHUNK_SIZE // GROUP_SIZE
+# meta entries (csrc/bank.cu enum Meta)
+STEP, FILLS, HITS, MISSES, ADMITTED, LAST_HITS, LAST_MISSES = range(7)
+METRIC_NAMES = ("bank_hits", "bank_misses", "bank_bytes_fetched")
+
+
+def _cuda_ops():
+    from .ops import cuda_ops
+
+    return cuda_ops
 
 
 class DeviceBank:
     def __init__(self, chunks: int, num_kv_heads: int, head_size: int, dtype: torch.dtype,
                  device: torch.device | str):
         self.capacity = int(chunks)
+        if not 1 <= self.capacity <= BANK_MAX_CHUNKS:
+            raise ValueError(f"device bank of {self.capacity} chunks: 1..{BANK_MAX_CHUNKS} per "
+                             f"layer (the CUDA admission kernel keeps one byte per slot in "
+                             f"shared memory); lower bank_chunks")
         self.num_kv_heads, self.head_size = num_kv_heads, head_size
         self.device = torch.device(device)
+        self.kernels = True  # fused CUDA admission where available (tests turn it off)
+        cap, dev = self.capacity, self.device
         # zeros, not empty: the attention kernels never weight a slot they do not need, but
         # the torch path multiplies masked values by 0 (0 * NaN = NaN would poison it)
         # one spare slot at the end: the target of padding in fixed-shape copies
-        self.data = torch.zeros(self.capacity + 1, num_kv_heads, 2, CHUNK_SIZE, head_size,
-                                dtype=dtype, device=self.device)
-        self.block_of_slot = torch.full((self.capacity + 1,), -1, dtype=torch.long,
-                                        device=self.device)
-        self.last_use = torch.full((self.capacity + 1,), -1, dtype=torch.long,
-                                   device=self.device)
+        self.data = torch.zeros(cap + 1, num_kv_heads, 2, CHUNK_SIZE, head_size,
+                                dtype=dtype, device=dev)
+        self.block_of_slot = torch.full((cap + 1,), -1, dtype=torch.long, device=dev)
+        self.last_use = torch.full((cap + 1,), -1, dtype=torch.long, device=dev)
         self.slot_of_block: torch.Tensor | None = None
         self.num_blocks = 0
-        self.step = 0
+        # [STEP] decode steps admitted so far (the value last_use counts in), [FILLS] chunks
+        # the last step admitted, [HITS, MISSES, ADMITTED] totals, [LAST_*] the last step's
+        self.meta = torch.zeros(8, dtype=torch.long, device=dev)
+        # CUDA admission state (csrc/bank.cu): slots by (last_use, slot), double-buffered by
+        # step parity; the fill list of the last step; miss bitmaps (bind sizes them)
+        self.order = torch.arange(cap, dtype=torch.int32, device=dev).repeat(2)
+        self.fill_blocks = torch.full((cap,), -1, dtype=torch.long, device=dev)
+        self.fill_slots = torch.full((cap,), -1, dtype=torch.long, device=dev)
+        self._miss_bits: torch.Tensor | None = None
+        self._miss_summary: torch.Tensor | None = None
         self._arange: torch.Tensor | None = None
+        self._sinks: tuple[object, list[torch.Tensor] | None] = (None, None)
+
+    @property
+    def step(self) -> int:
+        """Decode steps admitted so far (reads the device: not on the hot path)."""
+        return int(self.meta[STEP])
+
+    @property
+    def counters(self) -> torch.Tensor:
+        """int64 [3] device view: total hits, misses, chunks admitted (copied in)."""
+        return self.meta[HITS:ADMITTED + 1]
+
+    def stats(self) -> dict[str, int]:
+        """Totals since construction under the metric names (synchronises the device)."""
+        hits, misses, admitted = self.counters.tolist()
+        return {"bank_hits": hits, "bank_misses": misses,
+                "bank_bytes_fetched": admitted * self.chunk_bytes}
 
     @property
     def nbytes(self) -> int:
@@ -76,19 +122,39 @@ class DeviceBank:
         if pool.dtype != self.data.dtype or tuple(pool.shape[1:]) != tuple(self.data.shape[1:]):
             raise ValueError(f"bank {tuple(self.data.shape)} {self.data.dtype} does not match "
                              f"pool {tuple(pool.shape)} {pool.dtype}")
+        dev = self.device
         self.num_blocks = nb
-        self.slot_of_block = torch.full((nb + 1,), -1, dtype=torch.long, device=self.device)
-        self._arange = torch.arange(nb, device=self.device)
+        self.slot_of_block = torch.full((nb + 1,), -1, dtype=torch.long, device=dev)
+        self._arange = torch.arange(nb, device=dev)
+        words = -(-nb // 32)
+        self._miss_bits = torch.zeros(words, dtype=torch.int32, device=dev)
+        self._miss_summary = torch.zeros(-(-words // 32), dtype=torch.int32, device=dev)
         self.block_of_slot.fill_(-1)
         self.last_use.fill_(-1)
+        self.order.copy_(torch.arange(self.capacity, dtype=torch.int32, device=dev).repeat(2))
+
+    def _use_kernels(self) -> bool:
+        return self.kernels and self.device.type == "cuda" and _cuda_ops().bank_kernels()
+
+    def _tables(self) -> dict:
+        return {"slot_of_block": self.slot_of_block, "block_of_slot": self.block_of_slot,
+                "last_use": self.last_use, "order": self.order, "miss_bits": self._miss_bits,
+                "miss_summary": self._miss_summary, "meta": self.meta,
+                "fill_blocks": self.fill_blocks, "fill_slots": self.fill_slots}
 
     # ------------------------------------------------------------------ writes
     def invalidate(self, slots: torch.Tensor) -> None:
         """Drop the blocks of token slots [T] (block*64 + offset; < 0 padding) from the bank."""
         if slots.numel() == 0:
             return
+        if slots.device != self.device:
+            slots = slots.to(self.device)
+        if self._use_kernels():
+            _cuda_ops().bank_invalidate(slots, self.slot_of_block, self.block_of_slot,
+                                        self.last_use)
+            return
         nb = self.num_blocks
-        slots = slots.to(self.device, torch.long)
+        slots = slots.to(torch.long)
         blocks = torch.where(slots >= 0, slots // CHUNK_SIZE, nb)
         held = self.slot_of_block[blocks]  # dummy entry nb is always -1
         self.slot_of_block.index_fill_(0, blocks, -1)
@@ -104,10 +170,58 @@ class DeviceBank:
         rows [R, Hq, Gt] pool K rows ((block*H + kv_head)*2)*M + group, token_ok
         [R, Hq, Gt, 16]; columns own_cols = [a, b) are the open own chunk (never admitted).
         """
+        if self._use_kernels():
+            return self._admit_kernels(pool, rows, token_ok, own_cols, metrics)
+        return self._admit_torch(pool, rows, token_ok, own_cols, metrics)
+
+    def _admit_kernels(self, pool, rows, token_ok, own_cols, metrics) -> torch.Tensor:
+        cuda_ops = _cuda_ops()
+        rows = rows.to(torch.long).contiguous()
+        token_ok = token_ok.to(torch.bool).contiguous()
+        if token_ok.data_ptr() % 16:
+            token_ok = token_ok.clone()
+        a, b = own_cols
+        enc = torch.empty_like(rows)
+        sinks = self._metric_sinks(metrics)
+        fill = cuda_ops.bank_fill_covered(pool, self.data)
+        cuda_ops.bank_admit(pool, self.data, rows, token_ok, (a, b) if b > a else (0, 0),
+                            self._tables(), enc, sinks or [], self.chunk_bytes, fill)
+        if not fill:  # fixed-shape copy of the fill list; padding lands in the spare slot
+            dst = torch.where(self.fill_slots >= 0, self.fill_slots, self.capacity)
+            self.data[dst] = pool[self.fill_blocks.clamp(min=0)].to(self.device)
+        if metrics is not None and sinks is None:
+            metrics.add("bank_hits", self.meta[LAST_HITS])
+            metrics.add("bank_misses", self.meta[LAST_MISSES])
+            metrics.add("bank_bytes_fetched", self.meta[FILLS] * self.chunk_bytes)
+        return enc
+
+    def _metric_sinks(self, metrics) -> list[torch.Tensor] | None:
+        """The float64 device accumulators of metrics' bank_* series (WorkerMetrics keeps
+        them in ``_device``), for the admit kernel to add into; None: add per step."""
+        if metrics is None:
+            return []
+        if self._sinks[0] is metrics:
+            return self._sinks[1]
+        sinks = None
+        acc = getattr(metrics, "_device", None)
+        if isinstance(acc, dict):
+            sinks = []
+            for name in METRIC_NAMES:
+                metrics.add(name, torch.zeros((), dtype=torch.float64, device=self.device))
+                t = acc.get(name)
+                if not (isinstance(t, torch.Tensor) and t.dtype == torch.float64
+                        and t.device == self.device and t.numel() == 1):
+                    sinks = None
+                    break
+                sinks.append(t)
+        self._sinks = (metrics, sinks)
+        return sinks
+
+    def _admit_torch(self, pool, rows, token_ok, own_cols, metrics) -> torch.Tensor:
         nb, cap = self.num_blocks, self.capacity
         H2M = self.num_kv_heads * 2 * GROUPS
-        self.step += 1
-        step = self.step
+        self.meta.narrow(0, STEP, 1).add_(1)
+        step = self.meta[STEP]  # 0-dim device tensor: no host value in any kernel
         col_ok = token_ok.any(-1)
         a, b = own_cols
         if b > a:
@@ -121,7 +235,8 @@ class DeviceBank:
         miss = need & ~resident
         n_hit = hit.sum()
         # hits first: they must not be chosen as victims below (last_use = step is the max)
-        self.last_use.index_fill_(0, torch.where(hit, sob, cap), step)
+        hit_slots = torch.where(hit, sob, cap)  # (index_put_, not index_fill_: a tensor
+        self.last_use.index_put_((hit_slots,), step.expand(nb))  # value there is .item())
         rank = torch.cumsum(miss, 0) - 1  # k-th missing block (block order)
         admit = miss & (rank < cap - n_hit)
         victims = torch.sort(self.last_use[:cap], stable=True).indices  # LRU first
@@ -135,12 +250,19 @@ class DeviceBank:
         self.slot_of_block.narrow(0, nb, 1).fill_(-1)
         self.block_of_slot.index_put_((slot,), self._arange)
         self.block_of_slot.narrow(0, cap, 1).fill_(-1)
-        self.last_use.index_fill_(0, slot, step)
+        self.last_use.index_put_((slot,), step.expand(nb))
         self._fill(pool, admit, slot)
+        n_miss, n_admit = miss.sum(), admit.sum()
+        last = torch.stack([n_hit, n_miss, n_admit])
+        self.meta[HITS:ADMITTED + 1] += last
+        self.meta[LAST_HITS:LAST_MISSES + 1] = last[:2]
+        self.meta.narrow(0, FILLS, 1).copy_(n_admit.view(1))
+        if self.device.type == "cuda":  # keep the kernels' LRU order valid (stable sort)
+            order = torch.sort(self.last_use[:cap], stable=True).indices.to(torch.int32)
+            self.order.view(2, cap).copy_(order.expand(2, cap))
         if metrics is not None:
-            n_admit = admit.sum()
             metrics.add("bank_hits", n_hit)
-            metrics.add("bank_misses", miss.sum())
+            metrics.add("bank_misses", n_miss)
             metrics.add("bank_bytes_fetched", n_admit * self.chunk_bytes)
         # encode rows of resident chunks (the own chunk's columns stay in the pool)
         s = self.slot_of_block[blk]
@@ -149,8 +271,7 @@ class DeviceBank:
 
     def _fill(self, pool: torch.Tensor, admit: torch.Tensor, slot: torch.Tensor) -> None:
         if self.device.type == "cuda":
-            from .ops import cuda_ops
-
+            cuda_ops = _cuda_ops()
             if cuda_ops.bank_fill_covered(pool, self.data):
                 blocks = torch.nonzero_static(admit, size=self.capacity, fill_value=-1)[:, 0]
                 slots = torch.where(blocks >= 0, slot[blocks.clamp(min=0)], -1)

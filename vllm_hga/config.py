@@ -23,6 +23,10 @@ from typing import Any, Mapping
 
 CHUNK_SIZE = 64  # tokens per chunk; one chunk is one vLLM KV block
 GROUP_SIZE = 16  # tokens per group; 4 groups per chunk
+# Largest device bank per layer (bank_chunks): the CUDA admission kernel keeps one byte per
+# slot in shared memory (csrc/bank.cu kBankMaxSlots).  32768 chunks are 4 GiB per layer
+# at 4 KV heads x 128 dims in bf16.
+BANK_MAX_CHUNKS = 32768
 
 # Presets live in the repository's configs/ (the package is installed editable).
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -75,9 +79,9 @@ class HGAConfig:
     disk_kv_bytes: int | None = None
     # Device bank (bank.py): an LRU working set of whole chunks of K/V in device memory per
     # layer, which decode attention reads instead of the host pool.  0 or None = off, the
-    # default: on the H200 its admission (about 90 small kernel launches per layer and
-    # step) costs more than the host reads it saves (docs/BENCHMARKS.md, "Device bank").
-    # Set e.g. 512 to turn it on; it runs on CPU too (ordinary memory).
+    # default (measured before the admission became three fused kernels per layer and step:
+    # docs/BENCHMARKS.md, "Device bank").  Set e.g. 512 to turn it on, at most
+    # BANK_MAX_CHUNKS; it runs on CPU too (ordinary memory).
     bank_chunks: int | None = None
     preset: str | None = field(default=None, compare=False)
 
@@ -102,9 +106,10 @@ class HGAConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0; got {v!r}")
         need(self.bank_chunks is None or (isinstance(self.bank_chunks, int)
-                                          and self.bank_chunks >= 0),
-             f"bank_chunks must be an integer >= 0 (0 = no device bank); got "
-             f"{self.bank_chunks!r}")
+                                          and 0 <= self.bank_chunks <= BANK_MAX_CHUNKS),
+             f"bank_chunks must be an integer in [0, {BANK_MAX_CHUNKS}] (0 = no device bank; "
+             f"the CUDA admission kernel holds at most {BANK_MAX_CHUNKS} slots per layer); "
+             f"got {self.bank_chunks!r}")
         for name in ("topk_chunks", "topk_groups", "groups_per_query"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1; got {v!r}")

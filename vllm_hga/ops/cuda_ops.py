@@ -246,6 +246,42 @@ def bank_fill(pool: torch.Tensor, bank: torch.Tensor, blocks: torch.Tensor,
                      slots.to(torch.long).contiguous())
 
 
+@functools.cache
+def bank_kernels() -> bool:
+    """True when the extension has the fused bank admission (csrc/bank.cu)."""
+    if _C is None:
+        return False
+    try:
+        return hasattr(_ops(), "bank_admit") and hasattr(_ops(), "bank_invalidate")
+    except RuntimeError:
+        return False
+
+
+def bank_admit(pool: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor,
+               token_ok: torch.Tensor, own_cols: tuple[int, int], tables: dict,
+               enc: torch.Tensor, sinks: list[torch.Tensor], chunk_bytes: int,
+               fill: bool) -> None:
+    """DeviceBank.admit in three launches (csrc/bank.cu): mark, admit (one CTA), fill +
+    encode.  tables: the bank's slot_of_block, block_of_slot, last_use, order, miss_bits,
+    miss_summary, meta, fill_blocks, fill_slots (updated in place); enc (like rows) gets
+    the encoded rows; sinks: [] or float64 scalars (hits, misses, bytes) to add to.
+    fill=False leaves the copy to the caller (fill list in tables)."""
+    t = tables
+    _ops().bank_admit(pool, bank, rows, token_ok, int(own_cols[0]), int(own_cols[1]),
+                      t["slot_of_block"], t["block_of_slot"], t["last_use"], t["order"],
+                      t["miss_bits"], t["miss_summary"], t["meta"], t["fill_blocks"],
+                      t["fill_slots"], enc, sinks, int(chunk_bytes), bool(fill))
+
+
+def bank_invalidate(slots: torch.Tensor, slot_of_block: torch.Tensor,
+                    block_of_slot: torch.Tensor, last_use: torch.Tensor) -> None:
+    """DeviceBank.invalidate in one launch: blocks of token slots (int32/int64, < 0 padding)
+    leave the bank."""
+    if slots.dtype not in (torch.int32, torch.int64):
+        slots = slots.long()
+    _ops().bank_invalidate(slots.contiguous(), slot_of_block, block_of_slot, last_use)
+
+
 # ----------------------------------------------------------------------------- host memory
 def uva_view(host: torch.Tensor) -> torch.Tensor:
     """CUDA tensor over a pinned CPU tensor's memory (zero-copy; keeps `host` alive)."""
