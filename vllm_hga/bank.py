@@ -87,7 +87,7 @@ class DeviceBank:
         self._miss_bits: torch.Tensor | None = None
         self._miss_summary: torch.Tensor | None = None
         self._arange: torch.Tensor | None = None
-        self._sinks: tuple[object, list[torch.Tensor] | None] = (None, None)
+        self._sinks: tuple[object, list[torch.Tensor]] = (None, [])
 
     @property
     def step(self) -> int:
@@ -185,37 +185,21 @@ class DeviceBank:
         sinks = self._metric_sinks(metrics)
         fill = cuda_ops.bank_fill_covered(pool, self.data)
         cuda_ops.bank_admit(pool, self.data, rows, token_ok, (a, b) if b > a else (0, 0),
-                            self._tables(), enc, sinks or [], self.chunk_bytes, fill)
+                            self._tables(), enc, sinks, self.chunk_bytes, fill)
         if not fill:  # fixed-shape copy of the fill list; padding lands in the spare slot
             dst = torch.where(self.fill_slots >= 0, self.fill_slots, self.capacity)
             self.data[dst] = pool[self.fill_blocks.clamp(min=0)].to(self.device)
-        if metrics is not None and sinks is None:
-            metrics.add("bank_hits", self.meta[LAST_HITS])
-            metrics.add("bank_misses", self.meta[LAST_MISSES])
-            metrics.add("bank_bytes_fetched", self.meta[FILLS] * self.chunk_bytes)
         return enc
 
-    def _metric_sinks(self, metrics) -> list[torch.Tensor] | None:
-        """The float64 device accumulators of metrics' bank_* series (WorkerMetrics keeps
-        them in ``_device``), for the admit kernel to add into; None: add per step."""
+    def _metric_sinks(self, metrics) -> list[torch.Tensor]:
+        """The float64 device accumulators of metrics' bank_* series, for the admit
+        kernel to add into (no launch of its own); [] without metrics."""
         if metrics is None:
             return []
-        if self._sinks[0] is metrics:
-            return self._sinks[1]
-        sinks = None
-        acc = getattr(metrics, "_device", None)
-        if isinstance(acc, dict):
-            sinks = []
-            for name in METRIC_NAMES:
-                metrics.add(name, torch.zeros((), dtype=torch.float64, device=self.device))
-                t = acc.get(name)
-                if not (isinstance(t, torch.Tensor) and t.dtype == torch.float64
-                        and t.device == self.device and t.numel() == 1):
-                    sinks = None
-                    break
-                sinks.append(t)
-        self._sinks = (metrics, sinks)
-        return sinks
+        if self._sinks[0] is not metrics:
+            self._sinks = (metrics, [metrics.accumulator(name, self.device)
+                                     for name in METRIC_NAMES])
+        return self._sinks[1]
 
     def _admit_torch(self, pool, rows, token_ok, own_cols, metrics) -> torch.Tensor:
         nb, cap = self.num_blocks, self.capacity

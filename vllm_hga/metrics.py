@@ -53,13 +53,16 @@ class WorkerMetrics:
 
     def add(self, name: str, value) -> None:
         if isinstance(value, torch.Tensor):
-            acc = self._device.get(name)
-            if acc is None or acc.device != value.device:
-                acc = self._device[name] = torch.zeros((), dtype=torch.float64,
-                                                       device=value.device)
-            acc += value.to(torch.float64)
+            self.accumulator(name, value.device).add_(value.to(torch.float64))
         else:
             self._host[name] += float(value)
+
+    def accumulator(self, name: str, device: torch.device) -> torch.Tensor:
+        """The float64 0-dim device total of `name` (kernels may add into it in place)."""
+        acc = self._device.get(name)
+        if acc is None or acc.device != torch.empty(0, device=device).device:
+            acc = self._device[name] = torch.zeros((), dtype=torch.float64, device=device)
+        return acc
 
     def set(self, name: str, value: float) -> None:
         self._host[name] = float(value)
