@@ -79,6 +79,11 @@ class HGAConfig:
     # step) costs more than the host reads it saves (docs/BENCHMARKS.md, "Device bank").
     # Set e.g. 512 to turn it on; it runs on CPU too (ordinary memory).
     bank_chunks: int | None = None
+    # Full CUDA graphs for steps that are all single-token decodes (CUDA, kernels built,
+    # no device bank, no dense_layers; see backend.cuda_graph_blockers).  False: decode
+    # attention runs eagerly between vLLM's piecewise graphs, as --enforce-eager does
+    # for the whole model.
+    cuda_graphs: bool = True
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +110,8 @@ class HGAConfig:
                                           and self.bank_chunks >= 0),
              f"bank_chunks must be an integer >= 0 (0 = no device bank); got "
              f"{self.bank_chunks!r}")
+        need(isinstance(self.cuda_graphs, bool),
+             f"cuda_graphs must be true or false; got {self.cuda_graphs!r}")
         for name in ("topk_chunks", "topk_groups", "groups_per_query"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1; got {v!r}")
