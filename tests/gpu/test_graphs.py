@@ -142,9 +142,23 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
                                                                         b.nan_to_num(0))
 
 
+def seen_keys(rig: Rig, md: HGAMetadata, n_real: int) -> torch.Tensor:
+    """Bool [n_real, Hq, MAX_LEN]: the keys each real row's heads attend (routing's lists,
+    whatever their width and order)."""
+    _, ok, gid = rig.layer.decode_groups(rig.q, rig.summ, md)
+    ok, gid = ok[:n_real], gid[:n_real]
+    keys = (gid.unsqueeze(-1) * GROUP_SIZE + torch.arange(GROUP_SIZE, device=DEV))
+    seen = torch.zeros(n_real, rig.Hq, MAX_LEN + 1, dtype=torch.bool, device=DEV)
+    seen.scatter_(-1, torch.where(ok, keys, MAX_LEN).flatten(2), True)
+    return seen[..., :MAX_LEN]
+
+
 def replay_and_check(rig: Rig, graph, md_cap: HGAMetadata, lengths) -> None:
     rig.set_step(lengths)
     n_real = sum(S is not None for S in lengths)
+    # routing of the real rows: the same keys in the fixed (graph) and variable layouts
+    assert torch.equal(seen_keys(rig, rig.plan(), n_real),
+                       seen_keys(rig, rig.plan(fixed=False), n_real))
     before = rig.state()
     md = rig.plan()  # build(): rewrites the buffers the graph reads
     assert (md.num_decodes, md.decode_chunks, md.closing_blocks.numel()) == \
