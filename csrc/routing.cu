@@ -71,10 +71,21 @@ route_chunks_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
   float* sc = smem + rep * D;      // [rep][split_len]
   const int s = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t c = pos[r] / kChunk;
+  const int64_t p = pos[r];
+  const int64_t c = p < 0 ? -1 : p / kChunk;  // p < 0: a padded row of a CUDA-graph batch
   const int64_t lo = F + int64_t(s) * split_len;
   const int64_t hi = c - L < lo + split_len ? c - L : lo + split_len;  // pool is [F, c - L)
   const int len = hi > lo ? int(hi - lo) : 0;
+  if (len == 0) {
+    // A slice past this row's pool (the grid is sized for the longest row, or for
+    // max_model_len in a CUDA graph) or a padded row: no candidates, nothing read.
+    for (int i = threadIdx.x; i < rep * Kc; i += blockDim.x) {
+      const int64_t at = ((int64_t(r) * Hq + kvh * rep + i / Kc) * S + s) * Kc + i % Kc;
+      cand_s[at] = -INFINITY;
+      cand_i[at] = -1;
+    }
+    return;  // uniform across the block: no __syncthreads is skipped by part of it
+  }
 
   for (int i = threadIdx.x; i < rep * D; i += blockDim.x)
     q_s[i] = to_float(q[r * q_sr + (kvh * rep + i / D) * q_sh + i % D]);
@@ -197,6 +208,16 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
   const int lane = threadIdx.x;
   const int64_t p = pos[r], c = p / kChunk;
   const int* btr = bt + r * bt_sr;
+  const int nfix = (sinks + local + 1) * kGroups;
+  const int64_t out = int64_t(item) * Gt;
+  if (p < 0) {  // a padded row of a CUDA-graph batch: an empty list (attention gives 0)
+    for (int i = lane; i < Gt; i += 32) {
+      rows[out + i] = (int64_t(btr[0]) * Hkv + kvh) * 2 * kGroups;  // vLLM's null block
+      gid_out[out + i] = 0;
+      store_ok(token_ok + (out + i) * kGroup, 0, false, p);
+    }
+    return;
+  }
 
   for (int e = lane; e < n_cand; e += 32) {
     cs[e] = cand_s[int64_t(item) * n_cand + e];
@@ -318,8 +339,6 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
   __syncwarp();
 
   // 4. the list: fixed chunks, then routed groups ascending, then invalid padding
-  const int nfix = (sinks + local + 1) * kGroups;
-  const int64_t out = int64_t(item) * Gt;
   for (int e = lane; e < ng; e += 32) {
     if (!sel[e]) continue;
     int rank = 0;

@@ -35,9 +35,9 @@ __global__ void write_kv_kernel(T* __restrict__ pool, const T* __restrict__ key,
 
 // Thread d of block (i, h) sums dimension d of the 64 keys of chunk blocks_in[i], head h,
 // after rotating low-frequency RoPE pairs to the chunk (group) middle; writes the means
-// to out[blocks_out[i], h, 0 (chunk) | 1+g (group g), d].  With `variance`, row 0 is
-// instead the mean over the chunk of (k - its group's mean)^2 of the raw post-RoPE keys
-// (reference.group_key_variance), for group_score "mean_std".
+// to out[blocks_out[i], h, 0 (chunk) | 1+g (group g), d]; entries < 0 are skipped.  With
+// `variance`, row 0 is instead the mean over the chunk of (k - its group's mean)^2 of the
+// raw post-RoPE keys (reference.group_key_variance), for group_score "mean_std".
 template <typename T>
 __global__ void summarize_kernel(const T* __restrict__ k, int64_t k_sb, int64_t k_st,
                                  int64_t k_sh, const int64_t* __restrict__ blocks_in,
@@ -46,8 +46,9 @@ __global__ void summarize_kernel(const T* __restrict__ k, int64_t k_sb, int64_t 
                                  const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                  const int* __restrict__ dim_map, int D, int P, int variance) {
   const int d = threadIdx.x;
-  if (d >= D) return;
   const int i = blockIdx.x, h = blockIdx.y;
+  // a negative block id is "no chunk closes" (the fixed-width list of a CUDA-graph step)
+  if (d >= D || blocks_in[i] < 0 || blocks_out[i] < 0) return;
   const T* base = k + blocks_in[i] * k_sb + h * k_sh;
   float* dst = out + blocks_out[i] * o_sb + h * o_sh + d;
   const int partner = dim_map[d];       // other component of d's RoPE pair, -1 if none

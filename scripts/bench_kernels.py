@@ -21,7 +21,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vllm_hga.attention import HGALayer
 from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
 from vllm_hga.ops import cuda_ops, cuda_prefill, torch_ops
+from vllm_hga.plan import HGAMetadata
 from vllm_hga.rope import RopeSpec
 
 HQ, HKV, D, DT = 32, 4, 128, torch.bfloat16
@@ -205,9 +205,8 @@ def point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, ceil: dict, reps: int,
 
     # the torch ops path this replaces (where its [R, n, H, 5, D] page gather fits)
     if B * ctx <= torch_limit:
-        md = SimpleNamespace(decode_rows=torch.arange(B, device=DEV), decode_pos=pos,
-                             decode_reqs=torch.arange(B, device=DEV), block_table=bt,
-                             decode_chunks=n)
+        md = HGAMetadata.plan(list(range(B + 1)), [ctx] * B, bt,
+                              torch.full((B,), -1, device=DEV), B)  # positions ctx - 1
         t = timeit(lambda: torch_ops.attend_groups(q, pools.dev, *layer.decode_groups(
             q, pools.summ, md)[:2], scale), max(3, reps // 4), graph=False)
         rec["torch_step_dev_us"] = t * 1e6

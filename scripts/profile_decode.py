@@ -1,9 +1,15 @@
-"""Time one layer's HGA decode step (routing + bank + attention, as HGALayer.decode runs it)
-on the GPU, for several configurations in the same run, plus dense SDPA at the same context.
+"""Time one layer's HGA decode step on the GPU, for several configurations in the same run:
+
+* routing + bank + attention (HGALayer.decode), device bank off and on;
+* the full decode step of HGALayer.forward (write_kv + summaries + routing + attention),
+  eager as the engine runs it (variable layout), eager in the fixed layout, and replayed
+  from a CUDA graph of the fixed layout (what vLLM's full decode graphs run; plan.py);
+* dense SDPA at the same context.
 
 Qwen3-30B-A3B attention shape (32 query / 4 KV heads, D=128, bf16), pool in pinned host
-memory (UVA) as in serving.  CUDA-event time per step after warm-up, then a torch.profiler
-table of the slowest configuration's kernels and CPU ops.
+memory (UVA) as in serving.  CUDA-event time per step after warm-up (wall time per step
+for the eager rows includes their launch overhead), then a torch.profiler table of the
+slowest configuration's kernels and CPU ops.
 
     python scripts/profile_decode.py --contexts 8192 32768 --batch 1 --json out.json
 """
@@ -39,6 +45,44 @@ def step_ms(fn, iters: int = 20) -> float:
     return a.elapsed_time(b) / iters
 
 
+def forward_steps(cfg, S: int, batch: int, max_model_len: int) -> dict:
+    """{mode: fn} running one layer's whole decode step (HGALayer.forward) for `batch`
+    rows whose query sits at position S (no chunk closes: the common step): "eager" with
+    the variable plan, "eager_fixed" with the fixed plan, "graph" replaying a CUDA graph
+    of the fixed plan.  The block table is max_model_len wide, as vLLM's."""
+    from test_kernels import Batch
+
+    from vllm_hga.attention import HGALayer
+    from vllm_hga.plan import DecodeBuffers, HGAMetadata
+
+    b = Batch([S + 1] * batch, 32, 4, 128, uva=True, cfg=cfg, seed=S)
+    W = -(-max_model_len // 64)
+    bt = torch.zeros(batch, max(W, b.bt.shape[1]), dtype=torch.int32, device="cuda")
+    bt[:, : b.bt.shape[1]] = b.bt
+    layer = HGALayer(cfg, b.layer.rope, 32, 4, 128, 128 ** -0.5, max_model_len, device="cuda")
+    slots = bt[:, S // 64].long() * 64 + S % 64  # the query's own token: rewritten each step
+    k = torch.randn(batch, 4, 128, device="cuda").to(b.dtype)
+    v = torch.randn_like(k)
+    out = torch.empty(batch, 32, 128, device="cuda", dtype=b.dtype)
+    qsl, seq = list(range(batch + 1)), [S + 1] * batch
+    seq_dev = torch.tensor(seq, dtype=torch.int32, device="cuda")
+    buffers = DecodeBuffers.allocate(batch, max_model_len, "cuda")
+
+    def step(fixed: bool):
+        md = HGAMetadata.plan(qsl, seq, bt, slots, batch, buffers=buffers if fixed else None,
+                              seq_lens_dev=seq_dev)  # build(): once per step for all layers
+        return lambda: layer.forward(b.q, k, v, b.pool, b.summ, md, out)  # noqa: E731
+
+    fns = {"eager": step(False), "eager_fixed": step(True)}
+    fns["eager_fixed"]()  # warm-up: caches, first-call driver queries
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fns["eager_fixed"]()
+    fns["graph"] = graph.replay
+    return fns
+
+
 def main() -> None:
     from test_kernels import Batch  # the GPU tests' paged batch builder
 
@@ -50,10 +94,19 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--bank-chunks", type=int, default=512)
+    ap.add_argument("--max-model-len", type=int, default=131072,
+                    help="routing width of the fixed (graph) layout, as the engine's")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows, slowest = [], None
     for S in args.contexts:
+        for name, keys in CONFIGS.items():
+            for mode, fn in forward_steps(HGAConfig(**keys), S, args.batch,
+                                          max(args.max_model_len, S + 64)).items():
+                row = {"context": S, "batch": args.batch, "config": name, "step": mode,
+                       "max_model_len": args.max_model_len, "layer_step_ms": round(step_ms(fn), 4)}
+                rows.append(row)
+                print("RESULT", json.dumps(row), flush=True)
         for name, keys in CONFIGS.items():
             for bank_on in (False, True):
                 cfg = HGAConfig(**keys)

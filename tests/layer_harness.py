@@ -1,7 +1,10 @@
 """Drives HGALayer the way vLLM does: paged blocks, mixed prefill/decode steps.
 
-Not a mock of vLLM: it plans steps with the backend's own HGAMetadata.plan and checks
-the layer against the exact reference (vllm_hga.reference).
+Not a mock of vLLM: it plans and counts steps as the backend's builder does
+(plan.HGAMetadata.plan, plan.count_step) and checks the layer against the exact
+reference (vllm_hga.reference).  With ``graph_buffers`` it plans single-token steps in
+the fixed layout vLLM's full decode CUDA graphs replay (plan.py), padded like vLLM pads
+them: extra requests with no query, sequence length 0, null block table rows, slot -1.
 """
 
 from __future__ import annotations
@@ -12,16 +15,18 @@ import torch
 
 from vllm_hga.attention import GROUPS, HGALayer
 from vllm_hga.bank import DeviceBank
-from vllm_hga.backend import HGAMetadata
 from vllm_hga.config import CHUNK_SIZE
+from vllm_hga.plan import DecodeBuffers, HGAMetadata, count_step
 from vllm_hga.rope import RopeSpec
+
+MAX_PAD = 4  # padded requests a step may add (pad_reqs)
 
 
 class PagedRun:
     """Requests with random post-RoPE keys, stored in shuffled blocks."""
 
     def __init__(self, lengths, cfg, num_heads, num_kv_heads, head_size=64, dtype=torch.float32,
-                 seed=0, theta=10000.0):
+                 seed=0, theta=10000.0, graph_buffers=False, decodes_first=False):
         gen = torch.Generator().manual_seed(seed)
         self.cfg, self.dtype = cfg, dtype
         self.rope = RopeSpec.default(head_size, theta)
@@ -35,7 +40,7 @@ class PagedRun:
         blocks_per = [-(-S // CHUNK_SIZE) for S in lengths]
         ids = list(range(1, 1 + sum(blocks_per)))  # block 0 is vLLM's null block
         random.Random(seed).shuffle(ids)
-        width = max(blocks_per)
+        width = -(-(max(lengths) + CHUNK_SIZE) // CHUNK_SIZE)  # vLLM's: max_model_len's blocks
         self.block_table = torch.zeros(len(lengths), width, dtype=torch.int32)
         for r, nb in enumerate(blocks_per):
             self.block_table[r, :nb] = torch.tensor(ids[:nb], dtype=torch.int32)
@@ -45,16 +50,22 @@ class PagedRun:
         self.pool = torch.full((nb_total, num_kv_heads, 2, CHUNK_SIZE, head_size), float("nan"),
                                dtype=dtype)
         self.summ = torch.full((nb_total, num_kv_heads, 1 + GROUPS, head_size), float("nan"))
+        max_model_len = max(lengths) + CHUNK_SIZE
         self.layer = HGALayer(cfg, self.rope, num_heads, num_kv_heads, head_size,
-                              head_size ** -0.5, max(lengths) + CHUNK_SIZE)
+                              head_size ** -0.5, max_model_len)
+        # the builder's fixed-layout buffers (room for MAX_PAD padded requests)
+        self.buffers = DecodeBuffers.allocate(len(lengths) + MAX_PAD, max_model_len, "cpu") \
+            if graph_buffers else None
+        self.decodes_first = decodes_first  # vLLM's order with reorder_batch_threshold = 1
         chunks = cfg.bank_size("cpu")  # the device bank, in ordinary memory on CPU
         if chunks:
             self.layer.bank = DeviceBank(chunks, num_kv_heads, head_size, dtype, "cpu")
         self.done = [0] * len(lengths)
 
-    def step(self, schedule: dict[int, int]) -> dict[int, torch.Tensor]:
-        """Run one step: schedule maps request -> number of new tokens.  Returns outputs."""
-        reqs = sorted(schedule)
+    def step(self, schedule: dict[int, int], pad_reqs: int = 0) -> dict[int, torch.Tensor]:
+        """Run one step: schedule maps request -> number of new tokens; pad_reqs padded
+        requests follow (as in a padded CUDA-graph batch).  Returns outputs."""
+        reqs = self._order(schedule)
         qs, ks, vs, slots, qsl, seq = [], [], [], [], [0], []
         for r in reqs:
             a, n = self.done[r], schedule[r]
@@ -66,18 +77,32 @@ class PagedRun:
                          + pos % CHUNK_SIZE)
             qsl.append(qsl[-1] + n)
             seq.append(a + n)
-        bt = self.block_table[reqs]
-        pad = 3  # vLLM may pad the batch; padded rows carry slot -1
+        T = qsl[-1] + pad_reqs  # a padded request's token row: slot -1, no request owns it
+        qsl += [qsl[-1]] * pad_reqs
+        seq += [0] * pad_reqs
+        bt = torch.cat([self.block_table[reqs],
+                        torch.zeros(pad_reqs, self.block_table.shape[1], dtype=torch.int32)])
+        pad = 3 + pad_reqs  # vLLM may pad the batch; padded rows carry slot -1
         slot_mapping = torch.cat(slots + [torch.full((pad,), -1)])
-        T = qsl[-1]
         q = torch.cat(qs + [torch.zeros(pad, self.H, self.D, dtype=self.dtype)])
         k = torch.cat(ks + [torch.zeros(pad, self.Hkv, self.D, dtype=self.dtype)])
         v = torch.cat(vs + [torch.zeros(pad, self.Hkv, self.D, dtype=self.dtype)])
-        md = HGAMetadata.plan(qsl, seq, bt, slot_mapping, T)
+        md = HGAMetadata.plan(qsl, seq, bt, slot_mapping, T, buffers=self.buffers,
+                              seq_lens_dev=torch.tensor(seq, dtype=torch.int32))
+        count_step(self.layer.metrics, md, self.cfg, layers=1,
+                   dense_layers=int(self.layer.dense), num_heads=self.H,
+                   num_kv_heads=self.Hkv, head_size=self.D, itemsize=self.pool.element_size())
         out = torch.full((T, self.H, self.D), float("nan"), dtype=self.dtype)
         self.layer.forward(q[:T], k[:T], v[:T], self.pool, self.summ, md, out)
+        self.last_md, self.last_pad = md, out[qsl[-1]:]
         result = {}
         for i, r in enumerate(reqs):
             result[r] = out[qsl[i]:qsl[i + 1]]
             self.done[r] += schedule[r]
         return result
+
+    def _order(self, schedule: dict[int, int]) -> list[int]:
+        reqs = sorted(schedule)
+        if self.decodes_first:
+            reqs.sort(key=lambda r: schedule[r] > 1)  # stable: single-token requests first
+        return reqs

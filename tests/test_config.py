@@ -42,6 +42,7 @@ def test_defaults_spend_the_papers_budget_differently():
     ({"disk_dir": "/tmp"}, "disk_dir and disk_kv_bytes go together"),
     ({"topk": 3}, "unknown key(s) ['topk']"),
     ({"preset": "nope"}, "preset 'nope' not found"),
+    ({"cuda_graphs": "yes"}, "cuda_graphs must be true or false"),
 ])
 def test_bad_values_are_refused_with_reason(values, message):
     with pytest.raises(HGAConfigError) as err:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from . import routing
+from .routing import keys_seen, routed_groups  # noqa: F401 (re-exported)
 from .config import HGAConfig
 from .ops import SummaryRotation, summarize_blocks
 from .reference import group_key_variance
@@ -44,21 +45,7 @@ GROUP = 16
 
 
 # ------------------------------------------------------------------ density (exact, analytic)
-def routed_groups(c: int, cfg: HGAConfig) -> int:
-    """Groups routing opens for a query in chunk c (every pool group is a full group)."""
-    pool = max(0, c - cfg.local_chunks - cfg.sink_chunks)
-    kept = min(cfg.topk_chunks, pool)
-    return min(cfg.groups_per_query, kept * cfg.groups_per_chunk)
-
-
-def keys_seen(p: int, cfg: HGAConfig) -> int:
-    """Real keys one query head at position p attends to: sinks + local + own chunk
-    (causal) + routed groups.  Exact: every set is made of whole closed chunks/groups."""
-    C = cfg.chunk_size
-    c = p // C
-    sinks = min(cfg.sink_chunks, c)
-    local = c - max(cfg.sink_chunks, c - cfg.local_chunks) if c > cfg.sink_chunks else 0
-    return (sinks + local) * C + (p - c * C + 1) + routed_groups(c, cfg) * cfg.group_size
+# routed_groups / keys_seen live in routing.py (the backend counts decode metrics with them)
 
 
 def density(n_tokens: int, cfg: HGAConfig | None, n_layers: int = 1,

@@ -1,7 +1,7 @@
 """One layer of HGA attention over the host pool and the summary pages.
 
 Independent of vLLM's classes so that tests can drive it with planned metadata
-(``HGAMetadata.plan``) on any device.  ``HGAAttentionImpl`` is a thin wrapper.
+(``plan.HGAMetadata.plan``) on any device.  ``HGAAttentionImpl`` is a thin wrapper.
 """
 
 from __future__ import annotations
@@ -38,23 +38,19 @@ class HGALayer:
                 pool: torch.Tensor, summ: torch.Tensor, md, out: torch.Tensor) -> None:
         """q [T, Hq, D], key/value [T, Hkv, D] of this step; writes out [T, Hq, D].
 
-        pool [nb, Hkv, 2, 64, D] full K/V; summ [nb, Hkv, 1+M, D] float32 summaries.
+        pool [nb, Hkv, 2, 64, D] full K/V; summ [nb, Hkv, 1+M, D] float32 summaries;
+        md a plan.HGAMetadata.  Every branch below is decided by host values of the plan,
+        which for a fixed-layout plan (CUDA graphs) depend only on its batch size.
         """
         ops.write_kv(pool, key, value, md.slot_mapping[: key.shape[0]])
         bank = None if self.dense else self.bank
         if bank is not None:
             bank.bind(pool)
             bank.invalidate(md.slot_mapping[: key.shape[0]])  # written blocks leave the bank
-        if md.closing_blocks.numel():
+        if md.closing_blocks.numel():  # fixed layout: always, its -1 entries are skipped
             ops.summarize_pool(pool, md.closing_blocks, summ, self.rot)
-            self._count("summary_bytes_written", md.closing_blocks.numel() * summ[0].numel() * 4)
-        self._count("query_tokens", q.shape[0])
-        if md.decode_rows.numel():
-            if self.dense:
-                for row, r in md.decode_pairs:  # host lists: no device sync
-                    out[row:row + 1] = self.attend_prefix(q, pool, summ, md, r, row, 1)
-            else:
-                out[md.decode_rows] = self.decode(q, pool, summ, md).to(out.dtype)
+        if md.num_decodes:
+            self._decode_rows(q, pool, summ, md, out)
         if md.prefill_reqs and not self.dense and self.kernels \
                 and cuda_prefill.covers(q, pool, summ, self.cfg):
             for r in md.prefill_reqs:  # kernels: all queries of a request at once
@@ -69,8 +65,20 @@ class HGALayer:
             start, n = md.tok_starts[r], md.q_lens[r]
             out[start:start + n] = self.attend_prefix(q, pool, summ, md, r, start, n)
 
+    def _decode_rows(self, q, pool, summ, md, out: torch.Tensor) -> None:
+        """All single-query rows of the step.  Their metrics are counted by the builder
+        (plan.count_step), so nothing here touches a counter."""
+        if self.dense:
+            for row, r in md.decode_pairs:  # host lists: no device sync
+                out[row:row + 1] = self.attend_prefix(q, pool, summ, md, r, row, 1, count=False)
+        elif md.decode_prefix:  # rows [0, R): attention writes out[:R] in its dtype
+            self.decode(q, pool, summ, md, out=out[: md.num_decodes])
+        else:
+            out[md.decode_rows] = self.decode(q, pool, summ, md).to(out.dtype)
+
     # ------------------------------------------------------------------ prefill
-    def attend_prefix(self, q, pool, summ, md, r: int, row: int, n: int) -> torch.Tensor:
+    def attend_prefix(self, q, pool, summ, md, r: int, row: int, n: int,
+                      count: bool = True) -> torch.Tensor:
         """Queries rows [row, row+n) of request r, one chunk of queries at a time (the torch
         path: CPU, and CUDA inputs the kernels do not cover; see ops/cuda_prefill.py).
 
@@ -96,7 +104,9 @@ class HGALayer:
             keys, mask = self._block_keys(qb, pos, chunk_sum, group_sum)
             out[first - q_start: last - q_start] = ops.attend_masked(
                 qb, k[keys], v[keys], mask, self.scale).to(q.dtype)
-            self._count_attention(mask.sum(), pos, keys.numel() * k[0].numel() * 2 * k.itemsize)
+            if count:
+                self._count_attention(mask.sum(), pos,
+                                      keys.numel() * k[0].numel() * 2 * k.itemsize)
             first = last
         return out
 
@@ -135,16 +145,15 @@ class HGALayer:
         with Gt = (F + L + 1) * 4 + groups_per_query: sinks, local window, own chunk
         (causal), then the routed groups.
         """
-        qd = q[md.decode_rows]
+        qd = md.decode_queries(q)
         pos = md.decode_pos
         if qd.is_cuda and cuda_ops.available() and self.kernels:
-            return cuda_ops.decode_groups(qd, pos, md.block_table[md.decode_reqs],
-                                          md.decode_chunks, summ, self.cfg, self.sinks,
-                                          self.local, self.groups)
+            return cuda_ops.decode_groups(qd, pos, md.decode_block_table(), md.decode_chunks,
+                                          summ, self.cfg, self.sinks, self.local, self.groups)
         R, Hq, _ = qd.shape
         H, M = self.num_kv_heads, GROUPS
         dev = q.device
-        bt = md.block_table[md.decode_reqs, : md.decode_chunks].long()  # [R, n]
+        bt = md.decode_block_table()[:, : md.decode_chunks].long()  # [R, n]
         pages = summ[bt]  # [R, n, H, 1+M, D]
         var = pages[:, :, :, 0] if self.cfg.group_score == "mean_std" else None
         _, open_g, open_ok = routing.route(qd, pos, pages[:, :, :, 0],
@@ -169,28 +178,26 @@ class HGALayer:
         token_ok = gok.unsqueeze(-1) & (key_pos <= pos.view(R, 1, 1, 1))  # own chunk causal
         return rows, token_ok, gid
 
-    def decode(self, q, pool, summ, md) -> torch.Tensor:
+    def decode(self, q, pool, summ, md, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the decode rows: float32 [R, Hq, D], or written into out (any
+        float dtype, e.g. out[:R] of the step's output) and returned."""
         rows, token_ok, _ = self.decode_groups(q, summ, md)
-        keys = token_ok.sum()
-        self._count_attention(keys, md.decode_pos, keys * self.head_size * 2 * pool.itemsize)
+        qd = md.decode_queries(q)
         n_shared = (self.sinks + self.local + 1) * GROUPS
         bank = None if self.dense else self.bank
         if bank is None:
-            return ops.attend_groups(q[md.decode_rows], pool, rows, token_ok, self.scale,
-                                     n_shared=n_shared)
+            return ops.attend_groups(qd, pool, rows, token_ok, self.scale, n_shared=n_shared,
+                                     out=out)
         # sinks, closed local chunks and routed chunks go through the bank; the open own
         # chunk (the last GROUPS fixed columns) is read from the pool
         rows = bank.admit(pool, rows, token_ok, (n_shared - GROUPS, n_shared), self.metrics)
-        return ops.attend_groups(q[md.decode_rows], pool, rows, token_ok, self.scale,
-                                 n_shared=n_shared, bank=bank.data)
+        return ops.attend_groups(qd, pool, rows, token_ok, self.scale, n_shared=n_shared,
+                                 out=out, bank=bank.data)
 
     # ------------------------------------------------------------------ metrics
-    def _count(self, name: str, value) -> None:
-        if self.metrics is not None:
-            self.metrics.add(name, value)
-
     def _count_attention(self, keys, pos: torch.Tensor, kv_bytes) -> None:
-        """Density exactly as the paper counts it: keys attended / dense causal pairs."""
+        """Density of prefill rows exactly as the paper counts it: keys attended / dense
+        causal pairs (device tensors, no sync).  Decode rows: plan.count_step."""
         if self.metrics is not None:
             self.metrics.add("keys_attended", keys)
             self.metrics.add("dense_pairs", (pos + 1).sum() * self.num_heads)

@@ -1,7 +1,8 @@
 """The vLLM attention backend: metadata, builder, impl.  Kept thin on purpose.
 
-Per step, ``HGAMetadataBuilder.build`` plans once for all layers (which requests decode,
-which chunks close); per layer, ``HGAAttentionImpl.forward``
+Per step, ``HGAMetadataBuilder.build`` plans once for all layers (plan.py: which requests
+decode, which chunks close, the step's host-side metrics); per layer,
+``HGAAttentionImpl.forward``
   1. writes the step's K/V to the host pool (store.py),
   2. summarises chunks that closed this step into vLLM's page (ops.summarize_blocks),
   3. routes and attends: decode rows gather only their visible groups (ops.attend_groups);
@@ -11,7 +12,6 @@ which chunks close); per layer, ``HGAAttentionImpl.forward``
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -30,6 +30,7 @@ from .attention import GROUPS, HGALayer
 from .config import CHUNK_SIZE, HGAConfig
 from .metrics import worker_metrics
 from .ops import cuda_ops, cuda_prefill
+from .plan import DecodeBuffers, HGAMetadata, count_step
 from .rope import RopeSpec, spec_from_vllm_rope
 from .store import device_bank, host_pool, summary_view
 
@@ -79,70 +80,102 @@ class HGAAttentionBackend(AttentionBackend):
                                    state_content_bytes=(1 + GROUPS) * spec.head_size * 4)
 
 
-@dataclass
-class HGAMetadata:
-    num_actual_tokens: int
-    slot_mapping: torch.Tensor  # [T] block*64 + offset, -1 for padding
-    block_table: torch.Tensor  # [R, max_blocks]
-    q_starts: list[int]  # per request: position of its first query this step
-    q_lens: list[int]
-    tok_starts: list[int]  # per request: row of its first query in the batch
-    prefill_reqs: list[int]  # requests with more than one query this step
-    decode_pairs: list[tuple[int, int]]  # (batch row, request) of single-query requests
-    decode_rows: torch.Tensor  # [Rd] batch rows of single-query requests
-    decode_reqs: torch.Tensor  # [Rd] their request indices
-    decode_pos: torch.Tensor  # [Rd] their positions
-    decode_chunks: int  # 1 + the largest own-chunk index among decode rows
-    closing_blocks: torch.Tensor  # [nc] block ids whose chunk closed this step
+def cuda_graph_blockers(cfg: HGAConfig, head_size: int, dtype: torch.dtype,
+                        kernels: bool) -> list[str]:
+    """Why decode steps of this config cannot run as full CUDA graphs (empty: they can).
 
-    @classmethod
-    def plan(cls, query_start_loc: list[int], seq_lens: list[int], block_table: torch.Tensor,
-             slot_mapping: torch.Tensor, num_actual_tokens: int) -> "HGAMetadata":
-        """Plan one step for all layers from host-side lengths (no device reads)."""
-        qsl = query_start_loc
-        num_reqs = len(seq_lens)
-        q_lens = [qsl[i + 1] - qsl[i] for i in range(num_reqs)]
-        q_starts = [s - q for s, q in zip(seq_lens, q_lens)]
-        decodes = [r for r in range(num_reqs) if q_lens[r] == 1]
-        closing_r, closing_j = [], []
-        for r in range(num_reqs):  # chunk j closes when its last token (64j+63) is computed
-            for j in range(q_starts[r] // CHUNK_SIZE, seq_lens[r] // CHUNK_SIZE):
-                closing_r.append(r)
-                closing_j.append(j)
-        dev = block_table.device
-
-        def idx(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(dev, non_blocking=True)
-
-        return cls(
-            num_actual_tokens=num_actual_tokens, slot_mapping=slot_mapping,
-            block_table=block_table, q_starts=q_starts, q_lens=q_lens,
-            tok_starts=qsl[:num_reqs],
-            prefill_reqs=[r for r in range(num_reqs) if q_lens[r] > 1],
-            decode_pairs=[(qsl[r], r) for r in decodes],
-            decode_rows=idx([qsl[r] for r in decodes]), decode_reqs=idx(decodes),
-            decode_pos=idx([q_starts[r] for r in decodes]),
-            decode_chunks=1 + max((q_starts[r] // CHUNK_SIZE for r in decodes), default=-1),
-            closing_blocks=block_table[idx(closing_r), idx(closing_j)].long(),
-        )
+    A captured decode step may only launch kernels on fixed-address buffers (plan.py).
+    """
+    reasons = []
+    if not cfg.cuda_graphs:
+        reasons.append("cuda_graphs is off")
+    if not kernels:
+        reasons.append("no CUDA kernels (vllm_hga._C) on a GPU")
+    if head_size not in cuda_ops.HEAD_SIZES or dtype not in cuda_ops.DTYPES:
+        reasons.append(f"no kernels for head size {head_size} / {dtype}")
+    if cfg.topk_chunks > cuda_ops.MAX_TOPK_CHUNKS:
+        reasons.append(f"topk_chunks > {cuda_ops.MAX_TOPK_CHUNKS}")
+    if cfg.bank_size("cuda"):
+        # The bank's admission is a chain of torch ops on its LRU tables; it is being
+        # rewritten into fused kernels with a device-side step counter.  Until then a
+        # bank step is not known to replay correctly from a graph: stay eager.
+        reasons.append("the device bank (bank_chunks) is not graph-safe yet")
+    if cfg.dense_layers:
+        reasons.append("dense_layers decode through the torch prefix path (host loops)")
+    return reasons
 
 
 class HGAMetadataBuilder(AttentionMetadataBuilder[HGAMetadata]):
+    # decided per config by get_cudagraph_support; this is only the class default
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig,
+                              kv_cache_spec: AttentionSpec) -> AttentionCGSupport:
+        """Full CUDA graphs for batches of single-token decodes (vLLM captures one per
+        batch size and runs everything else eagerly, attention between piecewise graphs)."""
+        cfg = HGAConfig.from_vllm_config(vllm_config)
+        if cuda_graph_blockers(cfg, kv_cache_spec.head_size, kv_cache_spec.dtype,
+                               cuda_ops.available()):
+            return AttentionCGSupport.NEVER
+        return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         assert kv_cache_spec.block_size == CHUNK_SIZE
+        # vLLM moves single-token decodes to the front of the batch: decode rows are then
+        # [0, R), read and written in place (no index gather / scatter / cast per layer)
+        self._init_reorder_batch_threshold(1)
+        self.cfg = HGAConfig.from_vllm_config(vllm_config)
+        self.buffers = self._graph_buffers(vllm_config, kv_cache_spec, device)
+        self.count_args = self._count_args(vllm_config, kv_cache_spec, layer_names)
+
+    def _graph_buffers(self, vllm_config: VllmConfig, kv_cache_spec: AttentionSpec,
+                       device: torch.device) -> DecodeBuffers | None:
+        """The fixed-layout decode inputs, when vLLM will capture full decode graphs
+        (its cudagraph mode is resolved before builders are made)."""
+        from vllm.config import CUDAGraphMode
+
+        mode = vllm_config.compilation_config.cudagraph_mode
+        if mode is None or mode.decode_mode() != CUDAGraphMode.FULL or \
+                self.get_cudagraph_support(vllm_config, kv_cache_spec) == \
+                AttentionCGSupport.NEVER:
+            return None
+        return DecodeBuffers.allocate(vllm_config.scheduler_config.max_num_seqs,
+                                      vllm_config.model_config.max_model_len, device)
+
+    def _count_args(self, vllm_config: VllmConfig, spec: AttentionSpec,
+                    layer_names: list[str]) -> dict:
+        """plan.count_step's shape arguments for this builder's layers."""
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        dense = sum(1 for name in layer_names
+                    if extract_layer_index(name) in self.cfg.dense_layers)
+        heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+        return dict(layers=len(layer_names), dense_layers=dense, num_heads=heads,
+                    num_kv_heads=spec.num_kv_heads, head_size=spec.head_size,
+                    itemsize=torch.empty((), dtype=spec.dtype).element_size())
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HGAMetadata:
         worker_metrics().end_step()  # once per step: rate-limited snapshot for /metrics
-        cm = common_attn_metadata
+        md = self._plan(common_attn_metadata)
+        count_step(worker_metrics(), md, self.cfg, **self.count_args)
+        return md
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
+                                    ) -> HGAMetadata:
+        """Capture plans like any step (positions 0, all rows single-token), writing the
+        same buffers replays will; a capture is not a step, so it counts nothing."""
+        return self._plan(common_attn_metadata)
+
+    def _plan(self, cm: CommonAttentionMetadata) -> HGAMetadata:
         seq_cpu = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None \
             else cm.seq_lens.cpu()
         return HGAMetadata.plan(cm.query_start_loc_cpu.tolist(), seq_cpu.tolist()[: cm.num_reqs],
-                                cm.block_table_tensor, cm.slot_mapping, cm.num_actual_tokens)
+                                cm.block_table_tensor, cm.slot_mapping, cm.num_actual_tokens,
+                                buffers=self.buffers, seq_lens_dev=cm.seq_lens)
 
 
 def model_rope_spec(vllm_config: VllmConfig, head_size: int, neox: bool) -> RopeSpec:

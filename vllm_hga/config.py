@@ -83,6 +83,11 @@ class HGAConfig:
     # docs/BENCHMARKS.md, "Device bank").  Set e.g. 512 to turn it on, at most
     # BANK_MAX_CHUNKS; it runs on CPU too (ordinary memory).
     bank_chunks: int | None = None
+    # Full CUDA graphs for steps that are all single-token decodes (CUDA, kernels built,
+    # no device bank, no dense_layers; see backend.cuda_graph_blockers).  False: decode
+    # attention runs eagerly between vLLM's piecewise graphs, as --enforce-eager does
+    # for the whole model.
+    cuda_graphs: bool = True
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +115,8 @@ class HGAConfig:
              f"bank_chunks must be an integer in [0, {BANK_MAX_CHUNKS}] (0 = no device bank; "
              f"the CUDA admission kernel holds at most {BANK_MAX_CHUNKS} slots per layer); "
              f"got {self.bank_chunks!r}")
+        need(isinstance(self.cuda_graphs, bool),
+             f"cuda_graphs must be true or false; got {self.cuda_graphs!r}")
         for name in ("topk_chunks", "topk_groups", "groups_per_query"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1; got {v!r}")

@@ -13,6 +13,25 @@ from .config import HGAConfig
 NEG_INF = float("-inf")
 
 
+def routed_groups(c: int, cfg: HGAConfig) -> int:
+    """Groups routing opens for a query in chunk c (every pool group is a full group)."""
+    pool = max(0, c - cfg.local_chunks - cfg.sink_chunks)
+    kept = min(cfg.topk_chunks, pool)
+    return min(cfg.groups_per_query, kept * cfg.groups_per_chunk)
+
+
+def keys_seen(p: int, cfg: HGAConfig) -> int:
+    """Real keys one query head at position p attends to: sinks + local + own chunk
+    (causal) + routed groups.  Exact: every set is made of whole closed chunks/groups,
+    so the count follows from p and the config alone (the backend counts decode density
+    with it on the host, without touching the device)."""
+    C = cfg.chunk_size
+    c = p // C
+    sinks = min(cfg.sink_chunks, c)
+    local = c - max(cfg.sink_chunks, c - cfg.local_chunks) if c > cfg.sink_chunks else 0
+    return (sinks + local) * C + (p - c * C + 1) + routed_groups(c, cfg) * cfg.group_size
+
+
 def window_masks(pos: torch.Tensor, n_chunks: int,
                  cfg: HGAConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(fixed, pool), both bool [N, n_chunks], for queries at positions pos [N].

@@ -8,7 +8,6 @@ them into a sum fails.  Run on the device machine: scripts/gpu_check.sh.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from vllm_hga.attention import HGALayer
 from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE
 from vllm_hga.config import HGAConfig as _HGAConfig
 from vllm_hga.ops import cuda_ops, torch_ops
+from vllm_hga.plan import HGAMetadata
 from vllm_hga.rope import RopeSpec
 
 
@@ -90,9 +90,9 @@ class Batch:
         rope = RopeSpec.default(D, 1e6)
         self.layer = HGALayer(self.cfg, rope, Hq, Hkv, D, D ** -0.5, max(lengths) + 64,
                               device=DEV)
-        self.md = SimpleNamespace(decode_rows=torch.arange(R, device=DEV), decode_pos=self.pos,
-                                  decode_reqs=torch.arange(R, device=DEV), block_table=self.bt,
-                                  decode_chunks=self.n_chunks)
+        # one decode query per request, as the backend plans it (rows [0, R))
+        self.md = HGAMetadata.plan(list(range(R + 1)), self.lengths, self.bt,
+                                   torch.full((R,), -1, device=DEV), R)
 
     def torch_groups(self):
         self.layer.kernels = False  # the torch path, on the device

@@ -9,7 +9,6 @@ scripts/gpu_check.sh.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from vllm_hga import reference
 from vllm_hga.attention import HGALayer
 from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
 from vllm_hga.ops import cuda_ops, cuda_prefill, torch_ops
+from vllm_hga.plan import HGAMetadata
 from vllm_hga.rope import RopeSpec
 
 pytestmark = [
@@ -28,34 +28,7 @@ pytestmark = [
 
 DEV = "cuda"
 
-try:
-    from vllm_hga.backend import HGAMetadata
-
-    plan = HGAMetadata.plan
-except ImportError:  # the device machine has CUDA torch but no vLLM: the same planning
-    def plan(qsl, seq_lens, block_table, slot_mapping, T):
-        """HGAMetadata.plan (vllm_hga/backend.py) without importing vLLM."""
-        R = len(seq_lens)
-        q_lens = [qsl[i + 1] - qsl[i] for i in range(R)]
-        q_starts = [s - n for s, n in zip(seq_lens, q_lens)]
-        decodes = [r for r in range(R) if q_lens[r] == 1]
-        closing = [(r, j) for r in range(R)
-                   for j in range(q_starts[r] // CHUNK_SIZE, seq_lens[r] // CHUNK_SIZE)]
-        dev = block_table.device
-
-        def idx(values):
-            return torch.tensor(values, dtype=torch.long, device=dev)
-
-        return SimpleNamespace(
-            num_actual_tokens=T, slot_mapping=slot_mapping, block_table=block_table,
-            q_starts=q_starts, q_lens=q_lens, tok_starts=qsl[:R],
-            prefill_reqs=[r for r in range(R) if q_lens[r] > 1],
-            decode_pairs=[(qsl[r], r) for r in decodes],
-            decode_rows=idx([qsl[r] for r in decodes]), decode_reqs=idx(decodes),
-            decode_pos=idx([q_starts[r] for r in decodes]),
-            decode_chunks=1 + max((q_starts[r] // CHUNK_SIZE for r in decodes), default=-1),
-            closing_blocks=block_table[idx([r for r, _ in closing]),
-                                       idx([j for _, j in closing])].long())
+plan = HGAMetadata.plan  # vllm_hga/plan.py: no vLLM import, the backend's own planning
 M = CHUNK_SIZE // GROUP_SIZE
 NAN = float("nan")
 

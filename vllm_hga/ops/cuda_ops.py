@@ -96,6 +96,7 @@ def summarize_blocks(k: torch.Tensor, rot: torch_ops.SummaryRotation) -> torch.T
 def summarize_pool(pool: torch.Tensor, blocks: torch.Tensor, summ: torch.Tensor,
                    rot: torch_ops.SummaryRotation) -> None:
     """summ[blocks] = summaries of the pool's chunks `blocks`, read in place (no gather).
+    Entries < 0 are skipped: the fixed-width closing list of a CUDA-graph step (plan.py).
 
     Same result as ``summ[blocks] = summarize_blocks(pool[blocks, :, 0].transpose(1, 2), rot)``.
     """
@@ -103,6 +104,7 @@ def summarize_pool(pool: torch.Tensor, blocks: torch.Tensor, summ: torch.Tensor,
         return
     keys = pool[:, :, 0].transpose(1, 2)  # [nb, 64, H, D] view
     if not (_covered(pool) and summ.is_cuda and summ.stride(-1) == 1):
+        blocks = blocks[blocks >= 0]  # host sync: the torch path is not graph-safe anyway
         summ[blocks] = torch_ops.summarize_blocks(keys[blocks], rot).to(summ.dtype)
         return
     blocks = blocks.to(torch.long).contiguous()

@@ -144,4 +144,7 @@ def attend_groups(q: torch.Tensor, pool: torch.Tensor, group_rows: torch.Tensor,
     logits = torch.einsum("rhd,rhgtd->rhgt", q.to(dt), k) * scale
     logits = logits.masked_fill(~token_ok, float("-inf")).view(R, Hq, G * 16)
     probs = torch.softmax(logits, dim=-1).view(R, Hq, G, 16)
+    # a row with no visible key (a padded row of a CUDA-graph batch) gives 0, as the
+    # kernel does, not softmax's NaN; real NaNs (unwritten memory read) still show
+    probs = probs.masked_fill(~token_ok.flatten(2).any(-1).view(R, Hq, 1, 1), 0.0)
     return torch.einsum("rhgt,rhgtd->rhd", probs, v)
