@@ -147,8 +147,8 @@ def test_cuda_graph_support_follows_the_knob():
     assert cuda_graph_blockers(HGAConfig(), 128, bf16, kernels=True) == []
     assert cuda_graph_blockers(HGAConfig(cuda_graphs=False), 128, bf16, True) == \
         ["cuda_graphs is off"]
-    for cfg in (HGAConfig(bank_chunks=64), HGAConfig(dense_layers=(0,))):
-        assert len(cuda_graph_blockers(cfg, 128, bf16, True)) == 1
+    assert cuda_graph_blockers(HGAConfig(bank_chunks=64), 128, bf16, True) == []  # graph-safe
+    assert len(cuda_graph_blockers(HGAConfig(dense_layers=(0,)), 128, bf16, True)) == 1
     assert cuda_graph_blockers(HGAConfig(), 96, bf16, True)  # no kernels for D = 96
     spec = FullAttentionSpec(block_size=64, num_kv_heads=3, head_size=64, dtype=bf16)
     for on in (True, False):

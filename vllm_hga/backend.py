@@ -95,11 +95,8 @@ def cuda_graph_blockers(cfg: HGAConfig, head_size: int, dtype: torch.dtype,
         reasons.append(f"no kernels for head size {head_size} / {dtype}")
     if cfg.topk_chunks > cuda_ops.MAX_TOPK_CHUNKS:
         reasons.append(f"topk_chunks > {cuda_ops.MAX_TOPK_CHUNKS}")
-    if cfg.bank_size("cuda"):
-        # The bank's admission is a chain of torch ops on its LRU tables; it is being
-        # rewritten into fused kernels with a device-side step counter.  Until then a
-        # bank step is not known to replay correctly from a graph: stay eager.
-        reasons.append("the device bank (bank_chunks) is not graph-safe yet")
+    # the device bank is graph-safe: fused admission kernels with a device-side step
+    # counter and fixed shapes (bank.py; tests/gpu/test_graphs.py captures it)
     if cfg.dense_layers:
         reasons.append("dense_layers decode through the torch prefix path (host loops)")
     return reasons

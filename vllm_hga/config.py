@@ -84,7 +84,7 @@ class HGAConfig:
     # BANK_MAX_CHUNKS; it runs on CPU too (ordinary memory).
     bank_chunks: int | None = None
     # Full CUDA graphs for steps that are all single-token decodes (CUDA, kernels built,
-    # no device bank, no dense_layers; see backend.cuda_graph_blockers).  False: decode
+    # no dense_layers; see backend.cuda_graph_blockers).  False: decode
     # attention runs eagerly between vLLM's piecewise graphs, as --enforce-eager does
     # for the whole model.
     cuda_graphs: bool = True

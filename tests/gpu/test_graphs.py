@@ -17,6 +17,7 @@ import torch
 from gpu_common import TOL, rel_err  # tests/gpu is on sys.path
 
 from vllm_hga.attention import HGALayer
+from vllm_hga.bank import DeviceBank
 from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
 from vllm_hga.ops import cuda_ops, torch_ops
 from vllm_hga.plan import DecodeBuffers, HGAMetadata
@@ -64,6 +65,8 @@ class Rig:
         self.rope = RopeSpec.default(D, 1e6)
         self.rot = torch_ops.SummaryRotation(self.rope, cfg, DEV)
         self.layer = HGALayer(cfg, self.rope, Hq, Hkv, D, D ** -0.5, MAX_LEN, device=DEV)
+        if cfg.bank_size("cuda"):  # small: the captured admission evicts every step
+            self.layer.bank = DeviceBank(cfg.bank_size("cuda"), Hkv, D, dtype, DEV)
         self.qsl, self.seq_list = [], []
 
     def new_request(self, r: int, S: int) -> None:
@@ -192,6 +195,7 @@ def replay_and_check(rig: Rig, graph, md_cap: HGAMetadata, lengths) -> None:
 
 CONFIGS = {
     "default": HGAConfig(),
+    "default_bank": HGAConfig(bank_chunks=24),
     "paper": HGAConfig(sink_chunks=2, local_chunks=8, topk_chunks=20, topk_groups=32,
                        chunk_score="summary", group_score="mean"),
 }
