@@ -60,6 +60,10 @@ def forward_steps(cfg, S: int, batch: int, max_model_len: int) -> dict:
     bt = torch.zeros(batch, max(W, b.bt.shape[1]), dtype=torch.int32, device="cuda")
     bt[:, : b.bt.shape[1]] = b.bt
     layer = HGALayer(cfg, b.layer.rope, 32, 4, 128, 128 ** -0.5, max_model_len, device="cuda")
+    if cfg.bank_size("cuda"):  # the same query every step: the bank hits after step one
+        from vllm_hga.bank import DeviceBank
+
+        layer.bank = DeviceBank(cfg.bank_size("cuda"), 4, 128, b.dtype, "cuda")
     slots = bt[:, S // 64].long() * 64 + S % 64  # the query's own token: rewritten each step
     k = torch.randn(batch, 4, 128, device="cuda").to(b.dtype)
     v = torch.randn_like(k)
@@ -100,7 +104,8 @@ def main() -> None:
     args = ap.parse_args()
     rows, slowest = [], None
     for S in args.contexts:
-        for name, keys in CONFIGS.items():
+        step_configs = {**CONFIGS, "default+bank": {"bank_chunks": args.bank_chunks}}
+        for name, keys in step_configs.items():
             for mode, fn in forward_steps(HGAConfig(**keys), S, args.batch,
                                           max(args.max_model_len, S + 64)).items():
                 row = {"context": S, "batch": args.batch, "config": name, "step": mode,
