@@ -23,6 +23,9 @@ from typing import Any, Mapping
 
 CHUNK_SIZE = 64  # tokens per chunk; one chunk is one vLLM KV block
 GROUP_SIZE = 16  # tokens per group; 4 groups per chunk
+# Device bank chunks per layer on CUDA when bank_chunks is not set: 512 chunks of a layer
+# with 4 KV heads of 128 dims in bf16 are 64 MiB (3 GiB over 48 layers).
+DEFAULT_CUDA_BANK_CHUNKS = 512
 # Largest device bank per layer (bank_chunks): the CUDA admission kernel keeps one byte per
 # slot in shared memory (csrc/bank.cu kBankMaxSlots).  32768 chunks are 4 GiB per layer
 # at 4 KV heads x 128 dims in bf16.
@@ -78,10 +81,10 @@ class HGAConfig:
     disk_dir: str | None = None
     disk_kv_bytes: int | None = None
     # Device bank (bank.py): an LRU working set of whole chunks of K/V in device memory per
-    # layer, which decode attention reads instead of the host pool.  0 or None = off, the
-    # default (measured before the admission became three fused kernels per layer and step:
-    # docs/BENCHMARKS.md, "Device bank").  Set e.g. 512 to turn it on, at most
-    # BANK_MAX_CHUNKS; it runs on CPU too (ordinary memory).
+    # layer, which decode attention reads instead of the host pool.  None = the device's
+    # default: DEFAULT_CUDA_BANK_CHUNKS on CUDA (a layer's graph-replayed decode step is
+    # 2.2-2.5x faster with it on the H200: docs/BENCHMARKS.md), none on CPU; 0 = off; at
+    # most BANK_MAX_CHUNKS.  It runs on CPU too when set (ordinary memory).
     bank_chunks: int | None = None
     # Full CUDA graphs for steps that are all single-token decodes (CUDA, kernels built,
     # no dense_layers; see backend.cuda_graph_blockers).  False: decode
@@ -158,7 +161,9 @@ class HGAConfig:
 
     def bank_size(self, device_type: str) -> int:
         """Chunks per layer in the device bank on this device type (0 = no bank)."""
-        return self.bank_chunks or 0
+        if self.bank_chunks is None:
+            return DEFAULT_CUDA_BANK_CHUNKS if device_type == "cuda" else 0
+        return self.bank_chunks
 
     @property
     def keys_per_query_bound(self) -> int:

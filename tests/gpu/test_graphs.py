@@ -194,8 +194,8 @@ def replay_and_check(rig: Rig, graph, md_cap: HGAMetadata, lengths) -> None:
 
 
 CONFIGS = {
-    "default": HGAConfig(),
-    "default_bank": HGAConfig(bank_chunks=24),
+    "default_no_bank": HGAConfig(bank_chunks=0),
+    "default_small_bank": HGAConfig(bank_chunks=24),
     "paper": HGAConfig(sink_chunks=2, local_chunks=8, topk_chunks=20, topk_groups=32,
                        chunk_score="summary", group_score="mean"),
 }
