@@ -4,6 +4,8 @@
 
 #pragma once
 
+#include "copy_vecs.cuh"
+
 namespace hga {
 namespace {
 
@@ -234,19 +236,8 @@ bank_fill_encode_kernel(const uint4* __restrict__ pool, uint4* __restrict__ bank
       const int part = int(it % ysplit);
       const uint4* s = pool + fill_blocks[k] * vecs;
       uint4* d = bank + fill_slots[k] * vecs;
-      for (int64_t v0 = int64_t(part) * blockDim.x * kFillUnroll; v0 < vecs; v0 += step_v) {
-        uint4 b[kFillUnroll];
-#pragma unroll
-        for (int u = 0; u < kFillUnroll; ++u) {
-          const int64_t v = v0 + u * blockDim.x + threadIdx.x;
-          if (v < vecs) b[u] = s[v];
-        }
-#pragma unroll
-        for (int u = 0; u < kFillUnroll; ++u) {
-          const int64_t v = v0 + u * blockDim.x + threadIdx.x;
-          if (v < vecs) d[v] = b[u];
-        }
-      }
+      for (int64_t v0 = int64_t(part) * blockDim.x * kFillUnroll; v0 < vecs; v0 += step_v)
+        copy_vecs_unrolled<kFillUnroll>(s, d, v0, vecs, int(blockDim.x), int(threadIdx.x));
     }
     return;
   }

@@ -6,6 +6,7 @@
 // Runs of consecutive source rows are merged into one copy on the copy-engine path.
 
 #include "hga_common.cuh"
+#include "copy_vecs.cuh"
 
 #include <vector>
 
@@ -23,19 +24,8 @@ gather_rows_kernel(const uint4* __restrict__ src, const int64_t* __restrict__ id
        row += warps) {
     const uint4* s = src + idx[row] * vecs;
     uint4* d = dst + row * vecs;
-    for (int v0 = 0; v0 < vecs; v0 += 32 * kGatherUnroll) {
-      uint4 buf[kGatherUnroll];
-#pragma unroll
-      for (int u = 0; u < kGatherUnroll; ++u) {
-        const int v = v0 + u * 32 + lane;
-        if (v < vecs) buf[u] = s[v];
-      }
-#pragma unroll
-      for (int u = 0; u < kGatherUnroll; ++u) {
-        const int v = v0 + u * 32 + lane;
-        if (v < vecs) d[v] = buf[u];
-      }
-    }
+    for (int v0 = 0; v0 < vecs; v0 += 32 * kGatherUnroll)
+      copy_vecs_unrolled<kGatherUnroll>(s, d, v0, vecs, 32, lane);
   }
 }
 
@@ -51,19 +41,8 @@ bank_fill_kernel(const uint4* __restrict__ pool, uint4* __restrict__ bank,
   const uint4* s = pool + blocks[blockIdx.x] * vecs;
   uint4* d = bank + slot * vecs;
   for (int64_t v0 = int64_t(blockIdx.y) * blockDim.x * kGatherUnroll; v0 < vecs;
-       v0 += int64_t(gridDim.y) * blockDim.x * kGatherUnroll) {
-    uint4 buf[kGatherUnroll];
-#pragma unroll
-    for (int u = 0; u < kGatherUnroll; ++u) {
-      const int64_t v = v0 + u * blockDim.x + threadIdx.x;
-      if (v < vecs) buf[u] = s[v];
-    }
-#pragma unroll
-    for (int u = 0; u < kGatherUnroll; ++u) {
-      const int64_t v = v0 + u * blockDim.x + threadIdx.x;
-      if (v < vecs) d[v] = buf[u];
-    }
-  }
+       v0 += int64_t(gridDim.y) * blockDim.x * kGatherUnroll)
+    copy_vecs_unrolled<kGatherUnroll>(s, d, v0, vecs, int(blockDim.x), int(threadIdx.x));
 }
 
 int64_t row_bytes(const at::Tensor& src, const at::Tensor& dst) {

@@ -74,6 +74,22 @@ def prompt_nlls(llm, prompts: list[list[int]]) -> list[list[float]]:
     return result
 
 
+def hga_cfg(hga: dict):
+    """The HGAConfig of a config entry ("oracle" is not a config key: see sim_mode)."""
+    from vllm_hga.config import HGAConfig
+
+    return HGAConfig.from_mapping({k: v for k, v in hga.items() if k != "oracle"})
+
+
+def sim_mode(hga: dict):
+    """analysis mode of a config entry: HGA routing, or with ``"oracle": "group"`` (or
+    "token") exact top-k over the true attention at that config's budget (replay only)."""
+    from vllm_hga.analysis import Oracle
+
+    cfg = hga_cfg(hga)
+    return Oracle(cfg, hga["oracle"]) if hga.get("oracle") else cfg
+
+
 def config_key(backend: str, hga: dict | None, dtype: str) -> str:
     """Cache key of an engine/simulator run.  HGA keys hash the *resolved* config (every
     field), so a change of the defaults never reuses results of the old defaults."""

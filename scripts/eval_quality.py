@@ -96,27 +96,20 @@ def parse_configs(items: list[str]) -> dict[str, dict]:
     return out
 
 
-def hga_cfg(hga: dict):
-    """The HGAConfig of a config entry ("oracle" is not a config key: see sim_mode)."""
-    from vllm_hga.config import HGAConfig
-
-    return HGAConfig.from_mapping({k: v for k, v in hga.items() if k != "oracle"})
-
-
-def sim_mode(hga: dict):
-    """analysis mode of a config entry: HGA routing, or with ``"oracle": "group"`` (or
-    "token") exact top-k over the true attention at that config's budget (sim only)."""
-    from vllm_hga.analysis import Oracle
-
-    cfg = hga_cfg(hga)
-    return Oracle(cfg, hga["oracle"]) if hga.get("oracle") else cfg
+def sim_suffix(backend: str, device: str) -> str:
+    """Cache-key suffix: engine and replay NLLs (CPU or another device) are kept apart."""
+    if backend == "vllm":
+        return ""
+    return "_sim" if device == "cpu" else f"_sim_{device}"
 
 
 class Runner:
     """NLLs of (config, doc) through the engine or the simulator, cached on disk."""
 
-    def __init__(self, backend: str, dtype: str, length: int, cache: ec.NLLCache):
+    def __init__(self, backend: str, dtype: str, length: int, cache: ec.NLLCache,
+                 device: str = "cpu"):
         self.backend, self.dtype, self.length, self.cache = backend, dtype, length, cache
+        self.device = device
         self.tok = ec.tokenizer(dtype)
         self._sim = None
 
@@ -125,8 +118,7 @@ class Runner:
 
     def nlls(self, hga: dict | None, docs: list[str]) -> dict[str, list[float]]:
         backend = "HGA" if hga is not None else "CPU_ATTN"
-        key = ec.config_key(backend, hga, self.dtype) + ("" if self.backend == "vllm"
-                                                         else "_sim")
+        key = ec.config_key(backend, hga, self.dtype) + sim_suffix(self.backend, self.device)
         got = {d: self.cache.get(key, d, self.length) for d in docs}
         todo = [d for d in docs if got[d] is None]
         # the engine batches every document into one run; the simulator goes one
@@ -161,8 +153,8 @@ class Runner:
         if self._sim is None:
             from vllm_hga.analysis import Analyzer
 
-            self._sim = Analyzer()
-        mode = "dense" if hga is None else sim_mode(hga)
+            self._sim = Analyzer(device=self.device)
+        mode = "dense" if hga is None else ec.sim_mode(hga)
         return {d: self._sim.nll(self.tokens(d), mode)[0].tolist() for d in docs}
 
 
@@ -173,7 +165,7 @@ def evaluate(runner: Runner, configs: dict[str, dict], docs: list[str],
     dense = runner.nlls(None, docs)
     rows = []
     for name, hga in configs.items():
-        cfg = hga_cfg(hga)
+        cfg = ec.hga_cfg(hga)
         sparse = runner.nlls(hga, docs)
         start = first_routed_position(cfg)
         for W in windows:
@@ -283,19 +275,29 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="add the budget sweep configs")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write a nats-vs-density PNG here")
+    ap.add_argument("--device", default="cpu",
+                    help="--backend sim only: run the replay on this torch device (e.g. cuda)")
     ap.add_argument("--cache", help="NLL cache folder (default ~/.cache/vllm-hga/eval)")
     ap.add_argument("--cached-only", action="store_true",
                     help="report only configs whose NLLs are all in the cache (no runs)")
+    ap.add_argument("--from-json", metavar="FILE",
+                    help="no runs: print (and --plot) the results a --json run wrote")
     args = ap.parse_args()
+    if args.from_json:  # e.g. results brought back from a GPU replay
+        res = json.loads(Path(args.from_json).read_text())
+        print(report(res))
+        if args.plot:
+            plot(res, args.plot)
+        return
 
     configs = (parse_configs(args.config) if args.config
                else {} if args.sweep else {"default": {}})  # the sweep holds the default
     if args.sweep:
         configs.update({k: v for k, v in SWEEP.items() if k not in configs})
     windows = sorted(w for w in args.windows if w <= args.length)
-    runner = Runner(args.backend, args.dtype, args.length, ec.NLLCache(args.cache))
+    runner = Runner(args.backend, args.dtype, args.length, ec.NLLCache(args.cache), args.device)
     if args.cached_only:
-        suffix = "" if args.backend == "vllm" else "_sim"
+        suffix = sim_suffix(args.backend, args.device)
         have = lambda h: all(runner.cache.get(  # noqa: E731
             ec.config_key("HGA", h, args.dtype) + suffix, d, args.length) is not None
             for d in args.docs)

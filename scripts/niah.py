@@ -9,6 +9,13 @@ expected answer appears in the output (case-insensitive).
     python scripts/niah.py                                  # dense + HGA default
     python scripts/niah.py --config maxg='{"chunk_score": "max_group"}' --skip-dense
     python scripts/niah.py --lengths 8000 --depths 0.3 --kinds password   # one trial
+    python scripts/niah.py --backend sim --device cuda      # replay (float32), any torch device
+
+``--backend sim`` replays the float32 checkpoint under transformers with our routing code
+(``vllm_hga.analysis``): dense = greedy decoding with exact attention; HGA = the exact
+greedy continuation under the replayed rule (full forwards, teacher-forcing a guess and
+fixing its first wrong token until none is left); ``"oracle": "group"`` in a config gives
+the oracle at that config's budget.
 
 Context length = tokens of the whole chat prompt (template + haystack + needle +
 question), at most ``--lengths``.  The default dtype is the checkpoint's bfloat16 (what
@@ -118,6 +125,44 @@ def run(backend: str, hga: dict | None, trials: list[dict], dtype: str) -> list[
     return res
 
 
+def run_sim(analyzer, hga: dict | None, trials: list[dict]) -> list[dict]:
+    """Replay counterpart of ``run``: greedy continuations of NEW_TOKENS tokens."""
+    clock = ec.Clock()
+    res = []
+    for t in trials:
+        ids = t["prompt_ids"]
+        if hga is None:
+            cont = analyzer.greedy(ids, NEW_TOKENS)
+            t["dense_cont"] = cont  # the first guess of every HGA replay of this trial
+        else:
+            cont = exact_greedy(analyzer, ids, t["dense_cont"], ec.sim_mode(hga))
+        eos = analyzer.tokenizer.eos_token_id
+        text = analyzer.tokenizer.decode([c for c in cont if c != eos])
+        res.append({k: v for k, v in t.items() if k not in ("prompt_ids", "dense_cont")} | {
+            "len": len(ids), "output": text, "pass": t["answer"].lower() in text.lower()})
+    print(f"  sim {json.dumps(hga)}: {len(trials)} trials in {clock()} s", flush=True)
+    return res
+
+
+def exact_greedy(analyzer, ids: list[int], guess: list[int], mode) -> list[int]:
+    """Greedy continuation of ids under `mode`, from full forwards only: teacher-force the
+    guess, keep it up to its first token that differs from the prediction, put the
+    prediction there, repeat.  Each forward verifies at least one more token."""
+    eos = analyzer.tokenizer.eos_token_id
+    cont, ok = list(guess[:NEW_TOKENS]), 0
+    while ok < len(cont):
+        analyzer.nll(ids + cont, mode)
+        pred = analyzer.last_argmax[len(ids) - 1:].tolist()[: len(cont)]
+        bad = next((i for i in range(ok, len(cont)) if pred[i] != cont[i]), None)
+        if bad is None:
+            break
+        cont[bad] = pred[bad]
+        ok = bad + 1
+        if cont[bad] == eos:
+            return cont[:ok]
+    return cont
+
+
 def table(results: dict[str, list[dict]], lengths, depths) -> str:
     header = ["config", "ctx"] + [f"{int(100 * d)}%" for d in depths] + ["all"]
     rows = []
@@ -135,6 +180,8 @@ def table(results: dict[str, list[dict]], lengths, depths) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=["vllm", "sim"], default="vllm")
+    ap.add_argument("--device", default="cpu", help="--backend sim: torch device")
     ap.add_argument("--dtype", choices=ec.DTYPES, default="bfloat16")
     ap.add_argument("--hays", nargs="+", default=HAYSTACKS)
     ap.add_argument("--kinds", nargs="+", default=KINDS, choices=list(NEEDLES))
@@ -146,6 +193,10 @@ def main() -> None:
     ap.add_argument("--dense-only", action="store_true")
     ap.add_argument("--json", help="write every trial (prompt, output, pass) here")
     args = ap.parse_args()
+    if args.backend == "sim":
+        if args.skip_dense:
+            raise SystemExit("--backend sim needs the dense run (its output seeds the replay)")
+        args.dtype = "float32"
 
     tok = ec.tokenizer(args.dtype)
     trials = [build_prompt(tok, h, L, d, k) for h in args.hays for L in args.lengths
@@ -155,12 +206,20 @@ def main() -> None:
         name, _, blob = item.partition("=")
         configs[name] = json.loads(blob) if blob else {}
     results = {}
-    if not args.skip_dense:
-        results["dense"] = run("CPU_ATTN", None, trials, args.dtype)
-    for name, hga in ({} if args.dense_only else configs).items():
-        results[name] = run("HGA", hga, trials, args.dtype)
+    if args.backend == "sim":
+        from vllm_hga.analysis import Analyzer
+
+        an = Analyzer(device=args.device)
+        results["dense"] = run_sim(an, None, trials)
+        for name, hga in ({} if args.dense_only else configs).items():
+            results[name] = run_sim(an, hga, trials)
+    else:
+        if not args.skip_dense:
+            results["dense"] = run("CPU_ATTN", None, trials, args.dtype)
+        for name, hga in ({} if args.dense_only else configs).items():
+            results[name] = run("HGA", hga, trials, args.dtype)
     print(f"haystacks {', '.join(args.hays)}; needles {', '.join(args.kinds)}; "
-          f"dtype {args.dtype}; pass = answer in greedy output")
+          f"dtype {args.dtype}; backend {args.backend}; pass = answer in greedy output")
     print(table(results, args.lengths, args.depths))
     for name, res in results.items():
         for r in res:

@@ -38,6 +38,7 @@ def main() -> None:
                     help="NAME=JSON of hga keys (repeatable; the first one's window "
                          "defines the measured positions); default: default={}")
     ap.add_argument("--json", help="write the per-layer numbers here")
+    ap.add_argument("--device", default="cpu", help="run the replay on this torch device")
     args = ap.parse_args()
 
     from vllm_hga.analysis import Analyzer, Oracle
@@ -51,7 +52,7 @@ def main() -> None:
     for name, cfg in configs.items():
         measure[name] = cfg
         measure[f"{name}/oracle"] = Oracle(cfg, "group")
-    an = Analyzer()
+    an = Analyzer(device=args.device)
     tok = ec.tokenizer("float32")
     per_doc = {}
     for doc in args.docs:

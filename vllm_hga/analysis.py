@@ -40,7 +40,8 @@ from .reference import group_key_variance
 from .rope import RopeSpec
 
 ATTN_NAME = "hga_analysis"
-BLOCK = 256  # queries per block (a multiple of 64)
+# queries per block (a multiple of 64); larger blocks run faster on a GPU
+BLOCK = int(os.environ.get("VLLM_HGA_REPLAY_BLOCK", "256"))
 GROUP = 16
 
 
@@ -190,7 +191,7 @@ def _summaries(k: torch.Tensor, cfg: HGAConfig, rope: RopeSpec):
     if n == 0:
         return (torch.zeros(1, 0, H, D), torch.zeros(1, 0, cfg.groups_per_chunk, H, D),
                 torch.zeros(1, 0, H, D))
-    pages = summarize_blocks(k[: n * C].view(n, C, H, D), SummaryRotation(rope, cfg))
+    pages = summarize_blocks(k[: n * C].view(n, C, H, D), SummaryRotation(rope, cfg, k.device))
     var = (group_key_variance(k[: n * C], cfg).unsqueeze(0)
            if cfg.group_score == "mean_std" else None)
     return pages[:, :, 0].unsqueeze(0), pages[:, :, 1:].transpose(1, 2).unsqueeze(0), var
@@ -382,18 +383,28 @@ def _measure(stats: LayerStats, layer, lg, probs, qb, pos, measure, summ_for, nG
 class Analyzer:
     """The embedded checkpoint (float32) under transformers, with swappable attention."""
 
-    def __init__(self, model_dir: str | None = None, threads: int | None = None):
+    def __init__(self, model_dir: str | None = None, threads: int | None = None,
+                 device: str | None = None):
+        """``device`` (e.g. "cuda") runs the replay there: every tensor this module makes
+        goes to that device (torch's default device is set process-wide), float32 with
+        TF32 off so that results compare with the CPU replay."""
         from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
         from .model import embedded_model_dir
 
         if threads:
             torch.set_num_threads(threads)
+        if device and device != "cpu":
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            torch.set_default_device(device)
         model_dir = model_dir or str(embedded_model_dir(dtype="float32"))
         AttentionInterface.register(ATTN_NAME, _attention_fn)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.float32, attn_implementation=ATTN_NAME).eval()
+        if device:
+            self.model.to(device)
         hf = self.model.config
         self.n_layers = hf.num_hidden_layers
         self.n_heads = hf.num_attention_heads
@@ -415,8 +426,8 @@ class Analyzer:
         try:
             x = torch.tensor([ids])
             logits = self.model(input_ids=x).logits[0, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
-            self.last_argmax = logits.argmax(-1)  # greedy token after each prefix
+            nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none").cpu()
+            self.last_argmax = logits.argmax(-1).cpu()  # greedy token after each prefix
             stats = _STATE.stats.summary() if _STATE.stats is not None else None
         finally:
             _STATE.mode, _STATE.measure, _STATE.stats = "dense", {}, None
