@@ -283,6 +283,8 @@ def main() -> None:
     ap.add_argument("--from-json", metavar="FILE",
                     help="no runs: print (and --plot) the results a --json run wrote")
     args = ap.parse_args()
+    if args.backend == "vllm" and args.device != "cpu":
+        ap.error("--device is for --backend sim (the engine picks its own device)")
     if args.from_json:  # e.g. results brought back from a GPU replay
         res = json.loads(Path(args.from_json).read_text())
         print(report(res))

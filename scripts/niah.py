@@ -193,6 +193,8 @@ def main() -> None:
     ap.add_argument("--dense-only", action="store_true")
     ap.add_argument("--json", help="write every trial (prompt, output, pass) here")
     args = ap.parse_args()
+    if args.backend == "vllm" and args.device != "cpu":
+        ap.error("--device is for --backend sim (the engine picks its own device)")
     if args.backend == "sim":
         if args.skip_dense:
             raise SystemExit("--backend sim needs the dense run (its output seeds the replay)")
