@@ -197,7 +197,7 @@ def main() -> None:
         ap.error("--device is for --backend sim (the engine picks its own device)")
     if args.backend == "sim":
         if args.skip_dense:
-            raise SystemExit("--backend sim needs the dense run (its output seeds the replay)")
+            ap.error("--backend sim needs the dense run (its output seeds the replay)")
         args.dtype = "float32"
 
     tok = ec.tokenizer(args.dtype)
