@@ -9,6 +9,15 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 PY=${VLLM_HGA_VENV:-.venv}/bin/python
 MODEL=${HGA_MODEL:-$("$PY" -m vllm_hga.model)}
+# vLLM's CPU worker otherwise reserves --gpu-memory-utilization (0.92) of the NUMA node's
+# RAM for its KV cache and refuses to start when less is free (page cache, other jobs):
+# on CPU, unless the caller sized it, give it a fixed 4 GiB (the HGA host pool takes the
+# same budget: 180K tokens of full K/V for SmolLM2-135M, 22 contexts of 8K).
+if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; } \
+   && [[ -z "${VLLM_CPU_KVCACHE_SPACE:-}" && " $* " != *" --kv-cache-memory-bytes"* \
+         && " $* " != *" --gpu-memory-utilization"* ]]; then
+  export VLLM_CPU_KVCACHE_SPACE=4
+fi
 # vllm-cpu 0.32.0's `vllm` console script looks up a distribution named "vllm" and fails;
 # the same server runs as a module.  On CUDA installs `vllm serve` works too.
 exec "$PY" -m vllm.entrypoints.openai.api_server --model "$MODEL" \

@@ -9,12 +9,16 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from pathlib import Path
+
 import pytest
 
 pytestmark = pytest.mark.serve
 
 openai = pytest.importorskip("openai")
 from vllm_hga.model import embedded_model_dir  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 # (bf16 SmolLM2-135M gets France wrong in dense vLLM too: a near-tie on its first token)
 QUESTION = [{"role": "user", "content": "What is the capital of Germany?"}]
@@ -28,13 +32,15 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model = str(embedded_model_dir())
+    """The README's main command, `bash scripts/serve.sh` (as is: no memory settings from
+    the test), on a free port, in this test's virtualenv."""
+    embedded_model_dir()  # converted before the clock starts
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-           "--attention-backend", "HGA", "--max-model-len", "8192", "--host", "127.0.0.1",
-           "--port", str(port), "--enforce-eager", "--served-model-name", "smollm2-hga"]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    env.update(PORT=str(port), VLLM_HGA_VENV=sys.prefix)
+    cmd = ["bash", str(REPO / "scripts" / "serve.sh"),
+           "--enforce-eager", "--served-model-name", "smollm2-hga"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
