@@ -78,16 +78,29 @@ def hga_cfg(hga: dict):
     """The HGAConfig of a config entry ("oracle" is not a config key: see sim_mode)."""
     from vllm_hga.config import HGAConfig
 
-    return HGAConfig.from_mapping({k: v for k, v in hga.items() if k != "oracle"})
+    return HGAConfig.from_mapping({k: v for k, v in hga.items() if k not in SIM_KEYS})
+
+
+# config-entry keys that only the replay reads: "oracle" (analysis.Oracle) and "router"
+# (a research router, analysis.research_router: {"kind": ..., other parameters}),
+# "router_layers" (the router in these layers only, the config's own routing elsewhere)
+SIM_KEYS = ("oracle", "router", "router_layers")
 
 
 def sim_mode(hga: dict):
     """analysis mode of a config entry: HGA routing, or with ``"oracle": "group"`` (or
     "token") exact top-k over the true attention at that config's budget (replay only)."""
-    from vllm_hga.analysis import Oracle
+    from vllm_hga.analysis import Oracle, PerLayer, research_router
 
     cfg = hga_cfg(hga)
-    return Oracle(cfg, hga["oracle"]) if hga.get("oracle") else cfg
+    if hga.get("oracle"):
+        return Oracle(cfg, hga["oracle"])
+    if hga.get("router"):
+        mode = (cfg, research_router(**hga["router"]))
+        if hga.get("router_layers") is not None:  # the router in these layers only
+            return PerLayer(cfg, {i: mode for i in hga["router_layers"]})
+        return mode
+    return cfg
 
 
 def config_key(backend: str, hga: dict | None, dtype: str) -> str:
@@ -97,8 +110,8 @@ def config_key(backend: str, hga: dict | None, dtype: str) -> str:
     if backend == "HGA":
         from vllm_hga.config import HGAConfig
 
-        extra = {k: v for k, v in (hga or {}).items() if k == "oracle"}
-        cfg = HGAConfig.from_mapping({k: v for k, v in (hga or {}).items() if k != "oracle"})
+        extra = {k: v for k, v in (hga or {}).items() if k in SIM_KEYS}
+        cfg = HGAConfig.from_mapping({k: v for k, v in (hga or {}).items() if k not in SIM_KEYS})
         h = {**{k: v for k, v in cfg.as_dict().items() if k != "preset"}, **extra}
         if cfg.group_score != "mean_std":
             h.pop("score_alpha")  # only mean_std reads it

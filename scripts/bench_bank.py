@@ -51,7 +51,8 @@ def main() -> None:
     rows = []
     for S in args.contexts:
         for B in args.batches:
-            b = Batch([S] * B, 32, 4, 128, uva=True, cfg=HGAConfig(), seed=S + B)
+            cfg = HGAConfig.from_mapping({}, device_type="cuda")  # a CUDA engine's default
+            b = Batch([S] * B, 32, 4, 128, uva=True, cfg=cfg, seed=S + B)
             layer = b.layer
             qs = [b.q.roll(i, 1) for i in range(4)]  # other queries: other routed chunks
             row = {"context": S, "batch": B, "bank_chunks": args.bank_chunks}

@@ -115,6 +115,11 @@ class Pools:
         self.n_blocks = n_blocks
 
 
+def cuda_default_config() -> HGAConfig:
+    """The config a CUDA engine runs by default (the kernels' group score)."""
+    return HGAConfig.from_mapping({}, device_type="cuda")
+
+
 def point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, ceil: dict, reps: int,
           dense_limit: float, torch_limit: int) -> dict:
     g = torch.Generator(device=DEV).manual_seed(ctx + B)
@@ -262,7 +267,7 @@ def _sdpa_backends():
 
 def small_kernels(pools: Pools, reps: int, ceil: dict) -> list[dict]:
     """summarize_pool and write_kv on device and UVA pools."""
-    cfg = HGAConfig()
+    cfg = cuda_default_config()
     rot = torch_ops.SummaryRotation(RopeSpec.default(D, 1e6), cfg, DEV)
     res = []
     for nblk in (64, 1024):
@@ -490,12 +495,12 @@ def main() -> None:
     t0 = time.time()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "dtype": str(DT)},
-              "cfg": HGAConfig().as_dict()}
+              "cfg": cuda_default_config().as_dict()}
     result["ceilings"] = ceil = ceilings(args.reps)
     print(json.dumps(ceil), flush=True)
     result["prefill"] = []
     for ctx in [int(x) for x in args.prefill_contexts.split(",") if x]:
-        rec = prefill_point(ctx, HGAConfig(), args.prefill_reps,
+        rec = prefill_point(ctx, cuda_default_config(), args.prefill_reps,
                             tuple(args.prefill_impls.split(",")))
         result["prefill"].append(rec)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
@@ -507,7 +512,7 @@ def main() -> None:
         print_prefill(result["prefill"])
         return
     pools = Pools(args.pool_blocks)
-    cfg = HGAConfig()
+    cfg = cuda_default_config()
     result["points"] = []
     for ctx in [int(x) for x in args.contexts.split(",")]:
         for B in [int(x) for x in args.batches.split(",")]:

@@ -138,8 +138,9 @@ class Runner:
         return got
 
     def _engine_nlls(self, backend, hga, docs):
-        if hga and hga.get("oracle"):
-            raise SystemExit("the oracle exists in the simulator only (--backend sim)")
+        if hga and any(hga.get(k) for k in ec.SIM_KEYS):
+            raise SystemExit("the oracle and research routers exist in the simulator only "
+                             "(--backend sim)")
         llm = ec.make_llm(backend, hga, dtype=self.dtype)
         try:
             res = ec.prompt_nlls(llm, [self.tokens(d) for d in docs])

@@ -208,18 +208,28 @@ def main() -> None:
         name, _, blob = item.partition("=")
         configs[name] = json.loads(blob) if blob else {}
     results = {}
+
+    def dump() -> None:  # after every config, so that a run cut short keeps what it did
+        if args.json:
+            Path(args.json).write_text(json.dumps(
+                {"dtype": args.dtype, "configs": configs, "results": results}, indent=1))
+
     if args.backend == "sim":
         from vllm_hga.analysis import Analyzer
 
         an = Analyzer(device=args.device)
         results["dense"] = run_sim(an, None, trials)
+        dump()
         for name, hga in ({} if args.dense_only else configs).items():
             results[name] = run_sim(an, hga, trials)
+            dump()
     else:
         if not args.skip_dense:
             results["dense"] = run("CPU_ATTN", None, trials, args.dtype)
+            dump()
         for name, hga in ({} if args.dense_only else configs).items():
             results[name] = run("HGA", hga, trials, args.dtype)
+            dump()
     print(f"haystacks {', '.join(args.hays)}; needles {', '.join(args.kinds)}; "
           f"dtype {args.dtype}; backend {args.backend}; pass = answer in greedy output")
     print(table(results, args.lengths, args.depths))
@@ -228,9 +238,6 @@ def main() -> None:
             if not r["pass"]:
                 print(f"  miss {name}: {r['hay']} {r['target_len']} depth {r['depth']} "
                       f"{r['kind']}: {r['output'][:80]!r}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"dtype": args.dtype, "configs": configs,
-                                               "results": results}, indent=1))
 
 
 if __name__ == "__main__":

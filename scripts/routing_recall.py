@@ -42,16 +42,15 @@ def main() -> None:
     args = ap.parse_args()
 
     from vllm_hga.analysis import Analyzer, Oracle
-    from vllm_hga.config import HGAConfig
 
     configs = {}
     for item in args.config or ["default="]:
         name, _, blob = item.partition("=")
-        configs[name] = HGAConfig.from_mapping(json.loads(blob) if blob else {})
+        configs[name] = ec.sim_mode(json.loads(blob) if blob else {})
     measure = {}
-    for name, cfg in configs.items():
-        measure[name] = cfg
-        measure[f"{name}/oracle"] = Oracle(cfg, "group")
+    for name, mode in configs.items():
+        measure[name] = mode
+        measure[f"{name}/oracle"] = Oracle(mode[0] if isinstance(mode, tuple) else mode, "group")
     an = Analyzer(device=args.device)
     tok = ec.tokenizer("float32")
     per_doc = {}

@@ -106,3 +106,18 @@ class PagedRun:
         if self.decodes_first:
             reqs.sort(key=lambda r: schedule[r] > 1)  # stable: single-token requests first
         return reqs
+
+
+def run_requests(run: PagedRun, lengths, prefill_chunk: int, decode_tail: int):
+    """Chunked prefill of all requests together, then `decode_tail` decode steps each."""
+    outs = {r: [] for r in range(len(lengths))}
+    target = {r: max(L - decode_tail, 1) for r, L in enumerate(lengths)}
+    while any(run.done[r] < target[r] for r in target):
+        sched = {r: min(prefill_chunk, target[r] - run.done[r])
+                 for r in target if run.done[r] < target[r]}
+        for r, o in run.step(sched).items():
+            outs[r].append(o)
+    while any(run.done[r] < L for r, L in enumerate(lengths)):
+        for r, o in run.step({r: 1 for r, L in enumerate(lengths) if run.done[r] < L}).items():
+            outs[r].append(o)
+    return {r: torch.cat(o) for r, o in outs.items()}

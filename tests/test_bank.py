@@ -16,7 +16,10 @@ from vllm_hga import reference as ref
 from vllm_hga.config import DEFAULT_CUDA_BANK_CHUNKS, CHUNK_SIZE, HGAConfig
 from vllm_hga.metrics import WorkerMetrics, bank_hit_rate
 
-SPARSE = HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8)
+# float64 pages (exact comparisons) hold mean / mean_std summaries; sketch pages are
+# float32 bit fields (tests/test_sketch.py covers them)
+SPARSE = HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8,
+                   group_score="mean_std")
 MEAN_STD = HGAConfig(sink_chunks=1, local_chunks=2, topk_chunks=4, topk_groups=8,
                      chunk_score="max_group", group_score="mean_std")
 

@@ -23,10 +23,22 @@ def test_defaults_spend_the_papers_budget_differently():
     cfg, paper = HGAConfig(), HGAConfig.from_mapping({"preset": "paper"})
     assert (cfg.sink_chunks, cfg.local_chunks, cfg.topk_chunks, cfg.topk_groups) == (1, 2, 22, 88)
     assert cfg.groups_per_query == 44
-    assert (cfg.chunk_score, cfg.group_score, cfg.score_alpha) == ("max_group", "mean_std", 3.0)
+    assert (cfg.chunk_score, cfg.group_score) == ("max_group", "sketch")
     assert cfg.keys_per_query_bound == paper.keys_per_query_bound == 960
     # every query position attends the same number of keys under both (so equal density)
     assert [keys_seen(p, cfg) for p in range(8192)] == [keys_seen(p, paper) for p in range(8192)]
+
+
+def test_cuda_engines_default_to_the_scores_their_kernels_read():
+    """group_score "sketch" has no CUDA kernels yet: a CUDA engine that names no
+    group_score gets "mean_std"; one that names it (or whose preset does) keeps it."""
+    cuda = lambda v: HGAConfig.from_mapping(v, device_type="cuda")  # noqa: E731
+    assert cuda({}).group_score == "mean_std"
+    assert cuda({"topk_groups": 64}).group_score == "mean_std"
+    assert cuda({"group_score": "sketch"}).group_score == "sketch"
+    assert cuda({"preset": "paper"}).group_score == "mean"
+    assert HGAConfig.from_mapping({}, device_type="cpu").group_score == "sketch"
+    assert HGAConfig.from_mapping({}).group_score == "sketch"
 
 
 @pytest.mark.parametrize("values, message", [

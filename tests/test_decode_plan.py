@@ -18,10 +18,14 @@ from vllm_hga.config import CHUNK_SIZE, HGAConfig
 from vllm_hga.metrics import WorkerMetrics, density
 from vllm_hga.plan import DecodeBuffers, HGAMetadata
 
-SPARSE = HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8)
+# float64 pages (exact comparisons) hold mean / mean_std summaries; sketch pages are
+# float32 bit fields (tests/test_sketch.py covers them)
+SPARSE = HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8,
+                   group_score="mean_std")
 MEAN_STD = HGAConfig(sink_chunks=1, local_chunks=2, topk_chunks=4, topk_groups=8,
                      chunk_score="max_group", group_score="mean_std")
-NO_LOCAL = HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=6)
+NO_LOCAL = HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=6,
+                     group_score="mean_std")
 LENGTHS = [70, 455, 900]  # decode tails cross chunk ends (positions 63 mod 64 close chunks)
 
 
@@ -144,12 +148,16 @@ def test_cuda_graph_support_follows_the_knob():
     from vllm_hga.ops import cuda_ops
 
     bf16 = torch.bfloat16
-    assert cuda_graph_blockers(HGAConfig(), 128, bf16, kernels=True) == []
-    assert cuda_graph_blockers(HGAConfig(cuda_graphs=False), 128, bf16, True) == \
+    def cuda(**kw):  # the config a CUDA engine resolves (the kernels' group score)
+        return HGAConfig.from_mapping(kw, device_type="cuda")
+
+    assert cuda_graph_blockers(cuda(), 128, bf16, kernels=True) == []
+    assert cuda_graph_blockers(cuda(group_score="sketch"), 128, bf16, True)  # torch routing
+    assert cuda_graph_blockers(cuda(cuda_graphs=False), 128, bf16, True) == \
         ["cuda_graphs is off"]
-    assert cuda_graph_blockers(HGAConfig(bank_chunks=64), 128, bf16, True) == []  # graph-safe
-    assert len(cuda_graph_blockers(HGAConfig(dense_layers=(0,)), 128, bf16, True)) == 1
-    assert cuda_graph_blockers(HGAConfig(), 96, bf16, True)  # no kernels for D = 96
+    assert cuda_graph_blockers(cuda(bank_chunks=64), 128, bf16, True) == []  # graph-safe
+    assert len(cuda_graph_blockers(cuda(dense_layers=(0,)), 128, bf16, True)) == 1
+    assert cuda_graph_blockers(cuda(), 96, bf16, True)  # no kernels for D = 96
     spec = FullAttentionSpec(block_size=64, num_kv_heads=3, head_size=64, dtype=bf16)
     for on in (True, False):
         config = engine_config(additional_config={"hga": {"cuda_graphs": on}})

@@ -123,10 +123,8 @@ def test_dense_answers_from_deep_inside_6k_context(model_default):
         assert "violet-harbor-42" in text, text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known miss, see docs/QUALITY.md (needle section): the paper's settings miss at 20% and 50% "
-    "depth; the defaults answer at 50% but write 'violet-harrel-42' at 20% (bf16); strict, "
-    "so this test fails CI the day it starts passing and the marker must go"))
 def test_default_hga_answers_from_deep_inside_6k_context(model_default):
+    """The default routing (sketch scores) finds a 15-token fact at 20% and 50% depth of
+    ~6K tokens of real prose and answers as dense attention does (bf16, greedy)."""
     for text in answers(model_default, "HGA"):
         assert "violet-harbor-42" in text, text

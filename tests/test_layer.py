@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from layer_harness import PagedRun
+from layer_harness import PagedRun, run_requests
 
 from vllm_hga import reference as ref
 from vllm_hga.config import HGAConfig
 
 FULL = HGAConfig.from_mapping({"preset": "full"})
-SPARSE = HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8)
-
-
-def run_requests(run: PagedRun, lengths, prefill_chunk: int, decode_tail: int):
-    """Chunked prefill of all requests together, then `decode_tail` decode steps each."""
-    outs = {r: [] for r in range(len(lengths))}
-    target = {r: max(L - decode_tail, 1) for r, L in enumerate(lengths)}
-    while any(run.done[r] < target[r] for r in target):
-        sched = {r: min(prefill_chunk, target[r] - run.done[r])
-                 for r in target if run.done[r] < target[r]}
-        for r, o in run.step(sched).items():
-            outs[r].append(o)
-    while any(run.done[r] < L for r, L in enumerate(lengths)):
-        for r, o in run.step({r: 1 for r, L in enumerate(lengths) if run.done[r] < L}).items():
-            outs[r].append(o)
-    return {r: torch.cat(o) for r, o in outs.items()}
+# float64 pages (exact comparisons) hold mean / mean_std summaries; sketch pages are
+# float32 bit fields (tests/test_sketch.py covers them)
+SPARSE = HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8,
+                   group_score="mean_std")
 
 
 def dense(run: PagedRun, r: int) -> torch.Tensor:
@@ -48,8 +36,10 @@ def test_full_coverage_equals_dense_mixed_batches(heads):
 
 @pytest.mark.parametrize("cfg", [
     SPARSE,
-    HGAConfig(sink_chunks=0, local_chunks=4, topk_chunks=3, topk_groups=6),  # no sinks
-    HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=6),  # forced prev
+    HGAConfig(sink_chunks=0, local_chunks=4, topk_chunks=3, topk_groups=6,  # no sinks
+              group_score="mean_std"),
+    HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=6,  # forced prev
+              group_score="mean_std"),
     HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8,
               chunk_score="max_group", group_score="mean"),
     HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8,

@@ -129,8 +129,7 @@ LAYER_CASES = {
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
 def test_layer_equals_reference_with_option(case):
     """Paged blocks, chunked prefill and decode through HGALayer, float64: exact."""
-    from layer_harness import PagedRun
-    from test_layer import run_requests
+    from layer_harness import PagedRun, run_requests
 
     cfg = HGAConfig(**LAYER_CASES[case])
     if not _layer_supports(cfg):

@@ -6,8 +6,7 @@ import os
 
 import pytest
 import torch
-from layer_harness import PagedRun
-from test_layer import run_requests
+from layer_harness import PagedRun, run_requests
 
 from vllm_hga import reference as ref
 from vllm_hga.config import HGAConfig, HGAConfigError
@@ -15,7 +14,10 @@ from vllm_hga.metrics import WorkerMetrics, density
 from vllm_hga.startup import check_disk_dir
 from vllm_hga.store import map_file
 
-SPARSE = HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8)
+# float64 pages (exact comparisons) hold mean / mean_std summaries; sketch pages are
+# float32 bit fields (tests/test_sketch.py covers them)
+SPARSE = HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8,
+                   group_score="mean_std")
 
 
 def test_device_page_holds_only_summaries():

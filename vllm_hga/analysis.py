@@ -512,66 +512,146 @@ def mean(x) -> float:
 
 
 # ------------------------------------------------------------------ experimental routers
-def stat_router(kind: str, alpha: float = 2.0, level: str = "max_group"):
+def stat_router(kind: str, alpha: float = 2.0, level: str = "max_group", bits: int = 2,
+                span: str = "group"):
     """Router factory for summary statistics the backend does not store (yet).
 
-    Group scores from the post-RoPE keys of each closed group:
-      "quest"  sum_d max(q_d kmax_d, q_d kmin_d): an upper bound of q.k in the group;
-      "meanstd" q.mean + alpha * sqrt(sum_d q_d^2 var_d);
-      "gauss"  q.mean*scale + scale^2/2 * sum_d q_d^2 var_d (log-mean-exp under a
-               Gaussian key model);
-      "mean"   q.mean of post-RoPE keys (no RoPE mixing: rope_threshold = 0).
-    Chunk scores: the best group score of the chunk (level "max_group") or the mean-key
-    chunk summary score (level "summary", from the stored summaries).  Then top K_c
-    chunks, top G groups, as routing.route.
+    Group scores from the post-RoPE keys of each closed group (``stat_scores``); chunk
+    scores: the best group score of the chunk (level "max_group") or the mean-key chunk
+    summary score (level "summary", from the stored summaries).  Then top K_c chunks, top
+    G groups, as routing.route.
     """
     def factory(k: torch.Tensor, cfg: HGAConfig, rope: RopeSpec):
-        C, gs, M = cfg.chunk_size, cfg.group_size, cfg.groups_per_chunk
-        n = k.shape[0] // C
-        H, D = k.shape[1], k.shape[2]
-        kg = k[: n * C].view(n, M, gs, H, D)
-        if kind == "quest":
-            a = (kg.amax(2) + kg.amin(2)) / 2  # [n, M, H, D]
-            b = (kg.amax(2) - kg.amin(2)) / 2
-        elif kind == "meanstd_iso":  # one scalar variance per group (mean over channels)
-            a = None
-            b = kg.var(2, unbiased=False).mean(-1, keepdim=True).expand(n, M, H, D)
-        elif kind == "meanstd_pair":  # one variance per group and rotary pair
-            a = None
-            var = kg.var(2, unbiased=False)
-            half = D // 2
-            pv = (var[..., :half] + var[..., half:]) / 2  # neox pairs (i, i + D/2)
-            b = torch.cat([pv, pv], dim=-1)
-        elif kind == "meanstd_g":  # per-group per-channel variance, stored group means
-            a = None
-            b = kg.var(2, unbiased=False)
-        elif kind == "meanstd_chunk":  # one pooled within-group variance per chunk
-            a = None  # the stored (mixed-RoPE) group summaries
-            b = kg.var(2, unbiased=False).mean(1, keepdim=True).expand(n, M, H, D)
-        else:
-            a = kg.mean(2)
-            b = kg.var(2, unbiased=False)
-        scale = D ** -0.5
+        scores = stat_scores(kind, alpha, k, cfg, bits, span)
 
         def route(qb, pos, chunk_sum, group_sum, cfg_):
-            N, Hq, _ = qb.shape
-            rep = Hq // H
-            qd = qb.view(N, H, rep, D)
-            s = torch.einsum("nkrd,jmkd->nkrjm", qd, a if a is not None else group_sum[0])
-            if kind == "quest":
-                s = s + torch.einsum("nkrd,jmkd->nkrjm", qd.abs(), b)
-            elif kind.startswith("meanstd"):
-                s = s + alpha * torch.einsum("nkrd,jmkd->nkrjm", qd * qd, b).clamp(min=0).sqrt()
-            elif kind == "gauss":
-                s = s * scale + scale ** 2 / 2 * torch.einsum("nkrd,jmkd->nkrjm", qd * qd, b)
-            group_scores = s.reshape(N, Hq, n, M)
+            group_scores = scores(qb, group_sum)
             if level == "summary":
+                N, Hq, n, _ = group_scores.shape
+                H = chunk_sum.shape[2]
+                qd = qb.view(N, H, Hq // H, -1)
                 chunk_scores = torch.einsum("nkrd,jkd->nkrj", qd, chunk_sum[0]).reshape(N, Hq, n)
             else:
                 chunk_scores = group_scores.amax(-1)
             return _two_level(group_scores, chunk_scores, pos, cfg_)
         return route
     return factory
+
+
+def stat_scores(kind: str, alpha: float, k: torch.Tensor, cfg: HGAConfig, bits: int = 2,
+                span: str = "group"):
+    """scores(qb [N, Hq, D], group_sum) -> [N, Hq, n, M]: group scores of the closed groups
+    of keys k [T, Hkv, D] (post-RoPE) by
+
+      "quest"   sum_d q_d c_d + alpha |q_d| r_d, c/r the per-channel midrange/half-range of
+                the group's keys: Quest's upper bound of q.k in the group at alpha = 1;
+      "meanmax" q.mean + alpha sum_d |q_d| max_t |k_td - mean_d| (an upper bound at 1);
+      "meanstd" q.mean + alpha * sqrt(sum_d q_d^2 var_d) (per-group variance; "_iso": one
+                variance per group, "_pair": per rotary pair, "_g": per channel with the
+                stored group summaries as means, "_chunk": the pooled variance the backend
+                stores);
+      "gauss"   q.mean*scale + scale^2/2 * sum_d q_d^2 var_d (log-mean-exp under a
+                Gaussian key model);
+      "mean"    q.mean of post-RoPE keys (no RoPE mixing: rope_threshold = 0);
+      "sketch"  log-sum-exp over the group's keys of q.k_hat * scale, k_hat each key
+                quantised to `bits` bits per channel between the group's per-channel
+                min and max (what a b-bit key copy plus two rows per group would give);
+                span "chunk": one min/max pair per chunk instead of per group.
+    """
+    C, gs, M = cfg.chunk_size, cfg.group_size, cfg.groups_per_chunk
+    n = k.shape[0] // C
+    H, D = k.shape[1], k.shape[2]
+    kg = k[: n * C].view(n, M, gs, H, D)
+    if kind == "quest":
+        a = (kg.amax(2) + kg.amin(2)) / 2  # [n, M, H, D]
+        b = (kg.amax(2) - kg.amin(2)) / 2
+    elif kind == "meanmax":
+        a = kg.mean(2)
+        b = (kg - a.unsqueeze(2)).abs().amax(2)
+    elif kind == "meanstd_iso":  # one scalar variance per group (mean over channels)
+        a = None
+        b = kg.var(2, unbiased=False).mean(-1, keepdim=True).expand(n, M, H, D)
+    elif kind == "meanstd_pair":  # one variance per group and rotary pair
+        a = None
+        var = kg.var(2, unbiased=False)
+        half = D // 2
+        pv = (var[..., :half] + var[..., half:]) / 2  # neox pairs (i, i + D/2)
+        b = torch.cat([pv, pv], dim=-1)
+    elif kind == "meanstd_g":  # per-group per-channel variance, stored group means
+        a = None
+        b = kg.var(2, unbiased=False)
+    elif kind == "meanstd_chunk":  # one pooled within-group variance per chunk
+        a = None  # the stored (mixed-RoPE) group summaries
+        b = kg.var(2, unbiased=False).mean(1, keepdim=True).expand(n, M, H, D)
+    elif kind in ("meanstd", "gauss", "mean"):
+        a = kg.mean(2)
+        b = kg.var(2, unbiased=False)
+    elif kind == "sketch":
+        dims = (1, 2) if span == "chunk" else 2
+        lo, hi = kg.amin(dims, keepdim=True), kg.amax(dims, keepdim=True)
+        levels = 2 ** bits - 1
+        step = (hi - lo).clamp(min=1e-12) / levels
+        a = lo + torch.round((kg - lo) / step) * step  # [n, M, gs, H, D]
+        b = None
+    else:
+        raise ValueError(f"unknown group statistic {kind!r}")
+    scale = D ** -0.5
+
+    def scores(qb, group_sum):
+        N, Hq, _ = qb.shape
+        qd = qb.view(N, H, Hq // H, D)
+        if kind == "sketch":
+            t = torch.einsum("nkrd,jmtkd->nkrjmt", qd, a) * scale
+            return t.logsumexp(-1).reshape(N, Hq, n, M)
+        s = torch.einsum("nkrd,jmkd->nkrjm", qd, a if a is not None else group_sum[0])
+        if kind in ("quest", "meanmax"):
+            s = s + alpha * torch.einsum("nkrd,jmkd->nkrjm", qd.abs(), b)
+        elif kind.startswith("meanstd"):
+            s = s + alpha * torch.einsum("nkrd,jmkd->nkrjm", qd * qd, b).clamp(min=0).sqrt()
+        elif kind == "gauss":
+            s = s * scale + scale ** 2 / 2 * torch.einsum("nkrd,jmkd->nkrjm", qd * qd, b)
+        return s.reshape(N, Hq, n, M)
+    return scores
+
+
+def reserve_router(reserve: int, by: str = "quest", alpha: float = 1.0):
+    """Router factory: the shipped routing (``routing.route``) opens G - reserve groups,
+    then the `reserve` pool groups it left out with the best ``stat_scores(by, alpha)``
+    are opened too: a second opinion for spans the shipped score ranks low.  Opens as
+    many groups as the shipped rule (the pool permitting), so density is unchanged."""
+    def factory(k: torch.Tensor, cfg: HGAConfig, rope: RopeSpec):
+        scores = stat_scores(by, alpha, k, cfg)
+        n = k.shape[0] // cfg.chunk_size
+        var = (group_key_variance(k[: n * cfg.chunk_size], cfg).unsqueeze(0)
+               if cfg.group_score == "mean_std" else None)
+
+        def route(qb, pos, chunk_sum, group_sum, cfg_):
+            G = cfg_.groups_per_query
+            R = min(reserve, G)
+            fixed, ids, ok = routing.route(qb, pos, chunk_sum, group_sum, cfg_,
+                                           groups_per_query=G - R, group_var=var)
+            if R == 0 or n == 0:
+                return fixed, ids, ok
+            N, Hq = qb.shape[:2]
+            M = cfg_.groups_per_chunk
+            _, pool = routing.window_masks(pos, n, cfg_)
+            s = scores(qb, group_sum).reshape(N, Hq, n * M)
+            free = pool.repeat_interleave(M, -1).unsqueeze(1) & ~routing.group_mask(ids, ok, n * M)
+            s = s.masked_fill(~free, float("-inf"))
+            top = torch.topk(s, min(R, n * M), dim=-1)
+            return (fixed, torch.cat([ids, top.indices], -1),
+                    torch.cat([ok, top.values > float("-inf")], -1))
+        return route
+    return factory
+
+
+def research_router(kind: str, **params):
+    """A router factory by name, for the replay's config entries (``"router": {...}``):
+    kind "reserve" -> ``reserve_router(**params)``; any ``stat_scores`` kind ->
+    ``stat_router(kind, **params)``."""
+    if kind == "reserve":
+        return reserve_router(**params)
+    return stat_router(kind, **params)
 
 
 def _two_level(group_scores, chunk_scores, pos, cfg):

@@ -3,9 +3,10 @@
 Sources, later ones winning key by key:
   1. the defaults below: the paper's token budget (960 keys per query and head once the
      context is long) spent differently -- F=1, L=2, K_c=22, K_g=88 (44 groups per query),
-     chunks scored by their best group and groups by mean + 3 x key spread; measured
-     better than the paper's F=2, L=8, K_c=20, K_g=32 at equal density (docs/QUALITY.md);
-     the paper's exact routing is the preset "paper",
+     chunks scored by their best group and groups by the attention mass their 2-bit key
+     sketch predicts; measured better than the paper's F=2, L=8, K_c=20, K_g=32 at equal
+     density (docs/QUALITY.md); the paper's exact routing is the preset "paper"; on CUDA
+     groups are scored by mean + 3 x key spread until the kernels read sketches,
   2. a YAML preset (``"preset": "paper"`` names ``configs/paper.yaml``; a path works too),
   3. the keys of ``--additional-config '{"hga": {...}}'``.
 
@@ -35,6 +36,12 @@ BANK_MAX_CHUNKS = 32768
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+GROUP_SCORES = ("mean", "mean_std", "sketch")
+# group_score of a CUDA engine whose hga config names none: the CUDA kernels read "mean" and
+# "mean_std" pages, not yet "sketch" ones (which would route in torch, without CUDA graphs)
+CUDA_GROUP_SCORE = "mean_std"
+
+
 class HGAConfigError(ValueError):
     """A configuration HGA cannot run with. The message says why and what to do."""
 
@@ -54,14 +61,20 @@ class HGAConfig:
     # or "max_group" (the best of its group scores: a short span is not averaged away).
     chunk_score: str = "max_group"
     # How a group is scored (level 2, and level 1 under chunk_score "max_group"):
-    # "mean" (q . group summary, the paper) or "mean_std": q . group summary +
-    # score_alpha * sqrt(sum_d q_d^2 var_d), where var is the per-channel variance of the
-    # chunk's post-RoPE keys around their own group's mean (one [D] row per chunk and KV
-    # head).  A group whose keys spread along q can hold a key that scores far above the
-    # mean; the mean alone dilutes a single matching token 16-fold.  The default; it needs
-    # the variance summary row (see docs/QUALITY.md), which takes the place of the chunk
-    # summary, so it requires chunk_score "max_group".
-    group_score: str = "mean_std"
+    # * "sketch" (the default): log sum_t exp(q . k_hat_t / sqrt(D)) over the group's 16
+    #   keys -- the attention mass the group would get -- where k_hat is a 2-bit copy of
+    #   every post-RoPE key (a per-channel grid between the chunk's min and max, float16)
+    #   held in the summary page in place of the summaries, at the same page size.  One
+    #   matching key can carry a group; a mean dilutes it 16-fold.  docs/QUALITY.md
+    #   section 2b.  Routes in torch: on CUDA an engine whose hga config does not name a
+    #   group_score gets "mean_std" (CUDA_GROUP_SCORE), which the kernels read.
+    # * "mean_std": q . group summary + score_alpha * sqrt(sum_d q_d^2 var_d), var the
+    #   per-channel variance of the chunk's post-RoPE keys around their own group's mean
+    #   (one [D] row per chunk and KV head, in place of the chunk summary).
+    # * "mean": q . group summary (the paper).
+    # "sketch" and "mean_std" take the chunk summary's row, so they need chunk_score
+    # "max_group".
+    group_score: str = "sketch"
     score_alpha: float = 3.0
     # RoPE pair i is "high frequency" (summed after rotation) when
     # (chunk_size - 1) * inv_freq_i > rope_threshold radians; else it is summed before
@@ -136,13 +149,13 @@ class HGAConfig:
              f"rope_threshold must be a number >= 0 (radians); got {self.rope_threshold!r}")
         need(self.chunk_score in ("summary", "max_group"),
              f"chunk_score must be 'summary' or 'max_group'; got {self.chunk_score!r}")
-        need(self.group_score in ("mean", "mean_std"),
-             f"group_score must be 'mean' or 'mean_std'; got {self.group_score!r}")
+        need(self.group_score in GROUP_SCORES,
+             f"group_score must be one of {list(GROUP_SCORES)}; got {self.group_score!r}")
         need(isinstance(self.score_alpha, (int, float)) and self.score_alpha >= 0,
              f"score_alpha must be a number >= 0; got {self.score_alpha!r}")
         need(self.group_score == "mean" or self.chunk_score == "max_group",
-             "group_score 'mean_std' stores the key variance where the chunk summary was; "
-             "set chunk_score: max_group with it")
+             f"group_score {self.group_score!r} stores other rows where the chunk summary "
+             "was; set chunk_score: max_group with it")
         need(self.rope_style in (None, "neox", "gptj"),
              f"rope_style must be 'neox' or 'gptj'; got {self.rope_style!r}")
         need(all(isinstance(i, int) and i >= 0 for i in self.dense_layers),
@@ -176,7 +189,10 @@ class HGAConfig:
 
     # ------------------------------------------------------------------ builders
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> "HGAConfig":
+    def from_mapping(cls, values: Mapping[str, Any] | None,
+                     device_type: str | None = None) -> "HGAConfig":
+        """The config of an hga mapping; ``device_type`` "cuda" makes a group_score that
+        neither the mapping nor its preset names CUDA_GROUP_SCORE."""
         values = dict(values or {})
         merged: dict[str, Any] = {}
         preset = values.get("preset") or os.environ.get("VLLM_HGA_PRESET")
@@ -184,6 +200,8 @@ class HGAConfig:
             merged.update(load_preset(preset))
             merged["preset"] = preset
         merged.update(values)
+        if device_type == "cuda" and "group_score" not in merged:
+            merged["group_score"] = CUDA_GROUP_SCORE
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(merged) - known)
         if unknown:
@@ -198,7 +216,8 @@ class HGAConfig:
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> "HGAConfig":
         extra = getattr(vllm_config, "additional_config", None) or {}
-        return cls.from_mapping(extra.get("hga"))
+        device = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
+        return cls.from_mapping(extra.get("hga"), str(device) if device else None)
 
 
 def load_preset(name: str) -> dict[str, Any]:

@@ -13,7 +13,10 @@ tested against this file.  The rules, for a query at position p in chunk c = p /
 * group scores q . group_summary over the groups of the kept chunks pick the top
   G = groups_per_query groups (the paper's K_g // 2); with group_score "mean_std" a
   group's score adds score_alpha * sqrt(sum_d q_d^2 var_d) (var: its chunk's
-  within-group key variance, ``group_key_variance``);
+  within-group key variance, ``group_key_variance``); with group_score "sketch" a
+  group's score is log sum_t exp(q . k_hat_t / sqrt(D)) over its 16 keys, k_hat the
+  2-bit copy of each key (``sketch_keys``): an estimate of the attention mass the group
+  holds, which a single matching key can dominate (a mean dilutes it 16-fold);
 * attention is exact softmax over the real keys of sinks + local + own chunk + groups.
 
 Ties in top-k go to the lower index here; production paths use torch.topk, whose order
@@ -39,6 +42,39 @@ class Summaries:
     # [n_chunks, H_kv, D]: per-channel variance of each chunk's post-RoPE keys around their
     # own group's mean (group_score "mean_std" only; None otherwise)
     var: torch.Tensor | None = None
+    # [n_chunks, C, H_kv, D]: the 2-bit key copy (group_score "sketch" only)
+    keys_hat: torch.Tensor | None = None
+
+
+# group_score "sketch": each post-RoPE key is kept as SKETCH_BITS bits per channel, on a
+# uniform grid between its chunk's per-channel min and max (both stored as float16).
+SKETCH_BITS = 2
+SKETCH_LEVELS = 2 ** SKETCH_BITS - 1
+F16_MAX = 65504.0
+
+
+def sketch_grid(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, step) float32 [n, H, D], both representable in float16, of chunks k [n, C, H, D]:
+    the grid of the chunk's 2-bit key codes.  Float32 arithmetic on purpose: the production
+    summaries compute the same values bit for bit (the codes are a definition, not an
+    approximation of one)."""
+    k = k.to(torch.float32).clamp(-F16_MAX, F16_MAX)
+    lo = k.amin(dim=1).to(torch.float16).to(torch.float32)
+    step = ((k.amax(dim=1) - lo) / SKETCH_LEVELS).to(torch.float16).to(torch.float32)
+    return lo, step
+
+
+def sketch_codes(k: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """uint8 codes in [0, SKETCH_LEVELS] of keys k [n, C, H, D] on the grid (lo, step)."""
+    k = k.to(torch.float32).clamp(-F16_MAX, F16_MAX)
+    x = (k - lo.unsqueeze(1)) / step.unsqueeze(1).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.round(x).clamp(0, SKETCH_LEVELS).to(torch.uint8)
+
+
+def sketch_keys(k: torch.Tensor) -> torch.Tensor:
+    """The 2-bit copy k_hat [n, C, H, D] (float32) of chunks k [n, C, H, D]."""
+    lo, step = sketch_grid(k)
+    return lo.unsqueeze(1) + sketch_codes(k, lo, step).to(torch.float32) * step.unsqueeze(1)
 
 
 def summarize(k: torch.Tensor, start_pos: int, rope: RopeSpec, cfg: HGAConfig) -> Summaries:
@@ -64,10 +100,12 @@ def summarize(k: torch.Tensor, start_pos: int, rope: RopeSpec, cfg: HGAConfig) -
     H, D = k.shape[1], k.shape[2]
     chunk = k_chunk.reshape(n, C, H, D).mean(dim=1)
     group = k_group.reshape(n, M, gs, H, D).mean(dim=2)
-    var = None
+    var = keys_hat = None
     if cfg.group_score == "mean_std":
         var = group_key_variance(k, cfg)
-    return Summaries(chunk, group, var)
+    if cfg.group_score == "sketch":
+        keys_hat = sketch_keys(k.reshape(n, C, H, D)).to(torch.float64)
+    return Summaries(chunk, group, var, keys_hat)
 
 
 def group_key_variance(k: torch.Tensor, cfg: HGAConfig) -> torch.Tensor:
@@ -80,9 +118,12 @@ def group_key_variance(k: torch.Tensor, cfg: HGAConfig) -> torch.Tensor:
 
 
 def group_scores(q: torch.Tensor, group: torch.Tensor, var: torch.Tensor | None,
-                 cfg: HGAConfig) -> torch.Tensor:
+                 cfg: HGAConfig, keys_hat: torch.Tensor | None = None) -> torch.Tensor:
     """Level-2 scores of groups with summaries group [..., D] (and their chunk's variance
-    var [..., D], same leading shape) for one query head's q [D]."""
+    var [..., D], same leading shape; group_score "sketch": their 2-bit keys
+    keys_hat [..., 16, D]) for one query head's q [D]."""
+    if cfg.group_score == "sketch":
+        return torch.logsumexp(keys_hat @ q * q.shape[-1] ** -0.5, dim=-1)
     s = group @ q
     if cfg.group_score == "mean_std":
         s = s + cfg.score_alpha * (var @ (q * q)).clamp(min=0).sqrt()
@@ -122,9 +163,12 @@ def visible_mask(q: torch.Tensor, q_start: int, seq_len: int, summ: Summaries,
             kv = h // rep
             var = summ.var[:, kv].unsqueeze(1).expand(-1, M, -1) if summ.var is not None \
                 else None  # [n, M, D]: a chunk's variance serves its four groups
+            hat = None if summ.keys_hat is None else \
+                summ.keys_hat[:, :, kv].reshape(-1, M, gs, D)  # [n, M, 16, D]
             if cfg.chunk_score == "max_group":
                 chunk_scores = group_scores(qd[t, h], summ.group[pool, :, kv],
-                                            None if var is None else var[pool], cfg).amax(dim=1)
+                                            None if var is None else var[pool], cfg,
+                                            None if hat is None else hat[pool]).amax(dim=1)
             else:
                 chunk_scores = summ.chunk[pool, kv] @ qd[t, h]
             if L == 0 and c - 1 >= F:  # keep the immediately preceding chunk
@@ -136,7 +180,8 @@ def visible_mask(q: torch.Tensor, q_start: int, seq_len: int, summ: Summaries,
                 kept = _top(chunk_scores, pool, cfg.topk_chunks)
             gids = (kept.reshape(-1, 1) * M + torch.arange(M)).reshape(-1)
             scores = group_scores(qd[t, h], summ.group[gids // M, gids % M, kv],
-                                  None if var is None else var[gids // M, gids % M], cfg)
+                                  None if var is None else var[gids // M, gids % M], cfg,
+                                  None if hat is None else hat[gids // M, gids % M])
             for g in _top(scores, gids, cfg.groups_per_query).tolist():
                 mask[h, t, g * gs:(g + 1) * gs] = True
     return mask

@@ -57,7 +57,9 @@ def route(q: torch.Tensor, pos: torch.Tensor, chunk_sum: torch.Tensor, group_sum
     slots 0..n-1 (B = N, or 1 to share one request's summaries); slots a query may not
     see are masked by position, so their contents never matter.  group_var [B, n, Hkv, D]
     (``reference.group_key_variance``) is needed by group_score "mean_std" only; chunk_sum
-    is then not read (chunk scores are the best group score).
+    is then not read (chunk scores are the best group score).  With group_score "sketch"
+    chunk_sum holds the pages' grid rows and group_sum their code rows
+    (``ops.torch_ops.pack_sketch``).
 
     Returns (fixed [N, n] bool, open_ids [N, Hq, G] long, open_ok [N, Hq, G] bool): whole
     chunks every head sees, and per head the group ids (chunk * M + group) routing opened;
@@ -79,7 +81,10 @@ def route(q: torch.Tensor, pos: torch.Tensor, chunk_sum: torch.Tensor, group_sum
     if shared:
         chunk_sum, group_sum = chunk_sum[0], group_sum[0]
     qd = q.to(group_sum.dtype).view(N, Hkv, rep, -1)
-    group_scores = torch.einsum(f"nkrd,{b}jmkd->nkrjm", qd, group_sum).reshape(N, Hq, n, M)
+    if cfg.group_score == "sketch":
+        group_scores = _sketch_scores(qd, chunk_sum, group_sum, b).reshape(N, Hq, n, M)
+    else:
+        group_scores = torch.einsum(f"nkrd,{b}jmkd->nkrjm", qd, group_sum).reshape(N, Hq, n, M)
     if cfg.group_score == "mean_std":
         if group_var is None:
             raise ValueError("group_score 'mean_std' needs group_var (the key variance "
@@ -107,6 +112,28 @@ def route(q: torch.Tensor, pos: torch.Tensor, chunk_sum: torch.Tensor, group_sum
     open_ids = kept.gather(-1, best // M) * M + best % M
     open_ok = kept_ok.gather(-1, best // M)
     return fixed, open_ids, open_ok
+
+
+def _sketch_scores(qd: torch.Tensor, grid: torch.Tensor, codes: torch.Tensor,
+                   b: str) -> torch.Tensor:
+    """[N, Hkv, rep, n, M]: log sum_t exp(q . k_hat_t / sqrt(D)) over each group's 16 keys
+    (``reference.group_scores``), k_hat decoded from the sketch pages."""
+    from .ops.torch_ops import unpack_sketch
+
+    N, Hkv, rep, D = qd.shape
+    # grid [(N|), n, Hkv, D], codes [(N|), n, M, Hkv, D] -> k_hat [(N|), n, Hkv, M, 16, D]
+    k_hat = unpack_sketch(grid, codes.transpose(-3, -2))
+    n, M = k_hat.shape[-5], k_hat.shape[-3]
+    qs = qd.float() * D ** -0.5
+    if b:  # per-row pages: [N, Hkv, rep, D] x [N, Hkv, D, n*M*16]
+        keys = k_hat.permute(0, 2, 5, 1, 3, 4).reshape(N, Hkv, D, -1)
+        t = torch.matmul(qs, keys)  # [N, Hkv, rep, n*M*16]
+        return t.view(N, Hkv, rep, n, M, 16).logsumexp(-1)
+    # one request's pages for all rows: one matmul per KV head over all queries
+    keys = k_hat.permute(1, 4, 0, 2, 3).reshape(Hkv, D, -1)  # [Hkv, D, n*M*16]
+    t = torch.matmul(qs.transpose(0, 1).reshape(Hkv, N * rep, D), keys)
+    t = t.view(Hkv, N, rep, n, M, 16).logsumexp(-1)
+    return t.transpose(0, 1)
 
 
 def group_mask(open_ids: torch.Tensor, open_ok: torch.Tensor, n_groups: int) -> torch.Tensor:

@@ -235,4 +235,5 @@ def configure_engine(vllm_config) -> HGAConfig | None:
 
 def _describe(cfg: HGAConfig) -> str:
     return (f"F={cfg.sink_chunks} L={cfg.local_chunks} K_c={cfg.topk_chunks} "
-            f"K_g={cfg.topk_groups} groups/query={cfg.groups_per_query}")
+            f"K_g={cfg.topk_groups} groups/query={cfg.groups_per_query} "
+            f"chunk_score={cfg.chunk_score} group_score={cfg.group_score}")

@@ -18,10 +18,16 @@ from gpu_common import TOL, rel_err  # tests/gpu is on sys.path
 
 from vllm_hga.attention import HGALayer
 from vllm_hga.bank import DeviceBank
-from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
+from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE
+from vllm_hga.config import HGAConfig as _HGAConfig
 from vllm_hga.ops import cuda_ops, torch_ops
 from vllm_hga.plan import DecodeBuffers, HGAMetadata
 from vllm_hga.rope import RopeSpec
+
+def HGAConfig(**kw) -> _HGAConfig:
+    """A config as a CUDA engine resolves it: the kernels' group score unless set."""
+    return _HGAConfig.from_mapping(kw, device_type="cuda")
+
 
 pytestmark = [
     pytest.mark.gpu,

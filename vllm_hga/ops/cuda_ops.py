@@ -29,6 +29,8 @@ GROUPS = CHUNK_SIZE // GROUP_SIZE
 HEAD_SIZES = (64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TOPK_CHUNKS = 64  # csrc/routing.cu kMaxTopkChunks
+# group scores whose summary pages the kernels read ("sketch" pages route in torch)
+KERNEL_GROUP_SCORES = ("mean", "mean_std")
 
 
 def available() -> bool:
@@ -84,7 +86,7 @@ def _rot_tables(rot: torch_ops.SummaryRotation, device: torch.device, head_size:
 
 def summarize_blocks(k: torch.Tensor, rot: torch_ops.SummaryRotation) -> torch.Tensor:
     """Summaries [nb, H, 1+M, D] float32 of full chunks k [nb, C, H, D] (any strides)."""
-    if not _covered(k) or k.stride(-1) != 1:
+    if not _covered(k) or k.stride(-1) != 1 or rot.sketch:
         return torch_ops.summarize_blocks(k, rot)
     nb, _, H, D = k.shape
     out = torch.empty(nb, H, 1 + GROUPS, D, dtype=torch.float32, device=k.device)
@@ -103,8 +105,11 @@ def summarize_pool(pool: torch.Tensor, blocks: torch.Tensor, summ: torch.Tensor,
     if blocks.numel() == 0:
         return
     keys = pool[:, :, 0].transpose(1, 2)  # [nb, 64, H, D] view
-    if not (_covered(pool) and summ.is_cuda and summ.stride(-1) == 1):
+    if not (_covered(pool) and summ.is_cuda and summ.stride(-1) == 1) or rot.sketch:
         blocks = blocks[blocks >= 0]  # host sync: the torch path is not graph-safe anyway
+        if rot.sketch and summ.dtype != torch.float32:
+            raise ValueError("sketch pages are float32 bit fields; this summary tensor is "
+                             f"{summ.dtype} (use float32 pages with group_score 'sketch')")
         summ[blocks] = torch_ops.summarize_blocks(keys[blocks], rot).to(summ.dtype)
         return
     blocks = blocks.to(torch.long).contiguous()
@@ -134,6 +139,9 @@ def decode_groups(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor,
     after the (sinks + local + 1) * 4 fixed columns in ascending group id (torch's come in
     score order), then invalid padding; ties in top-k go to the lower index (reference.py).
     """
+    if cfg.group_score not in KERNEL_GROUP_SCORES:
+        raise ValueError(f"the decode routing kernel reads {KERNEL_GROUP_SCORES} pages, "
+                         f"not group_score {cfg.group_score!r} (HGALayer routes it in torch)")
     R, Hq, D = q.shape
     Hkv = summ.shape[1]
     F, L, Kc = cfg.sink_chunks, cfg.local_chunks, cfg.topk_chunks

@@ -53,7 +53,8 @@ def covers(q: torch.Tensor, pool: torch.Tensor, summ: torch.Tensor, cfg: HGAConf
             and q.dtype == pool.dtype and q.dtype in cuda_ops.DTYPES
             and q.shape[-1] in cuda_ops.HEAD_SIZES and pool.is_contiguous()
             and summ.dtype == torch.float32 and summ.stride(-1) == 1
-            and cfg.topk_chunks <= cuda_ops.MAX_TOPK_CHUNKS)
+            and cfg.topk_chunks <= cuda_ops.MAX_TOPK_CHUNKS
+            and cfg.group_score in cuda_ops.KERNEL_GROUP_SCORES)
 
 
 class Scratch:

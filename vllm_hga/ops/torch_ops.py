@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..config import HGAConfig
+from ..reference import sketch_codes, sketch_grid
 from ..rope import RopeSpec
 
 
@@ -46,6 +47,8 @@ class SummaryRotation:
         # group_score "mean_std": row 0 of a summary page holds the chunk's within-group key
         # variance (reference.group_key_variance) instead of the chunk summary
         self.variance = cfg.group_score == "mean_std"
+        # group_score "sketch": the page holds the 2-bit key copy instead (pack_sketch)
+        self.sketch = cfg.group_score == "sketch"
 
     def rotated(self, k: torch.Tensor, level: int) -> torch.Tensor:
         """k [nb, C, H, D] (float32/64) rotated to the chunk (level 0) or group (1) middles."""
@@ -65,6 +68,8 @@ def summarize_blocks(k: torch.Tensor, rot: SummaryRotation) -> torch.Tensor:
     low-frequency RoPE pairs first rotated to the span's middle position.
     """
     nb, C, H, D = k.shape
+    if rot.sketch:
+        return pack_sketch(k)
     k32 = k.to(_math_dtype(k))
     if rot.variance:
         kg = k32.view(nb, rot.groups, C // rot.groups, H, D)
@@ -73,6 +78,36 @@ def summarize_blocks(k: torch.Tensor, rot: SummaryRotation) -> torch.Tensor:
         chunk = rot.rotated(k32, 0).mean(dim=1)  # [nb, H, D]
     group = rot.rotated(k32, 1).view(nb, rot.groups, C // rot.groups, H, D).mean(dim=2)
     return torch.cat([chunk.unsqueeze(1), group], dim=1).transpose(1, 2).contiguous()
+
+
+def pack_sketch(k: torch.Tensor) -> torch.Tensor:
+    """Sketch page [nb, H, 1+M, D] float32 of chunks k [nb, C, H, D] (group_score "sketch").
+
+    Row 0: the grid, float16 lo then float16 step per channel (``reference.sketch_grid``);
+    row 1+m: the 2-bit codes of group m's 16 keys, token-major (code i*D + d sits in byte
+    (i*D + d) // 4 at bit 2*((i*D + d) % 4)): 16*D*2 bits = one row of D float32.
+    """
+    nb, C, H, D = k.shape
+    M = C // 16
+    lo, step = sketch_grid(k)  # [nb, H, D]
+    codes = sketch_codes(k, lo, step)  # [nb, C, H, D]
+    codes = codes.view(nb, M, 16, H, D).permute(0, 3, 1, 2, 4).reshape(nb, H, M, 4 * D, 4)
+    packed = codes[..., 0] | codes[..., 1] << 2 | codes[..., 2] << 4 | codes[..., 3] << 6
+    grid = torch.cat([lo, step], dim=-1).to(torch.float16).contiguous().view(torch.float32)
+    return torch.cat([grid.unsqueeze(2), packed.contiguous().view(torch.float32)], dim=2)
+
+
+def unpack_sketch(grid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Keys k_hat [..., M, 16, D] float32 from a sketch page's grid row [..., D] and code
+    rows [..., M, D] (``pack_sketch``; any leading dims, the same for both)."""
+    D = grid.shape[-1]
+    g = grid.contiguous().view(torch.float16).float()
+    lo, step = g[..., :D], g[..., D:]
+    b = rows.contiguous().view(torch.uint8)  # [..., M, 4D]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device)
+    codes = (b.unsqueeze(-1) >> shifts) & 3  # [..., M, 4D, 4]
+    codes = codes.reshape(*rows.shape[:-1], 16, D).float()
+    return lo.unsqueeze(-2).unsqueeze(-2) + codes * step.unsqueeze(-2).unsqueeze(-2)
 
 
 def write_kv(pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
