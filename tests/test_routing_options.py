@@ -141,3 +141,41 @@ def test_layer_equals_reference_with_option(case):
     for r in range(len(lengths)):
         want, _ = ref.hga_attention(run.q[r], run.k[r], run.v[r], 0, run.rope, cfg)
         assert torch.allclose(got[r], want, atol=1e-10), (case, lengths[r])
+
+
+@pytest.mark.parametrize("router", [
+    {"kind": "reserve", "reserve": 4},
+    {"kind": "quest", "alpha": 1.0},
+    {"kind": "sketch", "bits": 2, "span": "chunk"},
+])
+def test_research_routers_open_the_shipped_number_of_groups(router):
+    """The replay's research routers (analysis.research_router) change which groups open,
+    never how many: their NLLs compare at the density of the shipped rule."""
+    from vllm_hga import analysis
+    from vllm_hga.ops import torch_ops
+
+    cfg = HGAConfig(sink_chunks=1, local_chunks=2, topk_chunks=5, topk_groups=12,
+                    group_score="mean_std")
+    S, Hq, Hkv, D = 1400, 4, 2, 64
+    rope, q, k = _request(S, Hq, Hkv, D, seed=11)
+    q, k = q.float(), k.float()
+    n = S // 64
+    pages = torch_ops.summarize_blocks(k[: n * 64].view(n, 64, Hkv, D),
+                                       torch_ops.SummaryRotation(rope, cfg))
+    route = analysis.research_router(**router)(k, cfg, rope)
+    pos = torch.arange(S)
+    fixed, ids, ok = route(q, pos, pages[:, :, 0].unsqueeze(0),
+                           pages[:, :, 1:].transpose(1, 2).unsqueeze(0), cfg)
+    want = torch.tensor([routing.routed_groups(int(p) // 64, cfg) for p in pos])
+    assert torch.equal(ok.sum(-1), want.unsqueeze(1).expand(S, Hq))
+    opened = torch.where(ok, ids, -1)
+    for row in (S - 1, 900):  # distinct groups, all in the pool
+        g = opened[row][opened[row] >= 0].view(Hq, -1)
+        assert all(len(set(h.tolist())) == h.numel() for h in g)
+        c = row // 64
+        assert bool(((g // 4 >= cfg.sink_chunks) & (g // 4 < c - cfg.local_chunks)).all())
+    base = routing.route(q, pos, pages[:, :, 0].unsqueeze(0),
+                         pages[:, :, 1:].transpose(1, 2).unsqueeze(0), cfg,
+                         group_var=pages[:, :, 0].unsqueeze(0))
+    assert not torch.equal(routing.group_mask(ids, ok, n * 4),
+                           routing.group_mask(base[1], base[2], n * 4))
