@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .config import HGAConfig
+from .ops.torch_ops import unpack_sketch
 
 NEG_INF = float("-inf")
 
@@ -118,8 +119,6 @@ def _sketch_scores(qd: torch.Tensor, grid: torch.Tensor, codes: torch.Tensor,
                    b: str) -> torch.Tensor:
     """[N, Hkv, rep, n, M]: log sum_t exp(q . k_hat_t / sqrt(D)) over each group's 16 keys
     (``reference.group_scores``), k_hat decoded from the sketch pages."""
-    from .ops.torch_ops import unpack_sketch
-
     N, Hkv, rep, D = qd.shape
     # grid [(N|), n, Hkv, D], codes [(N|), n, M, Hkv, D] -> k_hat [(N|), n, Hkv, M, 16, D]
     k_hat = unpack_sketch(grid, codes.transpose(-3, -2))
