@@ -23,9 +23,9 @@ class HGALayer:
         self.cfg, self.rope, self.dense = cfg, rope, dense
         self.metrics = metrics  # a metrics.WorkerMetrics, or None (tests)
         self.bank = bank  # a bank.DeviceBank (decode working set in device memory), or None
-        # CUDA kernels where they apply (tests turn them off to compare); they do not read
-        # sketch pages (group_score "sketch" routes in torch)
-        self.kernels = cfg.group_score != "sketch"
+        # CUDA kernels where they apply (tests turn them off to compare); they read the
+        # pages of cuda_ops.KERNEL_GROUP_SCORES only (group_score "sketch" routes in torch)
+        self.kernels = cfg.group_score in cuda_ops.KERNEL_GROUP_SCORES
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.scale = float(scale)
         self.rot = ops.SummaryRotation(rope, cfg, device)

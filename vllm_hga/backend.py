@@ -93,8 +93,8 @@ def cuda_graph_blockers(cfg: HGAConfig, head_size: int, dtype: torch.dtype,
         reasons.append("no CUDA kernels (vllm_hga._C) on a GPU")
     if head_size not in cuda_ops.HEAD_SIZES or dtype not in cuda_ops.DTYPES:
         reasons.append(f"no kernels for head size {head_size} / {dtype}")
-    if cfg.group_score == "sketch":
-        reasons.append("group_score sketch routes in torch (the kernels do not read it yet)")
+    if cfg.group_score not in cuda_ops.KERNEL_GROUP_SCORES:
+        reasons.append(f"group_score {cfg.group_score} routes in torch (no kernels read it yet)")
     if cfg.topk_chunks > cuda_ops.MAX_TOPK_CHUNKS:
         reasons.append(f"topk_chunks > {cuda_ops.MAX_TOPK_CHUNKS}")
     # the device bank is graph-safe: fused admission kernels with a device-side step
