@@ -97,17 +97,26 @@ def pack_sketch(k: torch.Tensor) -> torch.Tensor:
     return torch.cat([grid.unsqueeze(2), packed.contiguous().view(torch.float32)], dim=2)
 
 
-def unpack_sketch(grid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Keys k_hat [..., M, 16, D] float32 from a sketch page's grid row [..., D] and code
-    rows [..., M, D] (``pack_sketch``; any leading dims, the same for both)."""
+def sketch_grid_of(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, step) float32 [..., D] from a sketch page's grid row [..., D] (``pack_sketch``)."""
     D = grid.shape[-1]
     g = grid.contiguous().view(torch.float16).float()
-    lo, step = g[..., :D], g[..., D:]
+    return g[..., :D], g[..., D:]
+
+
+def sketch_codes_of(rows: torch.Tensor) -> torch.Tensor:
+    """Codes [..., M, 16, D] float32 (0..3) from a sketch page's code rows [..., M, D]."""
     b = rows.contiguous().view(torch.uint8)  # [..., M, 4D]
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device)
     codes = (b.unsqueeze(-1) >> shifts) & 3  # [..., M, 4D, 4]
-    codes = codes.reshape(*rows.shape[:-1], 16, D).float()
-    return lo.unsqueeze(-2).unsqueeze(-2) + codes * step.unsqueeze(-2).unsqueeze(-2)
+    return codes.reshape(*rows.shape[:-1], 16, rows.shape[-1]).float()
+
+
+def unpack_sketch(grid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Keys k_hat [..., M, 16, D] float32 from a sketch page's grid row [..., D] and code
+    rows [..., M, D] (``pack_sketch``; any leading dims, the same for both)."""
+    lo, step = sketch_grid_of(grid)
+    return lo.unsqueeze(-2).unsqueeze(-2) + sketch_codes_of(rows) * step.unsqueeze(-2).unsqueeze(-2)
 
 
 def write_kv(pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
