@@ -88,8 +88,10 @@ SIM_KEYS = ("oracle", "router", "router_layers")
 
 
 def sim_mode(hga: dict):
-    """analysis mode of a config entry: HGA routing, or with ``"oracle": "group"`` (or
-    "token") exact top-k over the true attention at that config's budget (replay only)."""
+    """analysis mode of a config entry: HGA routing; with ``"oracle": "group"`` (or
+    "token") exact top-k over the true attention at that config's budget; with
+    ``"router": {...}`` a research router (``analysis.research_router``), in the layers of
+    ``"router_layers"`` only when given.  Replay only."""
     from vllm_hga.analysis import Oracle, PerLayer, research_router
 
     cfg = hga_cfg(hga)
