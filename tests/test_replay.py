@@ -1,5 +1,6 @@
 """The replay (vllm_hga.analysis, float32 checkpoint under transformers) that produces the
-sweep, recall and NIAH-replay tables of docs/QUALITY.md, and niah.py's replay greedy.
+sweep, recall and NIAH-replay tables of docs/QUALITY.md and docs/history/QUALITY-log.md,
+and niah.py's replay greedy.
 
 Real model and real text; short prompts so that the 2-core CI machine runs them in
 seconds.  What they guard: a full-coverage budget in the replay is dense attention (the
