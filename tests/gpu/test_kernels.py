@@ -1,4 +1,4 @@
-"""CUDA kernels (vllm_hga.ops.cuda_ops) against the torch ops and vllm_hga.reference.
+"""CUDA kernels (vllm_hga.ops.cuda_ops) against the torch ops and devkit.reference.
 
 Random inputs at odd lengths, GQA ratios 1/3/8, mixed batches; outputs are poisoned with
 NaN first so unwritten elements fail; masked pool slots hold NaN so a kernel that lets
