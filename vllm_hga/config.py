@@ -50,7 +50,7 @@ class HGAConfigError(ValueError):
 class HGAConfig:
     # Budgets (names follow the paper: F, L, K_c, K_g).
     # Defaults: docs/QUALITY.md, "Choice of the defaults" (paper: F=2, L=8, K_c=20, K_g=32,
-    # chunk_score "summary", group_score "mean"; configs/paper.yaml).
+    # chunk_score "summary", group_score "mean"; presets/paper.yaml).
     sink_chunks: int = 1  # F: first chunks every query sees (attention sinks)
     local_chunks: int = 2  # L: last closed chunks every query sees (local window)
     topk_chunks: int = 22  # K_c: chunks kept by chunk routing, per query head
