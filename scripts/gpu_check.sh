@@ -25,6 +25,6 @@ if [[ "$GPU_CHECK_SKIP" != *tests* ]]; then
     --durations=8 2>&1 | tee "$OUT/tests.log" || status=1
 fi
 if [[ "$GPU_CHECK_SKIP" != *bench* ]]; then
-  python3 scripts/bench_kernels.py --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" || status=1
+  python3 -m benchmarks.bench_kernels --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" || status=1
 fi
 exit $status

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 PY=${VLLM_HGA_VENV:-.venv}/bin/python
-MODEL=${HGA_MODEL:-$("$PY" -m vllm_hga.model)}
+MODEL=${HGA_MODEL:-$("$PY" -m devkit.model)}
 # vLLM's CPU worker otherwise reserves --gpu-memory-utilization (0.92) of the NUMA node's
 # RAM for its KV cache and refuses to start when less is free (page cache, other jobs):
 # on CPU, unless the caller sized it, give it a fixed 4 GiB (the HGA host pool takes the

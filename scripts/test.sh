@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 PY=${VLLM_HGA_VENV:-.venv}/bin/python
-"$PY" -m vllm_hga.model >/dev/null          # convert the embedded model once (cached)
-"$PY" -m vllm_hga.texts >/dev/null  # fetch the real texts the tests read (cached)
+"$PY" -m devkit.model >/dev/null  # convert the embedded model once (cached)
+"$PY" -m devkit.texts >/dev/null  # fetch the real texts the tests read (cached)
 exec "$PY" -m pytest -m "not gpu" "$@" tests

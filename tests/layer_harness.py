@@ -2,7 +2,7 @@
 
 Not a mock of vLLM: it plans and counts steps as the backend's builder does
 (plan.HGAMetadata.plan, plan.count_step) and checks the layer against the exact
-reference (vllm_hga.reference).  With ``graph_buffers`` it plans single-token steps in
+reference (devkit.reference).  With ``graph_buffers`` it plans single-token steps in
 the fixed layout vLLM's full decode CUDA graphs replay (plan.py), padded like vLLM pads
 them: extra requests with no query, sequence length 0, null block table rows, slot -1.
 """

@@ -12,8 +12,8 @@ import pytest
 import torch
 from layer_harness import PagedRun
 
-from vllm_hga import reference as ref
-from vllm_hga.config import DEFAULT_CUDA_BANK_CHUNKS, CHUNK_SIZE, HGAConfig
+from devkit import reference as ref
+from vllm_hga.config import CHUNK_SIZE, DEFAULT_CUDA_BANK_CHUNKS, HGAConfig
 from vllm_hga.metrics import WorkerMetrics, bank_hit_rate
 
 # float64 pages (exact comparisons) hold mean / mean_std summaries; sketch pages are
@@ -235,10 +235,6 @@ class KernelModel:
 def test_kernel_model_matches_torch_admission(cap):
     """The CUDA kernels' LRU-order bookkeeping gives the torch path's tables and rows, over
     decode steps with evictions, finished requests whose blocks are reused, invalidation."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent / "gpu"))
     from bank_lists import DecodeLists
 
     from vllm_hga.bank import DeviceBank

@@ -9,19 +9,17 @@ with 64 threads (more rounds and tiles per step) and once with the real 1024.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bank_lists import DecodeLists, assert_same, run_steps
 
 from vllm_hga.bank import DeviceBank
 from vllm_hga.config import BANK_MAX_CHUNKS, CHUNK_SIZE
 from vllm_hga.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "gpu"))
-from bank_lists import DecodeLists, assert_same, run_steps
 
 SMS = 2  # emulated multiprocessors: grid-stride loops run several rounds
 

@@ -18,7 +18,7 @@ def test_paper_preset_is_the_papers():
 def test_defaults_spend_the_papers_budget_differently():
     """The defaults (docs/QUALITY.md, "Choice of the defaults") keep the paper's per-query
     key budget, so their density equals the paper preset's at every length."""
-    from vllm_hga.analysis import keys_seen
+    from vllm_hga.routing import keys_seen
 
     cfg, paper = HGAConfig(), HGAConfig.from_mapping({"preset": "paper"})
     assert (cfg.sink_chunks, cfg.local_chunks, cfg.topk_chunks, cfg.topk_groups) == (1, 2, 22, 88)
@@ -83,7 +83,7 @@ def engine_config(**kw):
     """vLLM's own config builder; it runs our platform hook's start-up checks."""
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_hga.model import embedded_model_dir
+    from devkit.model import embedded_model_dir
 
     args = dict(model=str(embedded_model_dir()), attention_backend="HGA", max_model_len=8192,
                 kv_cache_memory_bytes=1 << 30)

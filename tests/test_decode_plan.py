@@ -13,7 +13,7 @@ import pytest
 import torch
 from layer_harness import PagedRun
 
-from vllm_hga import reference as ref
+from devkit import reference as ref
 from vllm_hga.config import CHUNK_SIZE, HGAConfig
 from vllm_hga.metrics import WorkerMetrics, density
 from vllm_hga.plan import DecodeBuffers, HGAMetadata

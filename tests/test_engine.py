@@ -16,8 +16,8 @@ vllm = pytest.importorskip("vllm")
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
-from vllm_hga.model import embedded_model_dir  # noqa: E402
-from vllm_hga.texts import load_text  # noqa: E402
+from devkit.model import embedded_model_dir  # noqa: E402
+from devkit.texts import load_text  # noqa: E402
 
 MAX_LEN = 8192
 

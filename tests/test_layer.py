@@ -6,7 +6,7 @@ import pytest
 import torch
 from layer_harness import PagedRun, run_requests
 
-from vllm_hga import reference as ref
+from devkit import reference as ref
 from vllm_hga.config import HGAConfig
 
 FULL = HGAConfig.from_mapping({"preset": "full"})

@@ -12,8 +12,8 @@ from collections import Counter
 
 import pytest
 
-from vllm_hga import model as emb
-from vllm_hga import texts
+from devkit import model as emb
+from devkit import texts
 
 
 @pytest.fixture(scope="module")

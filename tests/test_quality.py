@@ -1,6 +1,6 @@
 """Quality guards: the density formula of the reports, and the HGA-vs-dense NLL gap.
 
-The engine test is the CI version of scripts/eval_quality.py: 2K tokens of two real
+The engine test is the CI version of research/eval_quality.py: 2K tokens of two real
 documents (prose and code), float32 checkpoint, dense (vLLM CPU attention) vs HGA with
 the defaults.  It fails when the gap rises above the value recorded in docs/QUALITY.md
 plus a margin.
@@ -8,18 +8,13 @@ plus a margin.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from vllm_hga import analysis
-from vllm_hga import reference as ref
+from devkit import reference as ref
+from research import analysis
 from vllm_hga.config import HGAConfig
 from vllm_hga.rope import RopeSpec
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 # Recorded by this test's own computation (docs/QUALITY.md, "CI regression"), float32.
 # Mean over the two documents of the per-token NLL gap, all positions / active positions.
@@ -66,7 +61,7 @@ def test_density_formula_equals_reference_masks(cfg):
 
 @pytest.mark.engine
 def test_default_hga_nll_gap_does_not_regress():
-    import _evalcommon as ec
+    from research import evalcommon as ec
 
     tok = ec.tokenizer("float32")
     prompts = [ec.doc_tokens(tok, d, CI_TOKENS) for d in CI_DOCS]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_hga import reference as ref
+from devkit import reference as ref
 from vllm_hga.config import HGAConfig
 from vllm_hga.ops import SummaryRotation, summarize_blocks
 from vllm_hga.rope import RopeSpec, rotate

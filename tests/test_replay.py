@@ -1,6 +1,5 @@
-"""The replay (vllm_hga.analysis, float32 checkpoint under transformers) that produces the
-sweep, recall and NIAH-replay tables of docs/QUALITY.md and docs/history/QUALITY-log.md,
-and niah.py's replay greedy.
+"""The replay (research.analysis, float32 checkpoint under transformers) that produces the
+sweep, recall and NIAH-replay tables of docs/QUALITY.md and its history log, and research/niah.py's replay greedy.
 
 Real model and real text; short prompts so that the 2-core CI machine runs them in
 seconds.  What they guard: a full-coverage budget in the replay is dense attention (the
@@ -10,29 +9,24 @@ under the mode it is given, whatever guess it starts from.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from vllm_hga.config import HGAConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 PROMPT_TOKENS = 700  # > (F + L + 1) * 64 for the sparse config below: routing is on
 
 
 @pytest.fixture(scope="module")
 def analyzer():
-    from vllm_hga.analysis import Analyzer
+    from research.analysis import Analyzer
 
     return Analyzer(device="cpu", threads=2)
 
 
 @pytest.fixture(scope="module")
 def prompt(analyzer):
-    import _evalcommon as ec
+    from research import evalcommon as ec
 
     return ec.doc_tokens(analyzer.tokenizer, "devils_dictionary", PROMPT_TOKENS)
 
@@ -52,7 +46,7 @@ def test_full_coverage_replay_is_dense(analyzer, prompt):
 
 @pytest.mark.parametrize("mode", ["dense", SPARSE], ids=["dense", "sparse"])
 def test_exact_greedy_is_the_greedy_continuation(analyzer, prompt, mode):
-    import niah
+    from research import niah
 
     n = 12
     eos = analyzer.tokenizer.eos_token_id

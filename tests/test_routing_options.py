@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_hga import reference as ref
+from devkit import reference as ref
 from vllm_hga import routing
 from vllm_hga.config import HGAConfig, HGAConfigError
 from vllm_hga.rope import RopeSpec
@@ -151,7 +151,7 @@ def test_layer_equals_reference_with_option(case):
 def test_research_routers_open_the_shipped_number_of_groups(router):
     """The replay's research routers (analysis.research_router) change which groups open,
     never how many: their NLLs compare at the density of the shipped rule."""
-    from vllm_hga import analysis
+    from research import analysis
     from vllm_hga.ops import torch_ops
 
     cfg = HGAConfig(sink_chunks=1, local_chunks=2, topk_chunks=5, topk_groups=12,

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 pytestmark = pytest.mark.serve
 
 openai = pytest.importorskip("openai")
-from vllm_hga.model import embedded_model_dir  # noqa: E402
+from devkit.model import embedded_model_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

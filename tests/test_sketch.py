@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from layer_harness import PagedRun, run_requests
-from vllm_hga import reference as ref
+
+from devkit import reference as ref
 from vllm_hga import routing
 from vllm_hga.config import HGAConfig, HGAConfigError
 from vllm_hga.ops import torch_ops
@@ -26,6 +26,19 @@ def _keys(n_chunks: int, H: int, D: int, seed: int) -> torch.Tensor:
     k = torch.randn(n_chunks, 64, H, D, generator=gen) * (torch.rand(D, generator=gen) * 4)
     k[:, 5, :, 3] += 40.0  # a massive channel on one token, as real models have
     return k
+
+
+def test_production_quantizer_equals_the_reference():
+    """The package has its own grid and codes (production does not import devkit): they
+    must be the reference's bit for bit, also on constant channels and float16 overflow."""
+    k = _keys(4, 2, 64, seed=3)
+    k[1, :, 0, 7] = 2.5  # a constant channel: step 0
+    k[2, 9, 1, 11] = 1e6  # beyond float16: clamped
+    lo, step, codes = torch_ops.sketch_quantize(k)
+    ref_lo, ref_step = ref.sketch_grid(k)
+    assert torch.equal(lo, ref_lo) and torch.equal(step, ref_step)
+    assert torch.equal(codes, ref.sketch_codes(k, ref_lo, ref_step))
+    assert torch_ops.SKETCH_LEVELS == ref.SKETCH_LEVELS
 
 
 @pytest.mark.parametrize("D", [64, 128])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from layer_harness import PagedRun, run_requests
 
-from vllm_hga import reference as ref
+from devkit import reference as ref
 from vllm_hga.config import HGAConfig, HGAConfigError
 from vllm_hga.metrics import WorkerMetrics, density
 from vllm_hga.startup import check_disk_dir

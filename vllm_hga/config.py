@@ -7,7 +7,7 @@ Sources, later ones winning key by key:
      sketch predicts; measured better than the paper's F=2, L=8, K_c=20, K_g=32 at equal
      density (docs/QUALITY.md); the paper's exact routing is the preset "paper"; on CUDA
      groups are scored by mean + 3 x key spread until the kernels read sketches,
-  2. a YAML preset (``"preset": "paper"`` names ``configs/paper.yaml``; a path works too),
+  2. a YAML preset (``"preset": "paper"`` names ``vllm_hga/presets/paper.yaml``; a path works too),
   3. the keys of ``--additional-config '{"hga": {...}}'``.
 
 Every value is checked when the object is built, so a bad value stops start-up with the
@@ -32,8 +32,8 @@ DEFAULT_CUDA_BANK_CHUNKS = 512
 # at 4 KV heads x 128 dims in bf16.
 BANK_MAX_CHUNKS = 32768
 
-# Presets live in the repository's configs/ (the package is installed editable).
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Presets ship inside the package (setup.py package_data), so a wheel install finds them.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 GROUP_SCORES = ("mean", "mean_std", "sketch")
@@ -50,7 +50,7 @@ class HGAConfigError(ValueError):
 class HGAConfig:
     # Budgets (names follow the paper: F, L, K_c, K_g).
     # Defaults: docs/QUALITY.md, "Choice of the defaults" (paper: F=2, L=8, K_c=20, K_g=32,
-    # chunk_score "summary", group_score "mean"; configs/paper.yaml).
+    # chunk_score "summary", group_score "mean"; presets/paper.yaml).
     sink_chunks: int = 1  # F: first chunks every query sees (attention sinks)
     local_chunks: int = 2  # L: last closed chunks every query sees (local window)
     topk_chunks: int = 22  # K_c: chunks kept by chunk routing, per query head

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bank_lists import DecodeLists, assert_same, run_steps  # tests/gpu is on sys.path
+from bank_lists import DecodeLists, assert_same, run_steps
 
 from vllm_hga.bank import DeviceBank
 from vllm_hga.config import BANK_MAX_CHUNKS, CHUNK_SIZE

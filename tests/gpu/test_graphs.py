@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gpu_common import TOL, rel_err  # tests/gpu is on sys.path
+from gpu_common import TOL, rel_err
 
 from vllm_hga.attention import HGALayer
 from vllm_hga.bank import DeviceBank
@@ -23,6 +23,7 @@ from vllm_hga.config import HGAConfig as _HGAConfig
 from vllm_hga.ops import cuda_ops, torch_ops
 from vllm_hga.plan import DecodeBuffers, HGAMetadata
 from vllm_hga.rope import RopeSpec
+
 
 def HGAConfig(**kw) -> _HGAConfig:
     """A config as a CUDA engine resolves it: the kernels' group score unless set."""

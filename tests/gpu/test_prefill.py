@@ -1,5 +1,5 @@
 """CUDA prefill path (vllm_hga.ops.cuda_prefill, and csrc/prefill.cu where built) against
-vllm_hga.reference and against the torch prefill path.
+devkit.reference and against the torch prefill path.
 
 Odd lengths, chunked prefill (q_start > 0, mid-chunk), GQA 1/3/8, bf16/fp16; the pool,
 the summaries, the device scratch and the outputs are NaN-poisoned, so a read of an
@@ -9,18 +9,18 @@ scripts/gpu_check.sh.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-from gpu_common import TOL, rel_err  # tests/gpu is on sys.path
+from gpu_common import TOL, rel_err
 
-from vllm_hga import reference
+from devkit import reference
 from vllm_hga.attention import HGALayer
 from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE
 from vllm_hga.config import HGAConfig as _HGAConfig
 from vllm_hga.ops import cuda_ops, cuda_prefill, torch_ops
 from vllm_hga.plan import HGAMetadata
 from vllm_hga.rope import RopeSpec
+
 
 def HGAConfig(**kw) -> _HGAConfig:
     """A config as a CUDA engine resolves it: the kernels' group score unless set."""

@@ -1,7 +1,7 @@
 """Op dispatch: CUDA kernels (csrc/, built as ``vllm_hga._C``) where they apply, torch else.
 
 Every op here has the same contract as its torch version in ``torch_ops`` and is tested
-against ``vllm_hga.reference``; each CUDA entry falls back to torch on CPU tensors, float64
+against ``devkit.reference``; each CUDA entry falls back to torch on CPU tensors, float64
 and head sizes the kernels were not built for.
 """
 

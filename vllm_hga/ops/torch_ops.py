@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from ..config import HGAConfig
-from ..reference import sketch_codes, sketch_grid
 from ..rope import RopeSpec
 
 
@@ -80,17 +79,35 @@ def summarize_blocks(k: torch.Tensor, rot: SummaryRotation) -> torch.Tensor:
     return torch.cat([chunk.unsqueeze(1), group], dim=1).transpose(1, 2).contiguous()
 
 
+# group_score "sketch": 2 bits per key channel on a uniform grid between the chunk's
+# per-channel min and max, both stored as float16 (levels 0..3).
+SKETCH_LEVELS = 3
+_F16_MAX = 65504.0
+
+
+def sketch_quantize(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lo, step, codes) of chunks k [nb, C, H, D]: lo and step float32 [nb, H, D], each a
+    float16 value; codes uint8 [nb, C, H, D] in [0, SKETCH_LEVELS].  Float32 arithmetic, so
+    that every producer of pages and devkit's reference (tests/test_sketch.py) agree bit
+    for bit: the codes are a definition, not an estimate."""
+    k32 = k.to(torch.float32).clamp(-_F16_MAX, _F16_MAX)
+    lo = k32.amin(dim=1).half().float()
+    step = ((k32.amax(dim=1) - lo) / SKETCH_LEVELS).half().float()
+    safe_step = step.clamp(min=torch.finfo(torch.float32).tiny)  # constant channels: code 0
+    codes = torch.round((k32 - lo[:, None]) / safe_step[:, None])
+    return lo, step, codes.clamp(0, SKETCH_LEVELS).to(torch.uint8)
+
+
 def pack_sketch(k: torch.Tensor) -> torch.Tensor:
     """Sketch page [nb, H, 1+M, D] float32 of chunks k [nb, C, H, D] (group_score "sketch").
 
-    Row 0: the grid, float16 lo then float16 step per channel (``reference.sketch_grid``);
+    Row 0: the grid, float16 lo then float16 step per channel (``sketch_quantize``);
     row 1+m: the 2-bit codes of group m's 16 keys, token-major (code i*D + d sits in byte
     (i*D + d) // 4 at bit 2*((i*D + d) % 4)): 16*D*2 bits = one row of D float32.
     """
     nb, C, H, D = k.shape
     M = C // 16
-    lo, step = sketch_grid(k)  # [nb, H, D]
-    codes = sketch_codes(k, lo, step)  # [nb, C, H, D]
+    lo, step, codes = sketch_quantize(k)  # [nb, H, D] twice, [nb, C, H, D]
     codes = codes.view(nb, M, 16, H, D).permute(0, 3, 1, 2, 4).reshape(nb, H, M, 4 * D, 4)
     packed = codes[..., 0] | codes[..., 1] << 2 | codes[..., 2] << 4 | codes[..., 3] << 6
     grid = torch.cat([lo, step], dim=-1).to(torch.float16).contiguous().view(torch.float32)

@@ -3,7 +3,7 @@
 Real vLLM engine (``--backend vllm``, the default): dense = vLLM's own CPU attention
 (``attention_backend="CPU_ATTN"``), HGA = our backend, on the same checkpoint, the same
 token ids, teacher forced (prompt log-probs).  ``--backend sim`` replays the same routing
-code on the same checkpoint under Hugging Face transformers (``vllm_hga.analysis``); it is
+code on the same checkpoint under Hugging Face transformers (``research.analysis``); it is
 for budget sweeps and agrees with the engine (docs/QUALITY.md shows both on the default).
 
 Context windows: each document is run once at ``--length`` tokens; the NLL of a shorter
@@ -15,13 +15,13 @@ tests/test_engine.py hold the backend to that).
 Density (the paper's definition): real keys attended (sinks, local window, routed
 groups, own chunk causal), summed over queries, heads and layers, over the dense causal
 pairs sum_p (p+1).  Computed analytically and exactly from the config and the positions
-(``vllm_hga.analysis.density``; tests/test_quality.py checks it against the masks of
-``vllm_hga.reference``).  "active" = positions whose routing pool is non-empty, p >=
+(``research.analysis.density``; tests/test_quality.py checks it against the masks of
+``devkit.reference``).  "active" = positions whose routing pool is non-empty, p >=
 (F+L+1)*64: the only positions where HGA can differ from dense.
 
-    python scripts/eval_quality.py                              # default config, 5 docs, 8K
-    python scripts/eval_quality.py --config maxg='{"chunk_score": "max_group"}'
-    python scripts/eval_quality.py --backend sim --sweep --plot docs/quality_sweep.png
+    python -m research.eval_quality                              # default config, 5 docs, 8K
+    python -m research.eval_quality --config maxg='{"chunk_score": "max_group"}'
+    python -m research.eval_quality --backend sim --sweep --plot docs/quality_sweep.png
 
 A config whose JSON holds ``"oracle": "group"`` is, in the simulator only, the oracle at
 that config's budget: the same sinks, local window and own chunk, and the same number of
@@ -33,13 +33,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import _evalcommon as ec  # noqa: E402
+from research import evalcommon as ec
 
 DOCS = ["devils_dictionary", "jargon_file", "gnu_coding_standards", "argparse_py",
         "pydecimal_py"]
@@ -152,7 +148,7 @@ class Runner:
         if self.dtype != "float32":
             raise SystemExit("--backend sim runs in float32 only")
         if self._sim is None:
-            from vllm_hga.analysis import Analyzer
+            from research.analysis import Analyzer
 
             self._sim = Analyzer(device=self.device)
         mode = "dense" if hga is None else ec.sim_mode(hga)
@@ -161,7 +157,7 @@ class Runner:
 
 def evaluate(runner: Runner, configs: dict[str, dict], docs: list[str],
              windows: list[int]) -> dict:
-    from vllm_hga.analysis import density, first_routed_position
+    from research.analysis import density, first_routed_position
 
     dense = runner.nlls(None, docs)
     rows = []

@@ -1,6 +1,6 @@
 """Routing recall: how much of the true (dense) attention mass each routing rule keeps.
 
-Offline replay (``vllm_hga.analysis``, Hugging Face transformers, float32 checkpoint):
+Offline replay (``research.analysis``, Hugging Face transformers, float32 checkpoint):
 one dense forward per document; in every layer, for every query whose routing pool is
 non-empty under the first config and every query head, the dense attention weights are
 summed over the keys each rule would make visible (sinks, local window, own chunk and
@@ -12,7 +12,7 @@ captured, per layer and overall.  Because the fixed window alone holds most of t
 the table also gives the mass in the *routed groups only* (captured minus the rule's own
 window) and its ratio to the oracle's routed mass: the part routing decides.
 
-    python scripts/routing_recall.py --length 4096 --docs devils_dictionary argparse_py \\
+    python -m research.routing_recall --length 4096 --docs devils_dictionary argparse_py \\
         --config paper='{"preset": "paper"}' --config default='{}' --json recall.json
 """
 
@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import _evalcommon as ec  # noqa: E402
+from research import evalcommon as ec
 
 
 def main() -> None:
@@ -41,7 +37,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="run the replay on this torch device")
     args = ap.parse_args()
 
-    from vllm_hga.analysis import Analyzer, Oracle
+    from research.analysis import Analyzer, Oracle
 
     configs = {}
     for item in args.config or ["default="]:

@@ -4,21 +4,17 @@ Real vLLM engine, the embedded model in bf16, one prompt of the first 4,096 toke
 Bierce's Devil's Dictionary, prefix caching off, batch 1:
 prefill = time of a 1-token generation; decode tok/s = 64 / (t(65 tokens) - t(1 token)).
 
-    python scripts/bench_cpu.py [--json FILE]
+    python -m benchmarks.bench_cpu [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import _evalcommon as ec  # noqa: E402
+from research import evalcommon as ec
 
 RUNS = [("dense", "CPU_ATTN", None), ("mean_std", "HGA", {"group_score": "mean_std"}),
         ("sketch (default)", "HGA", {})]

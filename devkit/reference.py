@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import HGAConfig
-from .rope import RopeSpec, rotate
+from vllm_hga.config import HGAConfig
+from vllm_hga.rope import RopeSpec, rotate
 
 
 @dataclass

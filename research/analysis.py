@@ -32,12 +32,12 @@ from typing import Any
 
 import torch
 
-from . import routing
-from .routing import keys_seen, routed_groups  # noqa: F401 (re-exported)
-from .config import HGAConfig
-from .ops import SummaryRotation, summarize_blocks
-from .reference import group_key_variance
-from .rope import RopeSpec
+from devkit.reference import group_key_variance
+from vllm_hga import routing
+from vllm_hga.config import HGAConfig
+from vllm_hga.ops import SummaryRotation, summarize_blocks
+from vllm_hga.rope import RopeSpec
+from vllm_hga.routing import keys_seen, routed_groups  # noqa: F401 (re-exported)
 
 ATTN_NAME = "hga_analysis"
 # queries per block (a multiple of 64); larger blocks run faster on a GPU
@@ -390,7 +390,7 @@ class Analyzer:
         TF32 off so that results compare with the CPU replay."""
         from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
-        from .model import embedded_model_dir
+        from devkit.model import embedded_model_dir
 
         if threads:
             torch.set_num_threads(threads)

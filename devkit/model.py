@@ -9,7 +9,7 @@ vLLM's CPU build runs Hugging Face checkpoints best, so the GGUF is de-quantized
 transformers into a plain safetensors checkpoint (config, weights, tokenizer with its chat
 template, generation config) under ``$VLLM_HGA_CACHE`` (default ``~/.cache/vllm-hga``).
 
-    python -m vllm_hga.model        # prints the checkpoint folder, converting if needed
+    python -m devkit.model        # prints the checkpoint folder, converting if needed
 """
 
 from __future__ import annotations

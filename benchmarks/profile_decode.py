@@ -11,19 +11,15 @@ memory (UVA) as in serving.  CUDA-event time per step after warm-up (wall time p
 for the eager rows includes their launch overhead), then a torch.profiler table of the
 slowest configuration's kernels and CPU ops.
 
-    python scripts/profile_decode.py --contexts 8192 32768 --batch 1 --json out.json
+    python -m benchmarks.profile_decode --contexts 8192 32768 --batch 1 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "gpu"))
 
 CONFIGS = {
     "paper": dict(sink_chunks=2, local_chunks=8, topk_chunks=20, topk_groups=32,
@@ -50,12 +46,11 @@ def forward_steps(cfg, S: int, batch: int, max_model_len: int) -> dict:
     rows whose query sits at position S (no chunk closes: the common step): "eager" with
     the variable plan, "eager_fixed" with the fixed plan, "graph" replaying a CUDA graph
     of the fixed plan.  The block table is max_model_len wide, as vLLM's."""
-    from test_kernels import Batch
-
+    from devkit.paged_batch import PagedBatch
     from vllm_hga.attention import HGALayer
     from vllm_hga.plan import DecodeBuffers, HGAMetadata
 
-    b = Batch([S + 1] * batch, 32, 4, 128, uva=True, cfg=cfg, seed=S)
+    b = PagedBatch([S + 1] * batch, 32, 4, 128, uva=True, cfg=cfg, seed=S)
     W = -(-max_model_len // 64)
     bt = torch.zeros(batch, max(W, b.bt.shape[1]), dtype=torch.int32, device="cuda")
     bt[:, : b.bt.shape[1]] = b.bt
@@ -88,8 +83,7 @@ def forward_steps(cfg, S: int, batch: int, max_model_len: int) -> dict:
 
 
 def main() -> None:
-    from test_kernels import Batch  # the GPU tests' paged batch builder
-
+    from devkit.paged_batch import PagedBatch
     from vllm_hga.bank import DeviceBank
     from vllm_hga.config import HGAConfig
     from vllm_hga.metrics import WorkerMetrics
@@ -115,7 +109,7 @@ def main() -> None:
         for name, keys in CONFIGS.items():
             for bank_on in (False, True):
                 cfg = HGAConfig.from_mapping(keys, device_type="cuda")
-                b = Batch([S] * args.batch, 32, 4, 128, uva=True, cfg=cfg, seed=S)
+                b = PagedBatch([S] * args.batch, 32, 4, 128, uva=True, cfg=cfg, seed=S)
                 layer = b.layer
                 layer.metrics = WorkerMetrics()
                 if bank_on:

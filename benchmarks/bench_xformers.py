@@ -12,7 +12,7 @@ padded-keys mask over it.
 Both run on the same group lists as `cuda_ops.attend_groups` (the default kernel), with
 whole groups (valid columns moved to the front of each lane, so `kv_seqlen` is exact),
 and the outputs are compared.  Every xformers operator that accepts the inputs is timed;
-the ones that refuse say why.  Timing and pools as scripts/bench_kernels.py.
+the ones that refuse say why.  Timing and pools as benchmarks.bench_kernels.
 
 Needs an xformers wheel for the machine's torch (0.0.35 needs torch >= 2.10), e.g.
     pip install --no-deps --target /tmp/xf xformers-0.0.35-*.whl; PYTHONPATH=/tmp/xf:.
@@ -22,16 +22,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_kernels import DEV, DT, HKV, HQ, D, M, Pools, ceilings, fmt, print_table, timeit
-
+from benchmarks.bench_kernels import (
+    DEV,
+    DT,
+    HKV,
+    HQ,
+    D,
+    M,
+    Pools,
+    ceilings,
+    fmt,
+    print_table,
+    timeit,
+)
 from vllm_hga.attention import HGALayer
 from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
 from vllm_hga.ops import cuda_ops

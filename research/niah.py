@@ -1,18 +1,18 @@
 """Needle in a haystack: dense vs HGA in the real vLLM engine, on real-text haystacks.
 
-A haystack is the beginning of a real document (``vllm_hga.texts``); one needle sentence
+A haystack is the beginning of a real document (``devkit.texts``); one needle sentence
 is inserted at a line boundary at the requested depth (share of the haystack's tokens
 before it), the question follows the haystack, and the whole is sent as one chat turn
 (the model's chat template).  Greedy decoding, 32 new tokens; a trial passes when the
 expected answer appears in the output (case-insensitive).
 
-    python scripts/niah.py                                  # dense + HGA default
-    python scripts/niah.py --config maxg='{"chunk_score": "max_group"}' --skip-dense
-    python scripts/niah.py --lengths 8000 --depths 0.3 --kinds password   # one trial
-    python scripts/niah.py --backend sim --device cuda      # replay (float32), any torch device
+    python -m research.niah                                  # dense + HGA default
+    python -m research.niah --config maxg='{"chunk_score": "max_group"}' --skip-dense
+    python -m research.niah --lengths 8000 --depths 0.3 --kinds password   # one trial
+    python -m research.niah --backend sim --device cuda      # replay (float32), any torch device
 
 ``--backend sim`` replays the float32 checkpoint under transformers with our routing code
-(``vllm_hga.analysis``): dense = greedy decoding with exact attention; HGA = the exact
+(``research.analysis``): dense = greedy decoding with exact attention; HGA = the exact
 greedy continuation under the replayed rule (full forwards, teacher-forcing a guess and
 fixing its first wrong token until none is left); ``"oracle": "group"`` in a config gives
 the oracle at that config's budget.
@@ -26,13 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import _evalcommon as ec  # noqa: E402
+from research import evalcommon as ec
 
 # kind: (needle sentence, question, expected answer)
 NEEDLES = {
@@ -70,11 +66,11 @@ def _chat_ids(tok, content: str) -> list[int]:
 
 
 def hay_text(name: str) -> str:
-    """A haystack: a vllm_hga.texts document, or "gpl" (the GNU GPL v3 then v2, as every
+    """A haystack: a devkit.texts document, or "gpl" (the GNU GPL v3 then v2, as every
     Debian/Ubuntu system ships them in /usr/share/common-licenses, package base-files)."""
     if name == "gpl":
         return "\n\n".join(Path(f).read_text() for f in GPL_FILES)
-    from vllm_hga.texts import load_text
+    from devkit.texts import load_text
 
     return load_text(name)
 
@@ -215,7 +211,7 @@ def main() -> None:
                 {"dtype": args.dtype, "configs": configs, "results": results}, indent=1))
 
     if args.backend == "sim":
-        from vllm_hga.analysis import Analyzer
+        from research.analysis import Analyzer
 
         an = Analyzer(device=args.device)
         results["dense"] = run_sim(an, None, trials)

@@ -7,19 +7,15 @@ memory (UVA) as in serving, package default routing.  Each step routes a differe
 first.  Times are CUDA-event times per step over back-to-back eager calls (launch overhead
 included).  Hit rate: bank hits / (hits + misses) over the timed steps.
 
-    PYTHONPATH=. python3 scripts/bench_bank.py --contexts 8192 32768 --batches 1 16
+    python -m benchmarks.bench_bank --contexts 8192 32768 --batches 1 16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "gpu"))
 
 
 def step_ms(fn, iters: int) -> float:
@@ -36,8 +32,7 @@ def step_ms(fn, iters: int) -> float:
 
 
 def main() -> None:
-    from test_kernels import Batch  # the GPU tests' paged batch builder
-
+    from devkit.paged_batch import PagedBatch
     from vllm_hga.bank import DeviceBank
     from vllm_hga.config import HGAConfig
 
@@ -52,7 +47,7 @@ def main() -> None:
     for S in args.contexts:
         for B in args.batches:
             cfg = HGAConfig.from_mapping({}, device_type="cuda")  # a CUDA engine's default
-            b = Batch([S] * B, 32, 4, 128, uva=True, cfg=cfg, seed=S + B)
+            b = PagedBatch([S] * B, 32, 4, 128, uva=True, cfg=cfg, seed=S + B)
             layer = b.layer
             qs = [b.q.roll(i, 1) for i in range(4)]  # other queries: other routed chunks
             row = {"context": S, "batch": B, "bank_chunks": args.bank_chunks}

@@ -4,8 +4,8 @@ Qwen3-30B-A3B architecture (48 layers, 32 query / 4 KV heads, head_dim 128, 128 
 dummy weights with online fp8 (as in the dense baseline notes), random token prompts.
 decode tok/s = batch * N / (t(N+1 tokens) - t(1 token)).
 
-    python scripts/gpu_e2e.py --out results.json --contexts 8192 32768
-    python scripts/gpu_e2e.py --out r.json --backends HGA HGA+bank \
+    python -m benchmarks.gpu_e2e --out results.json --contexts 8192 32768
+    python -m benchmarks.gpu_e2e --out r.json --backends HGA HGA+bank \
         --variant 'HGA+bank={"bank_chunks": 512}'     # HGA variants: name=JSON of hga keys
 """
 

@@ -1,7 +1,7 @@
-"""Shared helpers of the quality scripts (eval_quality.py, niah.py) and tests/test_quality.py.
+"""Shared helpers of the quality scripts (research.eval_quality, research.niah, benchmarks.bench_cpu) and tests/test_quality.py.
 
 The real vLLM engine, the embedded SmolLM2-135M-Instruct checkpoint, real documents
-(``vllm_hga.texts``).  vLLM spawns its engine core: call these from inside
+(``devkit.texts``).  vLLM spawns its engine core: call these from inside
 ``if __name__ == "__main__":`` (or a pytest test).
 """
 
@@ -20,7 +20,7 @@ DTYPES = ("float32", "bfloat16")
 
 
 def model_dir(dtype: str = "float32") -> str:
-    from vllm_hga.model import embedded_model_dir
+    from devkit.model import embedded_model_dir
 
     return str(embedded_model_dir(dtype=dtype))
 
@@ -51,7 +51,7 @@ def tokenizer(dtype: str = "float32"):
 
 def doc_tokens(tok, name: str, n: int) -> list[int]:
     """The first n tokens of document `name` (no BOS: the tokenizer adds none)."""
-    from vllm_hga.texts import load_text
+    from devkit.texts import load_text
 
     ids = tok.encode(load_text(name))
     if len(ids) < n:
@@ -92,7 +92,7 @@ def sim_mode(hga: dict):
     "token") exact top-k over the true attention at that config's budget; with
     ``"router": {...}`` a research router (``analysis.research_router``), in the layers of
     ``"router_layers"`` only when given.  Replay only."""
-    from vllm_hga.analysis import Oracle, PerLayer, research_router
+    from research.analysis import Oracle, PerLayer, research_router
 
     cfg = hga_cfg(hga)
     if hga.get("oracle"):
