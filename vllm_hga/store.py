@@ -25,6 +25,7 @@ import torch
 
 from .config import CHUNK_SIZE
 
+
 def summary_view(kv_cache: torch.Tensor, groups: int, head_size: int) -> torch.Tensor:
     """vLLM's page tensor [num_blocks, H, 1, bytes/itemsize] seen as float32 [nb, H, 1+M, D]."""
     nb, H = kv_cache.shape[0], kv_cache.shape[1]

@@ -9,7 +9,6 @@ scripts/gpu_check.sh.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from gpu_common import TOL, rel_err  # tests/gpu is on sys.path

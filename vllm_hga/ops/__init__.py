@@ -5,5 +5,4 @@
 
 from .cuda_ops import CudaOps  # noqa: F401
 from .dispatch import kernel_blockers, ops_for  # noqa: F401
-from .torch_ops import (  # noqa: F401
-    SummaryRotation, TorchOps, attend_masked, gather_tokens, summarize_blocks)
+from .torch_ops import SummaryRotation, TorchOps, attend_masked, gather_tokens, summarize_blocks  # noqa: F401

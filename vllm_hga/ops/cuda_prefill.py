@@ -102,7 +102,7 @@ def prefill(q: torch.Tensor, q_start: int, pool: torch.Tensor, summ: torch.Tenso
     impl: "rows", "tc" or "auto" (DEFAULT_IMPL; "auto" picks by length, TC_MAX_TOKENS);
     kernel: attend_groups' kernel for "rows".
     """
-    n, _, D = q.shape
+    n = q.shape[0]
     if n == 0:
         return
     S = q_start + n

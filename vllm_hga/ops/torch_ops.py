@@ -12,7 +12,6 @@ from ..config import HGAConfig
 from ..reference import sketch_codes, sketch_grid
 from ..rope import RopeSpec
 
-
 NEG_INF = float("-inf")
 
 
