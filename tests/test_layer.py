@@ -139,7 +139,8 @@ def test_a_decode_step_calls_the_ops_straight_from_forward():
                     f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}")
             return attr
 
-    run = PagedRun([700], HGAConfig(sink_chunks=1, local_chunks=2, topk_chunks=2), 4, 2)
+    run = PagedRun([700], HGAConfig(sink_chunks=1, local_chunks=2, topk_chunks=2,
+                                         topk_groups=8), 4, 2)
     run.step({0: 639})
     run.layer.ops = Recording()
     run.step({0: 1})  # token 639 closes chunk 9: summarize_pool runs too
