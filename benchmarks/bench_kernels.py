@@ -334,11 +334,12 @@ def prefill_point(ctx: int, cfg: HGAConfig, reps: int, impls=("rows", "tc")) -> 
         rec[key] = value
         print(f"  prefill ctx {ctx}: {key} = {value}", flush=True)
 
+    sc = layer.tiers.prefill_scratch(layer.max_chunks, HKV, D, DT, q.device)
+
     def run(pool, impl):
         cuda_prefill.prefill(q, 0, pool, summ, block_row, cfg, layer.sinks, layer.local,
-                             layer.groups, scale, out, layer.max_chunks, impl=impl)
+                             layer.groups, scale, out, sc, impl=impl)
 
-    sc = cuda_prefill.scratch(layer.max_chunks, HKV, D, DT, q.device)
     rec["scratch_MB"] = sc.nbytes() / 1e6
     for where, pool in (("dev", pool_dev), ("uva", pool_uva)):
         note(f"gather_{where}_ms", timeit(

@@ -9,7 +9,7 @@ import torch
 
 from vllm_hga.attention import HGALayer
 from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
-from vllm_hga.ops import cuda_ops
+from vllm_hga.ops import TorchOps, cuda_ops
 from vllm_hga.plan import HGAMetadata
 from vllm_hga.rope import RopeSpec
 
@@ -73,11 +73,11 @@ class PagedBatch:
                                    torch.full((R,), -1, device=DEV), R)
 
     def torch_groups(self):
-        self.layer.kernels = False  # the torch path, on the device
-        try:
-            return self.layer.decode_groups(self.q, self.summ, self.md)
-        finally:
-            self.layer.kernels = True
+        """The torch path, on the device: the same layer built with TorchOps."""
+        L = self.layer
+        torch_layer = HGALayer(self.cfg, L.rope, L.num_heads, L.num_kv_heads, L.head_size,
+                               L.scale, L.max_chunks * CHUNK_SIZE, device=DEV, ops=TorchOps())
+        return torch_layer.decode_groups(self.q, self.summ, self.md)
 
     def cuda_groups(self):
         L = self.layer

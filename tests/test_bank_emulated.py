@@ -55,7 +55,6 @@ def threads(emu, monkeypatch):
                         lambda s, a, b, c: emu.invalidate(s.contiguous(), a, b, c, SMS))
     monkeypatch.setattr(cuda_ops, "bank_fill_covered",
                         lambda p, b: p.is_contiguous() and b.is_contiguous())
-    monkeypatch.setattr(DeviceBank, "_use_kernels", lambda self: self.kernels)
     return cfg
 
 
@@ -63,6 +62,7 @@ def banks(cap, Hkv, D, dtype, pool):
     ref = DeviceBank(cap, Hkv, D, dtype, "cpu")
     ref.kernels = False
     fused = DeviceBank(cap, Hkv, D, dtype, "cpu")
+    fused.kernels = True  # the kernel path on CPU tensors: the emulator (fixture threads)
     ref.bind(pool)
     fused.bind(pool)
     return ref, fused

@@ -151,7 +151,7 @@ def test_cuda_graph_support_follows_the_knob():
     def cuda(**kw):  # the config a CUDA engine resolves (the kernels' group score)
         return HGAConfig.from_mapping(kw, device_type="cuda")
 
-    assert cuda_graph_blockers(cuda(), 128, bf16, kernels=True) == []
+    assert cuda_graph_blockers(cuda(), 128, bf16, built=True) == []
     assert cuda_graph_blockers(cuda(group_score="sketch"), 128, bf16, True)  # torch routing
     assert cuda_graph_blockers(cuda(cuda_graphs=False), 128, bf16, True) == \
         ["cuda_graphs is off"]

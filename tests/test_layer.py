@@ -118,3 +118,32 @@ def test_reused_blocks_never_leak_old_keys():
     want, _ = ref.hga_attention(run.q[1], run.k[1], run.v[1], 0, run.rope, SPARSE)
     assert torch.allclose(second, want, atol=1e-10)
     assert not torch.allclose(first[1], second, atol=1e-3)
+
+
+def test_a_decode_step_calls_the_ops_straight_from_forward():
+    """Backend -> HGALayer.forward -> ops method -> kernel: every op of a decode step is
+    called by forward itself, so CudaOps' kernels launch at most three package frames
+    below the backend (CudaOps methods launch their kernel directly)."""
+    import sys
+
+    from vllm_hga.ops import TorchOps
+
+    callers: dict[str, set[str]] = {}
+
+    class Recording(TorchOps):
+        def __getattribute__(self, name):
+            attr = super().__getattribute__(name)
+            if name in ("write_kv", "summarize_pool", "decode_groups", "attend_groups"):
+                code = sys._getframe(1).f_code  # whoever looks the method up calls it
+                callers.setdefault(name, set()).add(
+                    f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}")
+            return attr
+
+    run = PagedRun([700], HGAConfig(sink_chunks=1, local_chunks=2, topk_chunks=2,
+                                         topk_groups=8), 4, 2)
+    run.step({0: 639})
+    run.layer.ops = Recording()
+    run.step({0: 1})  # token 639 closes chunk 9: summarize_pool runs too
+    assert run.last_md.num_decodes == 1
+    assert set(callers) == {"write_kv", "summarize_pool", "decode_groups", "attend_groups"}
+    assert all(c == {"attention.py:forward"} for c in callers.values()), callers

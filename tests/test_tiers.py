@@ -130,3 +130,86 @@ def test_nvme_tier_on_cuda_is_refused_at_start_up_with_the_fix(tmp_path):
     (reason,) = unsupported_tiers(cfg, "cuda")
     assert "CPU only" in reason and "host_kv_bytes" in reason
     assert unsupported_tiers(HGAConfig(), "cuda") == []
+
+
+# ---------------------------------------------------------------- the engine's owner (tiers.py)
+def test_engine_tiers_allocate_once_reuse_and_free_at_shutdown():
+    from vllm_hga.tiers import EngineTiers
+
+    tiers = EngineTiers(HGAConfig())
+    bf16, cpu = torch.bfloat16, torch.device("cpu")
+    p0 = tiers.layer_pool("layers.0", 8, 2, 64, bf16, cpu)
+    p1 = tiers.layer_pool("layers.1", 8, 2, 64, bf16, cpu)
+    assert tiers.layer_pool("layers.0", 8, 2, 64, bf16, cpu) is p0  # reused across steps
+    assert p0.data_ptr() != p1.data_ptr()  # one tensor per layer
+    assert tiers.metrics.totals()["host_pool_bytes"] == p0.nbytes + p1.nbytes
+    # vLLM binds a small profiling cache first: another block count replaces the layer
+    bigger = tiers.layer_pool("layers.0", 16, 2, 64, bf16, cpu)
+    assert bigger.shape[0] == 16 and tiers.nbytes()["pool"] == bigger.nbytes + p1.nbytes
+    bank = tiers.device_bank("layers.0", 4, 2, 64, bf16, cpu)
+    assert tiers.device_bank("layers.0", 4, 2, 64, bf16, cpu) is bank
+    sc = tiers.prefill_scratch(10, 2, 64, bf16, cpu)
+    assert tiers.prefill_scratch(3, 2, 64, bf16, cpu) is sc  # shared by all layers
+    assert tiers.prefill_scratch(20, 2, 64, bf16, cpu).max_chunks == 20  # grown
+    tiers.shutdown()
+    assert tiers.nbytes() == {"pool": 0, "banks": 0, "scratch": 0}
+    assert tiers.metrics.totals()["host_pool_bytes"] == 0
+    with pytest.raises(RuntimeError, match="shut down"):
+        tiers.layer_pool("layers.0", 8, 2, 64, bf16, cpu)
+
+
+def test_pool_past_its_budget_raises_with_the_knob_to_change():
+    from vllm_hga.store import HostKVPool
+
+    block = 2 * 2 * 64 * 64 * 2  # one block of one layer: H_kv 2, K+V, 64 tokens, D 64, bf16
+    pool = HostKVPool(budget_bytes=2 * 8 * block)
+    pool.layer("layers.0", 8, 2, 64, torch.bfloat16, torch.device("cpu"))
+    pool.layer("layers.1", 8, 2, 64, torch.bfloat16, torch.device("cpu"))  # exactly full
+    with pytest.raises(MemoryError, match="over host_kv_bytes"):
+        pool.layer("layers.2", 8, 2, 64, torch.bfloat16, torch.device("cpu"))
+
+
+def _mapped(name: str) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(name in line for line in f)
+
+
+def test_shutdown_unmaps_the_nvme_tier(tmp_path):
+    import gc
+
+    from vllm_hga.tiers import EngineTiers
+
+    tiers = EngineTiers(HGAConfig(disk_dir=str(tmp_path), disk_kv_bytes=1 << 30))
+    tiers.layer_pool("layers.0", 8, 2, 64, torch.bfloat16, torch.device("cpu"))
+    name = f"vllm-hga-{os.getpid()}-layers.0.kv"
+    assert _mapped(name) and os.listdir(tmp_path) == []  # mapped, already unlinked
+    assert tiers.metrics.totals()["disk_pool_bytes"] > 0
+    tiers.shutdown()
+    gc.collect()
+    assert not _mapped(name)
+
+
+def test_each_engine_gets_its_own_tiers_and_they_go_with_it(tmp_path):
+    """Two engines in one process (the reliability issue: a process-wide pool whose first
+    caller decided the tier): each engine's config finds its own tiers, with its own
+    settings, and collecting the config shuts them down."""
+    pytest.importorskip("vllm")
+    import gc
+
+    from test_config import engine_config
+
+    from vllm_hga.tiers import tiers_for
+
+    ram = engine_config()
+    disk = engine_config(additional_config={"hga": {"disk_dir": str(tmp_path),
+                                                    "disk_kv_bytes": "256MiB"}})
+    first = tiers_for(ram)
+    assert tiers_for(ram) is first  # builder and layers of one engine share it
+    second = tiers_for(disk)
+    assert second is not first and second.metrics is not first.metrics
+    assert first.pool.disk_dir is None and second.pool.disk_dir == str(tmp_path)
+    first.layer_pool("layers.0", 8, 2, 64, torch.bfloat16, torch.device("cpu"))
+    del ram
+    gc.collect()
+    assert first.closed and first.nbytes()["pool"] == 0
+    assert not second.closed

@@ -2,15 +2,17 @@
 
 Independent of vLLM's classes so that tests can drive it with planned metadata
 (``plan.HGAMetadata.plan``) on any device.  ``HGAAttentionImpl`` is a thin wrapper.
+Kernels or torch is decided once, here at construction (``ops.ops_for``); a decode step
+then goes backend -> ``HGALayer.forward`` -> ops method -> kernel.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import ops, routing
+from . import routing
 from .config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
-from .ops import cuda_ops, cuda_prefill
+from .ops import SummaryRotation, TorchOps, ops_for
 from .rope import RopeSpec
 
 GROUPS = CHUNK_SIZE // GROUP_SIZE
@@ -19,22 +21,31 @@ GROUPS = CHUNK_SIZE // GROUP_SIZE
 class HGALayer:
     def __init__(self, cfg: HGAConfig, rope: RopeSpec, num_heads: int, num_kv_heads: int,
                  head_size: int, scale: float, max_model_len: int, dense: bool = False,
-                 device: torch.device | str = "cpu", metrics=None, bank=None):
+                 device: torch.device | str = "cpu", metrics=None, bank=None,
+                 dtype: torch.dtype | None = None, ops: TorchOps | None = None, tiers=None):
         self.cfg, self.rope, self.dense = cfg, rope, dense
         self.metrics = metrics  # a metrics.WorkerMetrics, or None (tests)
         self.bank = bank  # a bank.DeviceBank (decode working set in device memory), or None
-        # CUDA kernels where they apply (tests turn them off to compare); they read the
-        # pages of cuda_ops.KERNEL_GROUP_SCORES only (group_score "sketch" routes in torch)
-        self.kernels = cfg.group_score in cuda_ops.KERNEL_GROUP_SCORES
+        # TorchOps or CudaOps, for good (ops.kernel_blockers says why not kernels); tests
+        # pass one to compare the two on the same inputs
+        self.ops = ops if ops is not None else ops_for(cfg, device, dtype, head_size)
+        if tiers is None:  # tests: a private owner (it allocates only what is asked for)
+            from .tiers import EngineTiers
+
+            tiers = EngineTiers(cfg)
+        self.tiers = tiers  # owns the CUDA prefill scratch
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.scale = float(scale)
-        self.rot = ops.SummaryRotation(rope, cfg, device)
+        self.rot = SummaryRotation(rope, cfg, device)
         # Fixed decode widths: never more than a max-length request can use.
         max_chunks = -(-max_model_len // CHUNK_SIZE)
         self.max_chunks = max_chunks  # sizes the CUDA prefill scratch (ops/cuda_prefill.py)
         self.sinks = min(cfg.sink_chunks, max_chunks)
         self.local = min(cfg.local_chunks, max_chunks)
         self.groups = min(cfg.groups_per_query, max_chunks * GROUPS)
+        self.n_shared = (self.sinks + self.local + 1) * GROUPS  # columns all heads share
+        kernel_prefill = self.ops.kernels and not dense
+        self._prefill = self._prefill_kernels if kernel_prefill else self._prefill_torch
 
     def forward(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 pool: torch.Tensor, summ: torch.Tensor, md, out: torch.Tensor) -> None:
@@ -44,39 +55,54 @@ class HGALayer:
         md a plan.HGAMetadata.  Every branch below is decided by host values of the plan,
         which for a fixed-layout plan (CUDA graphs) depend only on its batch size.
         """
-        ops.write_kv(pool, key, value, md.slot_mapping[: key.shape[0]])
+        ops = self.ops
+        slots = md.slot_mapping[: key.shape[0]]
+        ops.write_kv(pool, key, value, slots)
         bank = None if self.dense else self.bank
         if bank is not None:
             bank.bind(pool)
-            bank.invalidate(md.slot_mapping[: key.shape[0]])  # written blocks leave the bank
+            bank.invalidate(slots)  # written blocks leave the bank
         if md.closing_blocks.numel():  # fixed layout: always, its -1 entries are skipped
             ops.summarize_pool(pool, md.closing_blocks, summ, self.rot)
-        if md.num_decodes:
-            self._decode_rows(q, pool, summ, md, out)
-        if md.prefill_reqs and not self.dense and self.kernels \
-                and cuda_prefill.covers(q, pool, summ, self.cfg):
-            for r in md.prefill_reqs:  # kernels: all queries of a request at once
-                start, n = md.tok_starts[r], md.q_lens[r]
-                cuda_prefill.prefill(q[start:start + n], md.q_starts[r], pool, summ,
-                                     md.block_table[r], self.cfg, self.sinks, self.local,
-                                     self.groups, self.scale, out[start:start + n],
-                                     self.max_chunks, count=self._count_attention
-                                     if self.metrics is not None else None)
-            return
+        if md.num_decodes and self.dense:
+            self._dense_decode(q, pool, summ, md, out)
+        elif md.num_decodes:
+            # decode rows: the body of self.decode, inlined so that the kernels launch one
+            # frame below this one; builder-counted metrics (plan.count_step)
+            qd = md.decode_queries(q)
+            rows, token_ok, _ = ops.decode_groups(qd, md.decode_pos, md.decode_block_table(),
+                                                  md.decode_chunks, summ, self.cfg, self.sinks,
+                                                  self.local, self.groups)
+            rows, bank_data = self._through_bank(pool, rows, token_ok)
+            if md.decode_prefix:  # rows [0, R): attention writes out[:R] in its dtype
+                ops.attend_groups(qd, pool, rows, token_ok, self.scale, self.n_shared,
+                                  out=out[: md.num_decodes], bank=bank_data)
+            else:
+                out[md.decode_rows] = ops.attend_groups(
+                    qd, pool, rows, token_ok, self.scale, self.n_shared,
+                    bank=bank_data).to(out.dtype)
+        if md.prefill_reqs:
+            self._prefill(q, pool, summ, md, out)
+
+    def _dense_decode(self, q, pool, summ, md, out: torch.Tensor) -> None:
+        for row, r in md.decode_pairs:  # host lists: no device sync
+            out[row:row + 1] = self.attend_prefix(q, pool, summ, md, r, row, 1, count=False)
+
+    def _prefill_kernels(self, q, pool, summ, md, out: torch.Tensor) -> None:
+        """All queries of a request at once (ops/cuda_prefill.py)."""
+        sc = self.tiers.prefill_scratch(self.max_chunks, self.num_kv_heads, self.head_size,
+                                        pool.dtype, q.device)
+        count = self._count_attention if self.metrics is not None else None
+        for r in md.prefill_reqs:
+            start, n = md.tok_starts[r], md.q_lens[r]
+            self.ops.prefill(q[start:start + n], md.q_starts[r], pool, summ, md.block_table[r],
+                             self.cfg, self.sinks, self.local, self.groups, self.scale,
+                             out[start:start + n], sc, count=count)
+
+    def _prefill_torch(self, q, pool, summ, md, out: torch.Tensor) -> None:
         for r in md.prefill_reqs:
             start, n = md.tok_starts[r], md.q_lens[r]
             out[start:start + n] = self.attend_prefix(q, pool, summ, md, r, start, n)
-
-    def _decode_rows(self, q, pool, summ, md, out: torch.Tensor) -> None:
-        """All single-query rows of the step.  Their metrics are counted by the builder
-        (plan.count_step), so nothing here touches a counter."""
-        if self.dense:
-            for row, r in md.decode_pairs:  # host lists: no device sync
-                out[row:row + 1] = self.attend_prefix(q, pool, summ, md, r, row, 1, count=False)
-        elif md.decode_prefix:  # rows [0, R): attention writes out[:R] in its dtype
-            self.decode(q, pool, summ, md, out=out[: md.num_decodes])
-        else:
-            out[md.decode_rows] = self.decode(q, pool, summ, md).to(out.dtype)
 
     # ------------------------------------------------------------------ prefill
     def attend_prefix(self, q, pool, summ, md, r: int, row: int, n: int,
@@ -92,7 +118,7 @@ class HGALayer:
         S = q_start + n
         t = torch.arange(S, device=q.device)
         slots = md.block_table[r, t // CHUNK_SIZE].long() * CHUNK_SIZE + t % CHUNK_SIZE
-        k, v = ops.gather_tokens(pool, slots)
+        k, v = self.ops.gather_tokens(pool, slots)
         n_closed = S // CHUNK_SIZE
         pages = summ[md.block_table[r, :n_closed].long()]  # [n, H, 1+M, D]
         chunk_sum = pages[:, :, 0].unsqueeze(0)
@@ -104,7 +130,7 @@ class HGALayer:
             pos = torch.arange(first, last, device=q.device)
             qb = q[row + first - q_start: row + last - q_start]
             keys, mask = self._block_keys(qb, pos, chunk_sum, group_sum)
-            out[first - q_start: last - q_start] = ops.attend_masked(
+            out[first - q_start: last - q_start] = self.ops.attend_masked(
                 qb, k[keys], v[keys], mask, self.scale).to(q.dtype)
             if count:
                 self._count_attention(mask.sum(), pos,
@@ -144,57 +170,29 @@ class HGALayer:
         """Per decode row and query head, the fixed-width list of 16-token groups it sees.
 
         Returns (pool K rows [R, Hq, Gt], token_ok [R, Hq, Gt, 16], group ids [R, Hq, Gt])
-        with Gt = (F + L + 1) * 4 + groups_per_query: sinks, local window, own chunk
-        (causal), then the routed groups.
+        with Gt = (F + L + 1) * 4 + the routed width: sinks, local window, own chunk
+        (causal), then the routed groups (ops.decode_groups).
         """
-        qd = md.decode_queries(q)
-        pos = md.decode_pos
-        if qd.is_cuda and cuda_ops.available() and self.kernels:
-            return cuda_ops.decode_groups(qd, pos, md.decode_block_table(), md.decode_chunks,
-                                          summ, self.cfg, self.sinks, self.local, self.groups)
-        R, Hq, _ = qd.shape
-        H, M = self.num_kv_heads, GROUPS
-        dev = q.device
-        bt = md.decode_block_table()[:, : md.decode_chunks].long()  # [R, n]
-        pages = summ[bt]  # [R, n, H, 1+M, D]
-        var = pages[:, :, :, 0] if self.cfg.group_score == "mean_std" else None
-        _, open_g, open_ok = routing.route(qd, pos, pages[:, :, :, 0],
-                                           pages[:, :, :, 1:].transpose(2, 3), self.cfg,
-                                           self.groups, group_var=var)
-        c = (pos // CHUNK_SIZE).unsqueeze(1)  # [R, 1]
-        sink_j = torch.arange(self.sinks, device=dev).unsqueeze(0).expand(R, -1)
-        local_j = c - self.local + torch.arange(self.local, device=dev).unsqueeze(0)
-        whole_j = torch.cat([sink_j, local_j, c], dim=1)  # chunks seen whole
-        whole_ok = torch.cat([sink_j < c, (local_j >= self.cfg.sink_chunks) & (local_j >= 0),
-                              torch.ones_like(c, dtype=torch.bool)], dim=1)
-        whole_g = whole_j.clamp(min=0).unsqueeze(-1) * M + torch.arange(M, device=dev)
-        whole_g = whole_g.reshape(R, 1, -1).expand(R, Hq, -1)
-        whole_ok = whole_ok.repeat_interleave(M, dim=1).unsqueeze(1).expand(R, Hq, -1)
-        gid = torch.cat([whole_g, open_g], dim=-1)  # [R, Hq, Gt]
-        gok = torch.cat([whole_ok, open_ok], dim=-1)
-        chunk = (gid // M).clamp(max=bt.shape[1] - 1)  # invalid slots point anywhere real
-        block = bt.gather(1, chunk.reshape(R, -1)).reshape(gid.shape)
-        kv_head = (torch.arange(Hq, device=dev) // (Hq // H)).view(1, Hq, 1)
-        rows = ((block * H + kv_head) * 2) * M + gid % M
-        key_pos = (gid * GROUP_SIZE).unsqueeze(-1) + torch.arange(GROUP_SIZE, device=dev)
-        token_ok = gok.unsqueeze(-1) & (key_pos <= pos.view(R, 1, 1, 1))  # own chunk causal
-        return rows, token_ok, gid
+        return self.ops.decode_groups(md.decode_queries(q), md.decode_pos,
+                                      md.decode_block_table(), md.decode_chunks, summ, self.cfg,
+                                      self.sinks, self.local, self.groups)
 
     def decode(self, q, pool, summ, md, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention of the decode rows: float32 [R, Hq, D], or written into out (any
-        float dtype, e.g. out[:R] of the step's output) and returned."""
+        """Attention of the decode rows (what forward does for them): float32 [R, Hq, D],
+        or written into out (any float dtype, e.g. out[:R] of the step's output)."""
         rows, token_ok, _ = self.decode_groups(q, summ, md)
-        qd = md.decode_queries(q)
-        n_shared = (self.sinks + self.local + 1) * GROUPS
+        rows, bank_data = self._through_bank(pool, rows, token_ok)
+        return self.ops.attend_groups(md.decode_queries(q), pool, rows, token_ok, self.scale,
+                                      self.n_shared, out=out, bank=bank_data)
+
+    def _through_bank(self, pool, rows, token_ok) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rows, bank data): sinks, closed local chunks and routed chunks go through the
+        bank; the open own chunk (the last GROUPS fixed columns) is read from the pool."""
         bank = None if self.dense else self.bank
         if bank is None:
-            return ops.attend_groups(qd, pool, rows, token_ok, self.scale, n_shared=n_shared,
-                                     out=out)
-        # sinks, closed local chunks and routed chunks go through the bank; the open own
-        # chunk (the last GROUPS fixed columns) is read from the pool
-        rows = bank.admit(pool, rows, token_ok, (n_shared - GROUPS, n_shared), self.metrics)
-        return ops.attend_groups(qd, pool, rows, token_ok, self.scale, n_shared=n_shared,
-                                 out=out, bank=bank.data)
+            return rows, None
+        own = (self.n_shared - GROUPS, self.n_shared)
+        return bank.admit(pool, rows, token_ok, own, self.metrics), bank.data
 
     # ------------------------------------------------------------------ metrics
     def _count_attention(self, keys, pos: torch.Tensor, kv_bytes) -> None:

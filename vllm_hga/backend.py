@@ -3,10 +3,11 @@
 Per step, ``HGAMetadataBuilder.build`` plans once for all layers (plan.py: which requests
 decode, which chunks close, the step's host-side metrics); per layer,
 ``HGAAttentionImpl.forward``
-  1. writes the step's K/V to the host pool (store.py),
-  2. summarises chunks that closed this step into vLLM's page (ops.summarize_blocks),
-  3. routes and attends: decode rows gather only their visible groups (ops.attend_groups);
-     prefill rows attend over their prefix under the routed mask (ops.attend_masked).
+  1. writes the step's K/V to the host pool (owned by the engine's tiers.EngineTiers),
+  2. summarises chunks that closed this step into vLLM's page (ops summarize_pool),
+  3. routes and attends: decode rows gather only their visible groups (ops attend_groups);
+     prefill rows attend over their prefix under the routed mask.
+Both run in HGALayer.forward through the layer's TorchOps or CudaOps, chosen once.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from .attention import GROUPS, HGALayer
 from .config import CHUNK_SIZE, HGAConfig
-from .metrics import worker_metrics
-from .ops import cuda_ops, cuda_prefill
+from .ops import kernel_blockers
 from .plan import DecodeBuffers, HGAMetadata, count_step
 from .rope import RopeSpec, spec_from_vllm_rope
-from .store import device_bank, host_pool, summary_view
+from .store import summary_view
+from .tiers import tiers_for
 
 
 class HGAAttentionBackend(AttentionBackend):
@@ -81,22 +82,15 @@ class HGAAttentionBackend(AttentionBackend):
 
 
 def cuda_graph_blockers(cfg: HGAConfig, head_size: int, dtype: torch.dtype,
-                        kernels: bool) -> list[str]:
-    """Why decode steps of this config cannot run as full CUDA graphs (empty: they can).
+                        built: bool | None = None) -> list[str]:
+    """Why decode steps of this config cannot run as full CUDA graphs (empty: they can):
+    every reason the layers would not run the kernels (ops.kernel_blockers; built as
+    there), plus the graph-only ones.
 
     A captured decode step may only launch kernels on fixed-address buffers (plan.py).
     """
-    reasons = []
-    if not cfg.cuda_graphs:
-        reasons.append("cuda_graphs is off")
-    if not kernels:
-        reasons.append("no CUDA kernels (vllm_hga._C) on a GPU")
-    if head_size not in cuda_ops.HEAD_SIZES or dtype not in cuda_ops.DTYPES:
-        reasons.append(f"no kernels for head size {head_size} / {dtype}")
-    if cfg.group_score not in cuda_ops.KERNEL_GROUP_SCORES:
-        reasons.append(f"group_score {cfg.group_score} routes in torch (no kernels read it yet)")
-    if cfg.topk_chunks > cuda_ops.MAX_TOPK_CHUNKS:
-        reasons.append(f"topk_chunks > {cuda_ops.MAX_TOPK_CHUNKS}")
+    reasons = [] if cfg.cuda_graphs else ["cuda_graphs is off"]
+    reasons += kernel_blockers(cfg, "cuda", dtype, head_size, built)
     # the device bank is graph-safe: fused admission kernels with a device-side step
     # counter and fixed shapes (bank.py; tests/gpu/test_graphs.py captures it)
     if cfg.dense_layers:
@@ -114,8 +108,7 @@ class HGAMetadataBuilder(AttentionMetadataBuilder[HGAMetadata]):
         """Full CUDA graphs for batches of single-token decodes (vLLM captures one per
         batch size and runs everything else eagerly, attention between piecewise graphs)."""
         cfg = HGAConfig.from_vllm_config(vllm_config)
-        if cuda_graph_blockers(cfg, kv_cache_spec.head_size, kv_cache_spec.dtype,
-                               cuda_ops.available()):
+        if cuda_graph_blockers(cfg, kv_cache_spec.head_size, kv_cache_spec.dtype):
             return AttentionCGSupport.NEVER
         return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
@@ -127,6 +120,7 @@ class HGAMetadataBuilder(AttentionMetadataBuilder[HGAMetadata]):
         # [0, R), read and written in place (no index gather / scatter / cast per layer)
         self._init_reorder_batch_threshold(1)
         self.cfg = HGAConfig.from_vllm_config(vllm_config)
+        self.metrics = tiers_for(vllm_config).metrics
         self.buffers = self._graph_buffers(vllm_config, kv_cache_spec, device)
         self.count_args = self._count_args(vllm_config, kv_cache_spec, layer_names)
 
@@ -158,9 +152,9 @@ class HGAMetadataBuilder(AttentionMetadataBuilder[HGAMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HGAMetadata:
-        worker_metrics().end_step()  # once per step: rate-limited snapshot for /metrics
+        self.metrics.end_step()  # once per step: rate-limited snapshot for /metrics
         md = self._plan(common_attn_metadata)
-        count_step(worker_metrics(), md, self.cfg, **self.count_args)
+        count_step(self.metrics, md, self.cfg, **self.count_args)
         return md
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
@@ -216,6 +210,7 @@ class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
 
         vllm_config = get_current_vllm_config()
         self.cfg = HGAConfig.from_vllm_config(vllm_config)
+        self.tiers = tiers_for(vllm_config)  # the engine's memory (tiers.py)
         self.rope = model_rope_spec(vllm_config, head_size,
                                     bool(rope_is_neox(vllm_config, self.cfg)))
         self.max_model_len = vllm_config.model_config.max_model_len
@@ -224,39 +219,33 @@ class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: HGAMetadata, output: torch.Tensor,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
+        if self.layer is None:
+            self.layer = self._build_layer(layer, query, key)
         if attn_metadata is None:  # memory-profiling run
             # the fixed working sets are allocated now, so that vLLM's profiler counts them
-            self._bank(layer, key)
-            if key.is_cuda and cuda_ops.available():  # the CUDA prefill scratch
-                cuda_prefill.scratch(-(-self.max_model_len // CHUNK_SIZE), self.num_kv_heads,
-                                     self.head_size, key.dtype, key.device)
+            if self.layer.ops.kernels and not self.layer.dense:  # the CUDA prefill scratch
+                self.tiers.prefill_scratch(self.layer.max_chunks, self.num_kv_heads,
+                                           self.head_size, key.dtype, key.device)
             return output.fill_(0)
-        if self.layer is None:
-            from vllm.model_executor.models.utils import extract_layer_index
-
-            dense = extract_layer_index(layer.layer_name) in self.cfg.dense_layers
-            self.layer = HGALayer(self.cfg, self.rope, self.num_heads, self.num_kv_heads,
-                                  self.head_size, self.scale, self.max_model_len, dense,
-                                  query.device, worker_metrics())
-            self.layer.bank = self._bank(layer, key)
         T = attn_metadata.num_actual_tokens
-        store = host_pool(self.cfg.disk_dir)
-        pool = store.layer(layer.layer_name, kv_cache.shape[0], self.num_kv_heads,
-                           self.head_size, key.dtype, key.device)
+        pool = self.tiers.layer_pool(layer.layer_name, kv_cache.shape[0], self.num_kv_heads,
+                                     self.head_size, key.dtype, key.device)
         H, D = self.num_heads, self.head_size
         self.layer.forward(query[:T].view(T, H, D), key[:T], value[:T], pool,
                            summary_view(kv_cache, GROUPS, D), attn_metadata,
                            output[:T].view(T, H, D))
         return output
 
-    def _bank(self, layer, key: torch.Tensor):
-        """This layer's device bank (store.device_bank), or None (off, CPU, dense layer)."""
-        chunks = self.cfg.bank_size(key.device.type)
-        if chunks == 0:
-            return None
+    def _build_layer(self, layer, query: torch.Tensor, key: torch.Tensor) -> HGALayer:
+        """The HGALayer of vLLM layer `layer`, with its device bank (none: off, CPU, dense)."""
         from vllm.model_executor.models.utils import extract_layer_index
 
-        if extract_layer_index(layer.layer_name) in self.cfg.dense_layers:
-            return None
-        return device_bank(layer.layer_name, chunks, self.num_kv_heads, self.head_size,
-                           key.dtype, key.device)
+        dense = extract_layer_index(layer.layer_name) in self.cfg.dense_layers
+        hga = HGALayer(self.cfg, self.rope, self.num_heads, self.num_kv_heads, self.head_size,
+                       self.scale, self.max_model_len, dense, query.device, self.tiers.metrics,
+                       dtype=query.dtype, tiers=self.tiers)
+        chunks = self.cfg.bank_size(key.device.type)
+        if chunks and not dense:
+            hga.bank = self.tiers.device_bank(layer.layer_name, chunks, self.num_kv_heads,
+                                              self.head_size, key.dtype, key.device)
+        return hga

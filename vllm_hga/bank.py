@@ -65,7 +65,9 @@ class DeviceBank:
                              f"shared memory); lower bank_chunks")
         self.num_kv_heads, self.head_size = num_kv_heads, head_size
         self.device = torch.device(device)
-        self.kernels = True  # fused CUDA admission where available (tests turn it off)
+        # fused CUDA admission where the extension has it, decided once here (tests set it
+        # to compare the two paths on the same inputs)
+        self.kernels = self.device.type == "cuda" and _cuda_ops().bank_kernels()
         cap, dev = self.capacity, self.device
         # zeros, not empty: the attention kernels never weight a slot they do not need, but
         # the torch path multiplies masked values by 0 (0 * NaN = NaN would poison it)
@@ -134,7 +136,7 @@ class DeviceBank:
         self.order.copy_(torch.arange(self.capacity, dtype=torch.int32, device=dev).repeat(2))
 
     def _use_kernels(self) -> bool:
-        return self.kernels and self.device.type == "cuda" and _cuda_ops().bank_kernels()
+        return self.kernels
 
     def _tables(self) -> dict:
         return {"slot_of_block": self.slot_of_block, "block_of_slot": self.block_of_slot,

@@ -42,7 +42,7 @@ SERIES = {
 
 
 class WorkerMetrics:
-    """Per-process accumulators.  ``add`` takes device tensors or ints; no host sync."""
+    """Per-engine accumulators (owned by tiers.EngineTiers).  ``add`` takes device tensors or ints; no host sync."""
 
     def __init__(self) -> None:
         self._device: dict[str, torch.Tensor] = {}
@@ -168,13 +168,3 @@ def setup_in_api_process() -> None:
     except Exception:  # prometheus_client missing: metrics stay in logs and snapshots
         pass
     _registered = True
-
-
-_WORKER: WorkerMetrics | None = None
-
-
-def worker_metrics() -> WorkerMetrics:
-    global _WORKER
-    if _WORKER is None:
-        _WORKER = WorkerMetrics()
-    return _WORKER

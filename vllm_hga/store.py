@@ -2,12 +2,14 @@
 
 * vLLM's KV cache page of a block (allocated by vLLM, sized by ``customize_spec``) holds
   only that chunk's summaries: ``[H_kv, 1 + M, D]`` float32 (chunk row, then M groups).
-* The host pool (allocated here, one tensor per layer) holds the full K/V of every block,
+* The host pool (``HostKVPool``, one tensor per layer) holds the full K/V of every block,
   addressed by the same vLLM block id: ``[num_blocks, H_kv, 2, 64, D]`` in the model dtype.
   On CUDA it is pinned host memory read and written by the GPU through UVA (zero-copy);
   on CPU it is ordinary memory.
-* The device bank (bank.py, allocated here once per layer and worker, ``device_bank``)
-  keeps an LRU working set of whole blocks of K/V in device memory for decode attention.
+* The device bank (bank.py) keeps an LRU working set of whole blocks of K/V in device
+  memory for decode attention.
+* One ``tiers.EngineTiers`` per engine owns the pool, the banks and the CUDA prefill
+  scratch: it allocates them at the first bind and frees them at shutdown.
 * With the NVMe tier on (``disk_dir``), the same tensor is a shared memory map of a file
   in ``disk_dir``: writes go to the page cache and the kernel writes them back; reads fault
   in only the 4 KiB pages of the groups routing selected.  The file is preallocated (a
@@ -23,6 +25,7 @@ import torch
 
 from .config import CHUNK_SIZE
 
+
 def summary_view(kv_cache: torch.Tensor, groups: int, head_size: int) -> torch.Tensor:
     """vLLM's page tensor [num_blocks, H, 1, bytes/itemsize] seen as float32 [nb, H, 1+M, D]."""
     nb, H = kv_cache.shape[0], kv_cache.shape[1]
@@ -30,10 +33,17 @@ def summary_view(kv_cache: torch.Tensor, groups: int, head_size: int) -> torch.T
 
 
 class HostKVPool:
-    """Full K/V of every vLLM block, per layer.  One instance per worker process."""
+    """Full K/V of every vLLM block, per layer.  One instance per engine (tiers.py).
 
-    def __init__(self, disk_dir: str | None = None) -> None:
+    budget_bytes (host_kv_bytes, or disk_kv_bytes with the NVMe tier) is what start-up
+    sized vLLM's block count from; a layer that would take the pool past it raises.
+    """
+
+    def __init__(self, disk_dir: str | None = None, budget_bytes: int | None = None,
+                 metrics=None) -> None:
         self.disk_dir = disk_dir
+        self.budget_bytes = budget_bytes
+        self.metrics = metrics  # a metrics.WorkerMetrics, or None
         self._layers: dict[str, torch.Tensor] = {}
         self._host: dict[str, torch.Tensor] = {}  # pinned backing tensors on CUDA
 
@@ -49,6 +59,7 @@ class HostKVPool:
         # vLLM binds a small profiling cache before the real one: re-key on shape.
         self._layers.pop(name, None)
         self._host.pop(name, None)
+        self._check_budget(name, shape, dtype)
         if self.disk_dir is not None:
             if device.type != "cpu":
                 raise NotImplementedError("the NVMe tier is CPU-only in this version")
@@ -64,23 +75,48 @@ class HostKVPool:
             # not be NaN either (0 * NaN = NaN); zeroing also commits the RAM up front
             pool = torch.zeros(shape, dtype=dtype, device=device)
         self._layers[name] = pool
-        from .metrics import worker_metrics
-
-        worker_metrics().set("disk_pool_bytes" if self.disk_dir else "host_pool_bytes",
-                             self.nbytes())
+        self._report()
         return pool
+
+    def _check_budget(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        if self.budget_bytes is None:
+            return
+        want = self.nbytes() + _nbytes(shape, dtype)
+        if want > self.budget_bytes:
+            knob = "disk_kv_bytes" if self.disk_dir else "host_kv_bytes"
+            raise MemoryError(f"hga: layer {name} takes the K/V pool to {want / 2**30:.2f} GiB, "
+                              f"over {knob} = {self.budget_bytes / 2**30:.2f} GiB that vLLM's "
+                              f"block count was sized from; raise {knob} or lower the block "
+                              "count (num_gpu_blocks_override)")
+
+    def _report(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set("disk_pool_bytes" if self.disk_dir else "host_pool_bytes",
+                             self.nbytes())
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self._layers.values())
+
+    def release(self) -> None:
+        """Drop every layer: pinned memory is unpinned and freed, file mappings unmapped
+        (once no caller holds a view)."""
+        self._layers.clear()
+        self._host.clear()
+        self._report()
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    numel = 1
+    for n in shape:
+        numel *= n
+    return numel * torch.empty((), dtype=dtype).element_size()
 
 
 def map_file(directory: str, name: str, shape: tuple[int, ...],
              dtype: torch.dtype) -> torch.Tensor:
     """A tensor backed by a new, preallocated, already-unlinked file in `directory`."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = _nbytes(shape, dtype)
+    numel = nbytes // torch.empty((), dtype=dtype).element_size()
     path = os.path.join(directory, f"vllm-hga-{os.getpid()}-{name.replace('/', '_')}.kv")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -95,34 +131,3 @@ def map_file(directory: str, name: str, shape: tuple[int, ...],
         os.close(fd)
         os.unlink(path)  # the mapping keeps the data; the name goes now
     return tensor.view(shape)
-
-
-_POOL: HostKVPool | None = None
-_BANKS: dict[str, "DeviceBank"] = {}
-
-
-def device_bank(name: str, chunks: int, num_kv_heads: int, head_size: int, dtype: torch.dtype,
-                device: torch.device) -> "DeviceBank":
-    """Layer `name`'s device bank (bank.py), allocated once per worker process.
-
-    The backend calls this on vLLM's memory-profiling forward already, so the profiler
-    counts the bank as model memory and sizes vLLM's KV cache around it.
-    """
-    from .bank import DeviceBank
-
-    bank = _BANKS.get(name)
-    if bank is None or bank.data.dtype != dtype or bank.capacity != chunks \
-            or bank.device != torch.device(device):
-        bank = _BANKS[name] = DeviceBank(chunks, num_kv_heads, head_size, dtype, device)
-        from .metrics import worker_metrics
-
-        worker_metrics().set("bank_bytes", sum(b.nbytes for b in _BANKS.values()))
-    return bank
-
-
-def host_pool(disk_dir: str | None = None) -> HostKVPool:
-    """The process's pool; the first caller decides the tier (all layers share a config)."""
-    global _POOL
-    if _POOL is None:
-        _POOL = HostKVPool(disk_dir)
-    return _POOL

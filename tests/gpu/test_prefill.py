@@ -20,6 +20,8 @@ from vllm_hga.config import HGAConfig as _HGAConfig
 from vllm_hga.ops import cuda_ops, cuda_prefill, torch_ops
 from vllm_hga.plan import HGAMetadata
 from vllm_hga.rope import RopeSpec
+from vllm_hga.tiers import EngineTiers
+
 
 
 def HGAConfig(**kw) -> _HGAConfig:
@@ -41,8 +43,11 @@ NAN = float("nan")
 
 
 
+TIERS = EngineTiers(HGAConfig())  # the engine's owner of the prefill scratch, for all tests
+
+
 def poison_scratch():
-    for sc in cuda_prefill._SCRATCH.values():
+    for sc in TIERS.scratches.values():
         sc.kv.fill_(NAN)
         sc.summ.fill_(NAN)
 
@@ -78,16 +83,18 @@ class Request:
         cuda_ops.summarize_pool(self.pool, self.bt[: S // CHUNK_SIZE].long().to(DEV),
                                 self.summ, rot)
         self.bt = self.bt.to(DEV)
-        self.layer = HGALayer(cfg, self.rope, Hq, Hkv, D, D ** -0.5, S + 100, device=DEV)
+        self.layer = HGALayer(cfg, self.rope, Hq, Hkv, D, D ** -0.5, S + 100, device=DEV,
+                              tiers=TIERS)
 
     def prefill(self, q_start: int, max_rows: int = cuda_prefill.MAX_ROWS,
                 out_dtype=None, kernel: str = "auto", impl: str = "rows") -> torch.Tensor:
         L = self.layer
         q = self.q[q_start:].to(DEV)
         out = torch.full(q.shape, NAN, dtype=out_dtype or self.dtype, device=DEV)
+        sc = TIERS.prefill_scratch(L.max_chunks, L.num_kv_heads, L.head_size, self.dtype, DEV)
         poison_scratch()
         cuda_prefill.prefill(q, q_start, self.pool, self.summ, self.bt, self.cfg, L.sinks,
-                             L.local, L.groups, D_SCALE(self.D), out, L.max_chunks,
+                             L.local, L.groups, D_SCALE(self.D), out, sc,
                              max_rows=max_rows, kernel=kernel, impl=impl)
         return out
 
@@ -222,11 +229,11 @@ def test_fp32_falls_back_to_rows():
 def test_scratch_shared_and_sized_once():
     req = Request(700, 8, 2, 128, torch.bfloat16, HGAConfig(), seed=9)
     req.prefill(0)
-    sc = cuda_prefill.scratch(1, 2, 128, torch.bfloat16, torch.device(DEV))
+    sc = TIERS.prefill_scratch(1, 2, 128, torch.bfloat16, torch.device(DEV))
     assert sc.max_chunks >= req.layer.max_chunks
     ptr = sc.kv.data_ptr()
     req.prefill(300)
-    assert cuda_prefill.scratch(1, 2, 128, torch.bfloat16, torch.device(DEV)).kv.data_ptr() == ptr
+    assert TIERS.prefill_scratch(1, 2, 128, torch.bfloat16, torch.device(DEV)).kv.data_ptr() == ptr
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"impl_{i}")
@@ -259,7 +266,7 @@ def test_layer_forward_matches_torch_path(uva, impl, monkeypatch):
         else:
             pool = torch.full((nb, Hkv, 2, CHUNK_SIZE, D), NAN, dtype=dtype, device=dev)
         summ = torch.full((nb, Hkv, 1 + M, D), NAN, device=dev)
-        layer = HGALayer(cfg, rope, Hq, Hkv, D, D ** -0.5, 8192, device=dev)
+        layer = HGALayer(cfg, rope, Hq, Hkv, D, D ** -0.5, 8192, device=dev, tiers=TIERS)
         sides[side] = (pool, summ, layer, dev)
     # steps: request -> (first position, tokens)
     steps = [{0: (0, 1500), 1: (0, 500)},

@@ -1,9 +1,8 @@
-"""Op dispatch: CUDA kernels (csrc/, built as ``vllm_hga._C``) where they apply, torch else.
-
-Every op here has the same contract as its torch version in ``torch_ops`` and is tested
-against ``devkit.reference``; each CUDA entry falls back to torch on CPU tensors, float64
-and head sizes the kernels were not built for.
+"""HGA's ops: ``TorchOps`` (torch, any device) and ``CudaOps`` (csrc/, built as
+``vllm_hga._C``) with the same methods; ``ops_for`` picks one per layer, once, from
+``kernel_blockers`` (dispatch.py).  Both are tested against ``devkit.reference``.
 """
 
-from .cuda_ops import attend_groups, summarize_blocks, summarize_pool, write_kv  # noqa: F401
-from .torch_ops import SummaryRotation, attend_masked, gather_tokens  # noqa: F401
+from .cuda_ops import CudaOps  # noqa: F401
+from .dispatch import kernel_blockers, ops_for  # noqa: F401
+from .torch_ops import SummaryRotation, TorchOps, attend_masked, gather_tokens, summarize_blocks  # noqa: F401

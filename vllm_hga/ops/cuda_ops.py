@@ -1,10 +1,10 @@
 """CUDA implementations of HGA's ops: the ``vllm_hga._C`` extension built from csrc/.
 
-Each public function has the contract of its namesake in ``torch_ops`` (or of
-``HGALayer.decode_groups``) and falls back to the torch version for inputs the kernels do
-not cover (CPU tensors, float64, head sizes other than 64/128/256, no extension), so it
-is safe to dispatch to unconditionally.  The pool may be device memory or the UVA view
-of pinned host memory (store.py): kernels read and write it in place.
+``CudaOps`` has the methods of ``torch_ops.TorchOps`` with the same contracts; each
+calls its kernel directly.  Whether the kernels serve a layer at all (device, dtype, head
+size, group score, ...) is decided once, by ``dispatch.kernel_blockers``, so no method
+checks its inputs again.  The pool may be device memory or the UVA view of pinned host
+memory (tiers.py): kernels read and write it in place.
 """
 
 from __future__ import annotations
@@ -41,12 +41,6 @@ def _ops():
     return torch.ops.vllm_hga
 
 
-def _covered(*tensors: torch.Tensor) -> bool:
-    """True when the kernels handle these tensors (CUDA, half/bf16/fp32, known head size)."""
-    return (_C is not None and all(t.is_cuda and t.dtype in DTYPES for t in tensors)
-            and tensors[0].shape[-1] in HEAD_SIZES)
-
-
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -56,18 +50,7 @@ def _sms(t: torch.Tensor) -> int:
     return _num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-# ----------------------------------------------------------------------------- KV write
-def write_kv(pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             slots: torch.Tensor) -> None:
-    """torch_ops.write_kv without the host sync of its padding filter (slots < 0 skipped)."""
-    if not (_covered(key, value) and pool.is_cuda and pool.is_contiguous()):
-        return torch_ops.write_kv(pool, key, value, slots)
-    T = key.shape[0]
-    _ops().write_kv(pool, key.to(pool.dtype), value.to(pool.dtype),
-                    slots[:T].to(torch.long).contiguous())
-
-
-# ----------------------------------------------------------------------------- summaries
+# ----------------------------------------------------------------------------- helpers
 def _rot_tables(rot: torch_ops.SummaryRotation, device: torch.device, head_size: int):
     """float32 cos/sin [2, 64, P] and int32 dim map [2, D] (partner dim, pair*2 + second)."""
     key = (str(device), head_size)
@@ -84,40 +67,6 @@ def _rot_tables(rot: torch_ops.SummaryRotation, device: torch.device, head_size:
     return cache[key]
 
 
-def summarize_blocks(k: torch.Tensor, rot: torch_ops.SummaryRotation) -> torch.Tensor:
-    """Summaries [nb, H, 1+M, D] float32 of full chunks k [nb, C, H, D] (any strides)."""
-    if not _covered(k) or k.stride(-1) != 1 or rot.sketch:
-        return torch_ops.summarize_blocks(k, rot)
-    nb, _, H, D = k.shape
-    out = torch.empty(nb, H, 1 + GROUPS, D, dtype=torch.float32, device=k.device)
-    idx = torch.arange(nb, device=k.device)
-    _ops().summarize(k, idx, out, idx, *_rot_tables(rot, k.device, D), int(rot.variance))
-    return out
-
-
-def summarize_pool(pool: torch.Tensor, blocks: torch.Tensor, summ: torch.Tensor,
-                   rot: torch_ops.SummaryRotation) -> None:
-    """summ[blocks] = summaries of the pool's chunks `blocks`, read in place (no gather).
-    Entries < 0 are skipped: the fixed-width closing list of a CUDA-graph step (plan.py).
-
-    Same result as ``summ[blocks] = summarize_blocks(pool[blocks, :, 0].transpose(1, 2), rot)``.
-    """
-    if blocks.numel() == 0:
-        return
-    keys = pool[:, :, 0].transpose(1, 2)  # [nb, 64, H, D] view
-    if not (_covered(pool) and summ.is_cuda and summ.stride(-1) == 1) or rot.sketch:
-        blocks = blocks[blocks >= 0]  # host sync: the torch path is not graph-safe anyway
-        if rot.sketch and summ.dtype != torch.float32:
-            raise ValueError("sketch pages are float32 bit fields; this summary tensor is "
-                             f"{summ.dtype} (use float32 pages with group_score 'sketch')")
-        summ[blocks] = torch_ops.summarize_blocks(keys[blocks], rot).to(summ.dtype)
-        return
-    blocks = blocks.to(torch.long).contiguous()
-    _ops().summarize(keys, blocks, summ, blocks, *_rot_tables(rot, pool.device, pool.shape[-1]),
-                     int(rot.variance))
-
-
-# ----------------------------------------------------------------------------- routing
 def _route_splits(n_pool: int, R: int, Hkv: int, rep: int, D: int, sms: int) -> tuple[int, int]:
     """(splits, chunks per split) for route_chunks: ~4 blocks per SM, >= 128 chunks each
     (one unrolled pass of its warps); a slice's scores of all heads of the KV head must
@@ -128,55 +77,146 @@ def _route_splits(n_pool: int, R: int, Hkv: int, rep: int, D: int, sms: int) -> 
     return math.ceil(n_pool / split_len), split_len
 
 
-def decode_groups(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor, n_chunks: int,
-                  summ: torch.Tensor, cfg: HGAConfig, sinks: int, local: int,
-                  groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """HGALayer.decode_groups on the GPU: (rows [R, Hq, Gt], token_ok [R, Hq, Gt, 16], gid).
-
-    q [R, Hq, D] decode queries at positions pos [R]; block_table [R, >= n_chunks] their
-    block rows; n_chunks = 1 + the largest own-chunk index (md.decode_chunks); summ
-    [nb, H_kv, 1+M, D] float32; sinks/local/groups as HGALayer's.  Routed groups come
-    after the (sinks + local + 1) * 4 fixed columns in ascending group id (torch's come in
-    score order), then invalid padding; ties in top-k go to the lower index (reference.py).
-    """
-    if cfg.group_score not in KERNEL_GROUP_SCORES:
-        raise ValueError(f"the decode routing kernel reads {KERNEL_GROUP_SCORES} pages, "
-                         f"not group_score {cfg.group_score!r} (HGALayer routes it in torch)")
-    R, Hq, D = q.shape
-    Hkv = summ.shape[1]
-    F, L, Kc = cfg.sink_chunks, cfg.local_chunks, cfg.topk_chunks
-    G = min(groups, min(Kc, n_chunks) * GROUPS)  # routing.route's width
-    nfix = (sinks + local + 1) * GROUPS
-    dev = q.device
-    rows = torch.empty(R, Hq, nfix + G, dtype=torch.long, device=dev)
-    token_ok = torch.empty(R, Hq, nfix + G, GROUP_SIZE, dtype=torch.bool, device=dev)
-    gid = torch.empty_like(rows)
-    if R == 0:
-        return rows, token_ok, gid
-    if Kc > MAX_TOPK_CHUNKS:
-        raise NotImplementedError(f"topk_chunks > {MAX_TOPK_CHUNKS} has no CUDA routing kernel")
-    bt = block_table.to(torch.int32)
-    if bt.stride(-1) != 1:
-        bt = bt.contiguous()
-    pos = pos.to(torch.long).contiguous()
-    n_pool = n_chunks - 1 - L - F  # pool chunks of the longest row: [F, c - L)
-    S, split_len = (0, 1) if n_pool <= 0 else _route_splits(n_pool, R, Hkv, Hq // Hkv, D, _sms(q))
-    cand_s = torch.empty(R, Hq, S, Kc, dtype=torch.float32, device=dev)
-    cand_i = torch.empty(R, Hq, S, Kc, dtype=torch.int32, device=dev)
-    # group_score "mean_std": row 0 of a page is the chunk's key variance; every group
-    # score gets + score_alpha * sqrt(q^2 . var) (config guarantees chunk_score max_group)
-    spread = int(cfg.group_score == "mean_std")
-    alpha = float(cfg.score_alpha)
-    if S:
-        _ops().route_chunks(q, pos, bt, summ, F, L, int(cfg.chunk_score == "max_group"),
-                            spread, alpha, split_len, cand_s, cand_i)
-    _ops().route_groups(q, pos, bt, summ, cand_s, cand_i, n_chunks, F, L, sinks, local,
-                        spread, alpha, rows, token_ok, gid)
-    return rows, token_ok, gid
-
-
-# ----------------------------------------------------------------------------- attention
 KERNEL_MODES = {"auto": 0, "heads": 1, "shared": 2, "split": 3}
+
+
+# ----------------------------------------------------------------------------- the ops
+class CudaOps(torch_ops.TorchOps):
+    """The kernels of csrc/ behind TorchOps' methods (gather_tokens / attend_masked stay
+    torch's: only the dense and prefill-fallback paths use them)."""
+
+    kernels = True
+
+    @staticmethod
+    def write_kv(pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+        """torch_ops.write_kv without the host sync of its padding filter (slots < 0 skipped)."""
+        T = key.shape[0]
+        _ops().write_kv(pool, key.to(pool.dtype), value.to(pool.dtype),
+                        slots[:T].to(torch.long).contiguous())
+
+    @staticmethod
+    def summarize_blocks(k: torch.Tensor, rot: torch_ops.SummaryRotation) -> torch.Tensor:
+        """Summaries [nb, H, 1+M, D] float32 of full chunks k [nb, C, H, D] (last dim dense)."""
+        nb, _, H, D = k.shape
+        out = torch.empty(nb, H, 1 + GROUPS, D, dtype=torch.float32, device=k.device)
+        idx = torch.arange(nb, device=k.device)
+        _ops().summarize(k, idx, out, idx, *_rot_tables(rot, k.device, D), int(rot.variance))
+        return out
+
+    @staticmethod
+    def summarize_pool(pool: torch.Tensor, blocks: torch.Tensor, summ: torch.Tensor,
+                       rot: torch_ops.SummaryRotation) -> None:
+        """summ[blocks] = summaries of the pool's chunks `blocks`, read in place (no gather).
+        Entries < 0 are skipped: the fixed-width closing list of a CUDA-graph step (plan.py).
+
+        Same result as ``summ[blocks] = summarize_blocks(pool[blocks, :, 0].transpose(1, 2), rot)``.
+        """
+        if blocks.numel() == 0:
+            return
+        keys = pool[:, :, 0].transpose(1, 2)  # [nb, 64, H, D] view
+        blocks = blocks.to(torch.long).contiguous()
+        _ops().summarize(keys, blocks, summ, blocks,
+                         *_rot_tables(rot, pool.device, pool.shape[-1]), int(rot.variance))
+
+    @staticmethod
+    def decode_groups(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor,
+                      n_chunks: int, summ: torch.Tensor, cfg: HGAConfig, sinks: int, local: int,
+                      groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """torch_ops.decode_groups on the GPU: (rows [R, Hq, Gt], token_ok [R, Hq, Gt, 16], gid).
+
+        n_chunks = 1 + the largest own-chunk index (md.decode_chunks); summ float32.
+        Routed groups come after the (sinks + local + 1) * 4 fixed columns in ascending
+        group id (torch's come in score order), then invalid padding; ties in top-k go to
+        the lower index (reference.py).
+        """
+        R, Hq, D = q.shape
+        Hkv = summ.shape[1]
+        F, L, Kc = cfg.sink_chunks, cfg.local_chunks, cfg.topk_chunks
+        G = min(groups, min(Kc, n_chunks) * GROUPS)  # routing.route's width
+        nfix = (sinks + local + 1) * GROUPS
+        dev = q.device
+        rows = torch.empty(R, Hq, nfix + G, dtype=torch.long, device=dev)
+        token_ok = torch.empty(R, Hq, nfix + G, GROUP_SIZE, dtype=torch.bool, device=dev)
+        gid = torch.empty_like(rows)
+        if R == 0:
+            return rows, token_ok, gid
+        bt = block_table.to(torch.int32)
+        if bt.stride(-1) != 1:
+            bt = bt.contiguous()
+        pos = pos.to(torch.long).contiguous()
+        n_pool = n_chunks - 1 - L - F  # pool chunks of the longest row: [F, c - L)
+        S, split_len = (0, 1) if n_pool <= 0 else _route_splits(n_pool, R, Hkv, Hq // Hkv, D,
+                                                                _sms(q))
+        cand_s = torch.empty(R, Hq, S, Kc, dtype=torch.float32, device=dev)
+        cand_i = torch.empty(R, Hq, S, Kc, dtype=torch.int32, device=dev)
+        # group_score "mean_std": row 0 of a page is the chunk's key variance; every group
+        # score gets + score_alpha * sqrt(q^2 . var) (config guarantees chunk_score max_group)
+        spread = int(cfg.group_score == "mean_std")
+        alpha = float(cfg.score_alpha)
+        if S:
+            _ops().route_chunks(q, pos, bt, summ, F, L, int(cfg.chunk_score == "max_group"),
+                                spread, alpha, split_len, cand_s, cand_i)
+        _ops().route_groups(q, pos, bt, summ, cand_s, cand_i, n_chunks, F, L, sinks, local,
+                            spread, alpha, rows, token_ok, gid)
+        return rows, token_ok, gid
+
+    @staticmethod
+    def attend_groups(q: torch.Tensor, pool: torch.Tensor, group_rows: torch.Tensor,
+                      token_ok: torch.Tensor, scale: float, n_shared: int = 0,
+                      out: torch.Tensor | None = None, kernel: str = "auto",
+                      bank: torch.Tensor | None = None) -> torch.Tensor:
+        """torch_ops.attend_groups reading K/V from the pool (contiguous, q's dtype), and
+        from the device bank (bank.py, same block layout) for rows encoded < 0.
+
+        n_shared > 0 (HGA decode lists: (F + L + 1) * 4) lets the kernel read the shared
+        columns once per KV head; out (any float dtype) avoids a separate cast.  kernel:
+        as attend_rows'.  Returns out (float32 [R, Hq, D] if None).
+        """
+        nb, H, _, C, D = pool.shape
+        R, Hq, _ = q.shape
+        if out is None:
+            out = torch.empty(R, Hq, D, dtype=torch.float32, device=q.device)
+        if R == 0:
+            return out
+        if group_rows.shape[-1] == 0:
+            return out.zero_()
+        token_ok = token_ok.contiguous()
+        if token_ok.data_ptr() % 16:
+            token_ok = token_ok.clone()
+        bank_rows = None if bank is None else bank.view(-1, GROUP_SIZE, D)
+        _ops().attend_groups(q if q.stride(-1) == 1 else q.contiguous(),
+                             pool.view(nb * H * 2 * (C // GROUP_SIZE), GROUP_SIZE, D),
+                             group_rows.to(torch.long).contiguous(), token_ok, bank_rows, H,
+                             C // GROUP_SIZE, n_shared, float(scale), KERNEL_MODES[kernel], out)
+        return out
+
+    def decode(self, q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor,
+               n_chunks: int, pool: torch.Tensor, summ: torch.Tensor, cfg: HGAConfig,
+               sinks: int, local: int, groups: int, scale: float,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Routing + sparse attention of decode queries q [R, Hq, D] (benchmarks)."""
+        rows, token_ok, _ = self.decode_groups(q, pos, block_table, n_chunks, summ, cfg, sinks,
+                                               local, groups)
+        return self.attend_groups(q, pool, rows, token_ok, scale, (sinks + local + 1) * GROUPS,
+                                  out)
+
+    @staticmethod
+    def prefill(q: torch.Tensor, q_start: int, pool: torch.Tensor, summ: torch.Tensor,
+                block_row: torch.Tensor, cfg: HGAConfig, sinks: int, local: int, groups: int,
+                scale: float, out: torch.Tensor, scratch, count=None) -> None:
+        """One request's prefill on the GPU (ops/cuda_prefill.py; scratch from tiers.py)."""
+        from . import cuda_prefill
+
+        cuda_prefill.prefill(q, q_start, pool, summ, block_row, cfg, sinks, local, groups,
+                             scale, out, scratch, count=count)
+
+
+# the kernels as plain functions, for benchmarks and kernel tests (inputs must suit them)
+KERNELS = CudaOps()
+write_kv, summarize_blocks, summarize_pool = (KERNELS.write_kv, KERNELS.summarize_blocks,
+                                              KERNELS.summarize_pool)
+decode_groups, attend_groups, decode = KERNELS.decode_groups, KERNELS.attend_groups, KERNELS.decode
 
 
 def attend_rows(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor,
@@ -195,7 +235,7 @@ def attend_rows(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor,
     (float32 if None).  bank_rows [*, 16, D] (device bank, bank.py): a row r < 0 in `rows`
     is row -r-1 of bank_rows (its V row v_offset later, as in kv_rows).
     """
-    R, Hq, D = q.shape
+    R, Hq, D = q.shape  # CudaOps.attend_groups makes this call itself (one frame less)
     if out is None:
         out = torch.empty(R, Hq, D, dtype=torch.float32, device=q.device)
     if R == 0:
@@ -210,35 +250,6 @@ def attend_rows(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor,
                          v_offset, n_shared, float(scale), KERNEL_MODES[kernel], out)
     return out
 
-
-def attend_groups(q: torch.Tensor, pool: torch.Tensor, group_rows: torch.Tensor,
-                  token_ok: torch.Tensor, scale: float, n_shared: int = 0,
-                  out: torch.Tensor | None = None, kernel: str = "auto",
-                  bank: torch.Tensor | None = None) -> torch.Tensor:
-    """torch_ops.attend_groups (returns float32 [R, Hq, D]) reading K/V from the pool, and
-    from the device bank (bank.py, same block layout) for rows encoded < 0.
-
-    n_shared > 0 (HGA decode lists: (F + L + 1) * 4) lets the kernel read the shared
-    columns once per KV head; out (any float dtype) avoids a separate cast.
-    """
-    q_ok = _covered(q, pool) and q.dtype == pool.dtype and pool.is_contiguous() and (
-        bank is None or (bank.is_cuda and bank.dtype == pool.dtype and bank.is_contiguous()))
-    if not q_ok:
-        res = torch_ops.attend_groups(q, pool, group_rows, token_ok, scale, bank)
-        return res if out is None else out.copy_(res)
-    nb, H, _, C, D = pool.shape
-    bank_rows = None if bank is None else bank.view(-1, GROUP_SIZE, D)
-    return attend_rows(q, pool.view(nb * H * 2 * (C // GROUP_SIZE), GROUP_SIZE, D), group_rows,
-                       token_ok, scale, H, C // GROUP_SIZE, n_shared, out, kernel, bank_rows)
-
-
-def decode(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor, n_chunks: int,
-           pool: torch.Tensor, summ: torch.Tensor, cfg: HGAConfig, sinks: int, local: int,
-           groups: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Routing + sparse attention of decode queries q [R, Hq, D] (HGALayer.decode)."""
-    rows, token_ok, _ = decode_groups(q, pos, block_table, n_chunks, summ, cfg, sinks, local,
-                                      groups)
-    return attend_groups(q, pool, rows, token_ok, scale, (sinks + local + 1) * GROUPS, out)
 
 
 # ----------------------------------------------------------------------------- device bank

@@ -4,8 +4,8 @@ For one prefill request (queries at positions q_start .. q_start+n-1, keys 0 .. 
 
 1. one gather copies the request's blocks [0, ceil(S/64)) of full K/V from the pool (pinned
    host memory through UVA, or device memory) into a device scratch laid out like the pool,
-   and their summary pages into a scratch of pages; the scratch is allocated once per worker
-   (sized for max_model_len) and reused by every layer and request;
+   and their summary pages into a scratch of pages; the scratch is allocated once per engine
+   (tiers.py, sized for max_model_len) and reused by every layer and request;
 2. every query is a routing "row" with its own position over an identity block table, so
    the decode kernels route it (cuda_ops.decode_groups: chunk top-K_c, group top-G, the
    fixed-width list of sinks + local + own chunk + routed groups) exactly as they route a
@@ -47,18 +47,9 @@ def tc_available() -> bool:
     return cuda_ops.available() and hasattr(torch.ops.vllm_hga, "prefill_attend")
 
 
-def covers(q: torch.Tensor, pool: torch.Tensor, summ: torch.Tensor, cfg: HGAConfig) -> bool:
-    """True when the kernel path applies to this layer's prefill (else the torch path)."""
-    return (cuda_ops.available() and q.is_cuda and pool.is_cuda and summ.is_cuda
-            and q.dtype == pool.dtype and q.dtype in cuda_ops.DTYPES
-            and q.shape[-1] in cuda_ops.HEAD_SIZES and pool.is_contiguous()
-            and summ.dtype == torch.float32 and summ.stride(-1) == 1
-            and cfg.topk_chunks <= cuda_ops.MAX_TOPK_CHUNKS
-            and cfg.group_score in cuda_ops.KERNEL_GROUP_SCORES)
-
-
 class Scratch:
-    """Device copies of one request's K/V blocks and summary pages, shared by all layers."""
+    """Device copies of one request's K/V blocks and summary pages, shared by all layers
+    (owned by tiers.EngineTiers)."""
 
     def __init__(self, max_chunks: int, Hkv: int, D: int, dtype: torch.dtype,
                  device: torch.device):
@@ -74,22 +65,6 @@ class Scratch:
 
     def nbytes(self) -> int:
         return self.kv.nbytes + self.summ.nbytes + self.ident.nbytes
-
-
-_SCRATCH: dict[tuple, Scratch] = {}
-
-
-def scratch(max_chunks: int, Hkv: int, D: int, dtype: torch.dtype,
-            device: torch.device) -> Scratch:
-    """The worker's scratch for this shape (allocated on first use, grown if ever needed)."""
-    device = torch.device(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (device.type, index, dtype, Hkv, D)
-    s = _SCRATCH.get(key)
-    if s is None or s.max_chunks < max_chunks:
-        _SCRATCH.pop(key, None)  # free the smaller one first
-        s = _SCRATCH[key] = Scratch(max_chunks, Hkv, D, dtype, device)
-    return s
 
 
 def gather_request(pool: torch.Tensor, summ: torch.Tensor, blocks: torch.Tensor,
@@ -115,24 +90,26 @@ def slices(q_start: int, n: int, step: int, aligned: bool):
 
 def prefill(q: torch.Tensor, q_start: int, pool: torch.Tensor, summ: torch.Tensor,
             block_row: torch.Tensor, cfg: HGAConfig, sinks: int, local: int, groups: int,
-            scale: float, out: torch.Tensor, max_chunks: int, max_rows: int = MAX_ROWS,
+            scale: float, out: torch.Tensor, sc: Scratch, max_rows: int = MAX_ROWS,
             kernel: str = "auto", count=None, impl: str = "auto") -> None:
     """HGA attention of one request's queries q [n, Hq, D] at positions q_start.. into out.
 
     pool [nb, Hkv, 2, 64, D] and summ [nb, Hkv, 1+M, D] float32 as HGALayer.forward's;
     block_row [>= ceil(S/64)] the request's block-table row; sinks/local/groups as
-    HGALayer's; out [n, Hq, D] (any float dtype, last dim contiguous).  count(keys, pos,
+    HGALayer's; out [n, Hq, D] (any float dtype, last dim contiguous); sc the engine's
+    scratch (EngineTiers.prefill_scratch), at least ceil(S/64) chunks.  count(keys, pos,
     kv_bytes), if given, receives the metrics of each slice (device tensors, no sync).
     impl: "rows", "tc" or "auto" (DEFAULT_IMPL; "auto" picks by length, TC_MAX_TOKENS);
     kernel: attend_groups' kernel for "rows".
     """
-    n, _, D = q.shape
+    n = q.shape[0]
     if n == 0:
         return
-    Hkv = pool.shape[1]
     S = q_start + n
     n_chunks = -(-S // CHUNK_SIZE)
-    sc = scratch(max(max_chunks, n_chunks), Hkv, D, pool.dtype, q.device)
+    if sc.max_chunks < n_chunks:
+        raise ValueError(f"prefill of {S} tokens needs {n_chunks} scratch chunks, the engine's "
+                         f"scratch has {sc.max_chunks} (sized from max_model_len)")
     gather_request(pool, summ, block_row[:n_chunks], sc)
     kv = sc.kv[:n_chunks]
     n_shared = (sinks + local + 1) * GROUPS
@@ -148,7 +125,7 @@ def prefill(q: torch.Tensor, q_start: int, pool: torch.Tensor, summ: torch.Tenso
         nc = (q_start + b - 1) // CHUNK_SIZE + 1  # 1 + the slice's largest own chunk
         bt = sc.ident[:, :nc].expand(b - a, nc)
         qs = q[a:b]
-        rows, ok, gid = cuda_ops.decode_groups(qs, pos, bt, nc, sc.summ, cfg, sinks, local,
+        rows, ok, gid = cuda_ops.KERNELS.decode_groups(qs, pos, bt, nc, sc.summ, cfg, sinks, local,
                                                groups)
         if tc:
             o = out[a:b] if out.dtype == q.dtype else torch.empty_like(qs)
@@ -157,7 +134,7 @@ def prefill(q: torch.Tensor, q_start: int, pool: torch.Tensor, summ: torch.Tenso
             if out.dtype != q.dtype:
                 out[a:b].copy_(o)
         else:
-            cuda_ops.attend_groups(qs, kv, rows, ok, scale, n_shared, out[a:b], kernel)
+            cuda_ops.KERNELS.attend_groups(qs, kv, rows, ok, scale, n_shared, out[a:b], kernel)
         if count is not None:
             count(ok.sum(), pos, 0)
     if count is not None:  # the request's K/V crossed from the pool once

@@ -11,7 +11,6 @@ import torch
 from ..config import HGAConfig
 from ..rope import RopeSpec
 
-
 NEG_INF = float("-inf")
 
 
@@ -209,3 +208,93 @@ def attend_groups(q: torch.Tensor, pool: torch.Tensor, group_rows: torch.Tensor,
     # kernel does, not softmax's NaN; real NaNs (unwritten memory read) still show
     probs = probs.masked_fill(~token_ok.flatten(2).any(-1).view(R, Hq, 1, 1), 0.0)
     return torch.einsum("rhgt,rhgtd->rhd", probs, v)
+
+
+def summarize_pool(pool: torch.Tensor, blocks: torch.Tensor, summ: torch.Tensor,
+                   rot: SummaryRotation) -> None:
+    """summ[blocks] = summaries of the pool's chunks `blocks` (entries < 0 skipped)."""
+    if blocks.numel() == 0:
+        return
+    keys = pool[:, :, 0].transpose(1, 2)  # [nb, 64, H, D] view
+    blocks = blocks[blocks >= 0]  # host sync: the torch path is not graph-safe anyway
+    if rot.sketch and summ.dtype != torch.float32:
+        raise ValueError("sketch pages are float32 bit fields; this summary tensor is "
+                         f"{summ.dtype} (use float32 pages with group_score 'sketch')")
+    summ[blocks] = summarize_blocks(keys[blocks], rot).to(summ.dtype)
+
+
+def decode_groups(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor, n_chunks: int,
+                  summ: torch.Tensor, cfg: HGAConfig, sinks: int, local: int,
+                  groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per decode row and query head, the fixed-width list of 16-token groups it sees.
+
+    q [R, Hq, D] decode queries at positions pos [R]; block_table [R, >= n_chunks];
+    summ [nb, H_kv, 1+M, D].  Returns (pool K rows [R, Hq, Gt], token_ok [R, Hq, Gt, 16],
+    group ids [R, Hq, Gt]) with Gt = (sinks + local + 1) * 4 + routed width: sinks, local
+    window, own chunk (causal), then the routed groups in score order.
+    """
+    from .. import routing  # routing reads this module's sketch helpers: import on use
+
+    C, gs = cfg.chunk_size, cfg.group_size
+    M = C // gs
+    R, Hq, _ = q.shape
+    H = summ.shape[1]
+    dev = q.device
+    bt = block_table[:, :n_chunks].long()  # [R, n]
+    pages = summ[bt]  # [R, n, H, 1+M, D]
+    var = pages[:, :, :, 0] if cfg.group_score == "mean_std" else None
+    _, open_g, open_ok = routing.route(q, pos, pages[:, :, :, 0],
+                                       pages[:, :, :, 1:].transpose(2, 3), cfg, groups,
+                                       group_var=var)
+    c = (pos // C).unsqueeze(1)  # [R, 1]
+    sink_j = torch.arange(sinks, device=dev).unsqueeze(0).expand(R, -1)
+    local_j = c - local + torch.arange(local, device=dev).unsqueeze(0)
+    whole_j = torch.cat([sink_j, local_j, c], dim=1)  # chunks seen whole
+    whole_ok = torch.cat([sink_j < c, (local_j >= cfg.sink_chunks) & (local_j >= 0),
+                          torch.ones_like(c, dtype=torch.bool)], dim=1)
+    whole_g = whole_j.clamp(min=0).unsqueeze(-1) * M + torch.arange(M, device=dev)
+    whole_g = whole_g.reshape(R, 1, -1).expand(R, Hq, -1)
+    whole_ok = whole_ok.repeat_interleave(M, dim=1).unsqueeze(1).expand(R, Hq, -1)
+    gid = torch.cat([whole_g, open_g], dim=-1)  # [R, Hq, Gt]
+    gok = torch.cat([whole_ok, open_ok], dim=-1)
+    chunk = (gid // M).clamp(max=bt.shape[1] - 1)  # invalid slots point anywhere real
+    block = bt.gather(1, chunk.reshape(R, -1)).reshape(gid.shape)
+    kv_head = (torch.arange(Hq, device=dev) // (Hq // H)).view(1, Hq, 1)
+    rows = ((block * H + kv_head) * 2) * M + gid % M
+    key_pos = (gid * gs).unsqueeze(-1) + torch.arange(gs, device=dev)
+    token_ok = gok.unsqueeze(-1) & (key_pos <= pos.view(R, 1, 1, 1))  # own chunk causal
+    return rows, token_ok, gid
+
+
+class TorchOps:
+    """HGA's ops in torch: any device and dtype.  ``CudaOps`` has the same methods."""
+
+    kernels = False  # CudaOps: True
+
+    @staticmethod
+    def write_kv(pool, key, value, slots) -> None:
+        write_kv(pool, key, value, slots)
+
+    @staticmethod
+    def summarize_blocks(k, rot: SummaryRotation) -> torch.Tensor:
+        return summarize_blocks(k, rot)
+
+    @staticmethod
+    def summarize_pool(pool, blocks, summ, rot: SummaryRotation) -> None:
+        summarize_pool(pool, blocks, summ, rot)
+
+    @staticmethod
+    def decode_groups(q, pos, block_table, n_chunks: int, summ, cfg: HGAConfig, sinks: int,
+                      local: int, groups: int):
+        return decode_groups(q, pos, block_table, n_chunks, summ, cfg, sinks, local, groups)
+
+    @staticmethod
+    def attend_groups(q, pool, group_rows, token_ok, scale: float, n_shared: int = 0,
+                      out: torch.Tensor | None = None, kernel: str = "auto",
+                      bank: torch.Tensor | None = None) -> torch.Tensor:
+        """n_shared and kernel only steer the CUDA kernels; the result is the same."""
+        res = attend_groups(q, pool, group_rows, token_ok, scale, bank)
+        return res if out is None else out.copy_(res)
+
+    gather_tokens = staticmethod(gather_tokens)
+    attend_masked = staticmethod(attend_masked)

@@ -1,0 +1,103 @@
+"""One owner per engine for HGA's memory: host pool (or NVMe files), device banks, CUDA
+prefill scratch and metrics (docs/DESIGN.md §2, "Ownership").
+
+vLLM gives a plugin no per-engine object of its own, so ``tiers_for`` keys one
+``EngineTiers`` by the engine's ``VllmConfig`` (the worker's config object, the same one
+its attention builders and layers see).  When that config is collected with its engine,
+the tiers are shut down: pinned memory is released and NVMe mappings are unmapped, and a
+second engine in the same process gets fresh tiers with its own settings.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .bank import DeviceBank
+from .config import HGAConfig
+from .metrics import WorkerMetrics
+from .ops.cuda_prefill import Scratch
+from .store import HostKVPool
+
+
+class EngineTiers:
+    """Allocates each tier once per layer (the first bind), reuses it after, frees all of
+    it in ``shutdown``.  Any use after shutdown raises."""
+
+    def __init__(self, cfg: HGAConfig) -> None:
+        self.cfg = cfg
+        self.metrics = WorkerMetrics()
+        self.pool = HostKVPool(cfg.disk_dir, budget_bytes=cfg.disk_kv_bytes if cfg.disk_dir
+                               else cfg.host_kv_bytes, metrics=self.metrics)
+        self.banks: dict[str, DeviceBank] = {}
+        self.scratches: dict[tuple, Scratch] = {}
+        self.closed = False
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("hga: this engine's memory tiers were shut down; a new engine "
+                               "gets its own (tiers_for)")
+
+    def layer_pool(self, name: str, num_blocks: int, num_kv_heads: int, head_size: int,
+                   dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Layer `name`'s full K/V [num_blocks, H_kv, 2, 64, D] in the host tier."""
+        self._check_open()
+        return self.pool.layer(name, num_blocks, num_kv_heads, head_size, dtype, device)
+
+    def device_bank(self, name: str, chunks: int, num_kv_heads: int, head_size: int,
+                    dtype: torch.dtype, device: torch.device) -> DeviceBank:
+        """Layer `name`'s device bank (bank.py).  The backend asks for it on vLLM's
+        memory-profiling forward already, so the profiler counts it as model memory."""
+        self._check_open()
+        bank = self.banks.get(name)
+        if bank is None or bank.data.dtype != dtype or bank.capacity != chunks \
+                or bank.device != torch.device(device):
+            bank = self.banks[name] = DeviceBank(chunks, num_kv_heads, head_size, dtype, device)
+            self.metrics.set("bank_bytes", sum(b.nbytes for b in self.banks.values()))
+        return bank
+
+    def prefill_scratch(self, max_chunks: int, num_kv_heads: int, head_size: int,
+                        dtype: torch.dtype, device: torch.device) -> Scratch:
+        """The CUDA prefill scratch of this shape, shared by all layers (grown if asked for
+        more chunks; the smaller one is freed first)."""
+        self._check_open()
+        device = torch.device(device)
+        key = (str(device), dtype, num_kv_heads, head_size)
+        sc = self.scratches.get(key)
+        if sc is None or sc.max_chunks < max_chunks:
+            self.scratches.pop(key, None)
+            sc = self.scratches[key] = Scratch(max_chunks, num_kv_heads, head_size, dtype, device)
+        return sc
+
+    def nbytes(self) -> dict[str, int]:
+        return {"pool": self.pool.nbytes(), "banks": sum(b.nbytes for b in self.banks.values()),
+                "scratch": sum(s.nbytes() for s in self.scratches.values())}
+
+    def shutdown(self) -> None:
+        """Drop every tier: pinned host memory goes back, NVMe mappings are unmapped (their
+        files were unlinked when mapped), device memory returns to torch's allocator."""
+        self.pool.release()
+        self.banks.clear()
+        self.scratches.clear()
+        self.closed = True
+
+
+_ENGINES: dict[int, EngineTiers] = {}
+
+
+def tiers_for(vllm_config) -> EngineTiers:
+    """The engine's tiers: the only lookup of them (builder and layers both call it)."""
+    key = id(vllm_config)
+    tiers = _ENGINES.get(key)
+    if tiers is None:
+        tiers = _ENGINES[key] = EngineTiers(HGAConfig.from_vllm_config(vllm_config))
+        # id() is reused after collection: drop the entry exactly when the config dies
+        weakref.finalize(vllm_config, _release, key)
+    return tiers
+
+
+def _release(key: int) -> None:
+    tiers = _ENGINES.pop(key, None)
+    if tiers is not None:
+        tiers.shutdown()
