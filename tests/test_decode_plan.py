@@ -149,7 +149,7 @@ def test_cuda_graph_support_follows_the_knob():
 
     bf16 = torch.bfloat16
     def cuda(**kw):  # the config a CUDA engine resolves (the kernels' group score)
-        return HGAConfig.from_mapping(kw, device_type="cuda")
+        return HGAConfig.from_mapping(kw)
 
     assert cuda_graph_blockers(cuda(), 128, bf16, kernels=True) == []
     assert cuda_graph_blockers(cuda(group_score="sketch"), 128, bf16, True)  # torch routing

@@ -23,8 +23,8 @@ class HGALayer:
         self.cfg, self.rope, self.dense = cfg, rope, dense
         self.metrics = metrics  # a metrics.WorkerMetrics, or None (tests)
         self.bank = bank  # a bank.DeviceBank (decode working set in device memory), or None
-        # CUDA kernels where they apply (tests turn them off to compare); they read the
-        # pages of cuda_ops.KERNEL_GROUP_SCORES only (group_score "sketch" routes in torch)
+        # CUDA kernels where they apply (tests turn them off to compare); they write and
+        # read the pages of every group_score in cuda_ops.KERNEL_GROUP_SCORES
         self.kernels = cfg.group_score in cuda_ops.KERNEL_GROUP_SCORES
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.scale = float(scale)

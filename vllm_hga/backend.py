@@ -94,7 +94,7 @@ def cuda_graph_blockers(cfg: HGAConfig, head_size: int, dtype: torch.dtype,
     if head_size not in cuda_ops.HEAD_SIZES or dtype not in cuda_ops.DTYPES:
         reasons.append(f"no kernels for head size {head_size} / {dtype}")
     if cfg.group_score not in cuda_ops.KERNEL_GROUP_SCORES:
-        reasons.append(f"group_score {cfg.group_score} routes in torch (no kernels read it yet)")
+        reasons.append(f"group_score {cfg.group_score} has no routing kernels (routes in torch)")
     if cfg.topk_chunks > cuda_ops.MAX_TOPK_CHUNKS:
         reasons.append(f"topk_chunks > {cuda_ops.MAX_TOPK_CHUNKS}")
     # the device bank is graph-safe: fused admission kernels with a device-side step

@@ -24,7 +24,7 @@ from vllm_hga.rope import RopeSpec
 
 def HGAConfig(**kw) -> _HGAConfig:
     """A config as a CUDA engine resolves it: the kernels' group score unless set."""
-    return _HGAConfig.from_mapping(kw, device_type="cuda")
+    return _HGAConfig.from_mapping(kw)
 
 
 pytestmark = [
