@@ -114,8 +114,8 @@ def test_sketch_decode_groups_match_torch(rep, D, local):
     assert cfg.group_score == "sketch"
     q, pos, bt, n_chunks, pages = make_routing_case(lengths, Hkv * rep, Hkv, D, seed=rep + D)
     sinks = cfg.sink_chunks
-    rows, token_ok, gid = cuda_ops.decode_groups(q, pos, bt, n_chunks, pages, cfg, sinks,
-                                                 local, cfg.groups_per_query)
+    _, token_ok, gid = cuda_ops.decode_groups(q, pos, bt, n_chunks, pages, cfg, sinks,
+                                              local, cfg.groups_per_query)
     nfix = (sinks + local + 1) * M
     open_ids, open_ok = torch_routes(q, pos, bt, n_chunks, pages, cfg)
     oracle = sketch_group_scores(q, pos, bt, n_chunks, pages)
