@@ -23,7 +23,7 @@ from vllm_hga.plan import HGAMetadata
 from vllm_hga.rope import RopeSpec
 
 def HGAConfig(**kw) -> _HGAConfig:
-    """A config as a CUDA engine resolves it: the kernels' group score unless set."""
+    """A config as an engine resolves it (group_score "sketch" unless set)."""
     return _HGAConfig.from_mapping(kw)
 
 
