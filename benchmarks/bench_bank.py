@@ -46,7 +46,7 @@ def main() -> None:
     rows = []
     for S in args.contexts:
         for B in args.batches:
-            cfg = HGAConfig.from_mapping({}, device_type="cuda")  # a CUDA engine's default
+            cfg = HGAConfig.from_mapping({})  # a CUDA engine's default
             b = PagedBatch([S] * B, 32, 4, 128, uva=True, cfg=cfg, seed=S + B)
             layer = b.layer
             qs = [b.q.roll(i, 1) for i in range(4)]  # other queries: other routed chunks

@@ -114,7 +114,7 @@ class Pools:
 
 def cuda_default_config() -> HGAConfig:
     """The config a CUDA engine runs by default (the kernels' group score)."""
-    return HGAConfig.from_mapping({}, device_type="cuda")
+    return HGAConfig.from_mapping({})
 
 
 def point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, ceil: dict, reps: int,

@@ -184,12 +184,12 @@ def main() -> None:
     assert cuda_ops.available(), f"vllm_hga._C missing: {cuda_ops.IMPORT_ERROR}"
     ops = xformers_ops()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "xformers": xformers.__version__, "cfg": HGAConfig.from_mapping({}, device_type="cuda").as_dict(),
+              "xformers": xformers.__version__, "cfg": HGAConfig.from_mapping({}).as_dict(),
               "ceilings": ceilings(args.reps), "points": []}
     pools = Pools(args.pool_blocks)
     for ctx in [int(x) for x in args.contexts.split(",")]:
         for B in [int(x) for x in args.batches.split(",")]:
-            rec = run_point(pools, ctx, B, HGAConfig.from_mapping({}, device_type="cuda"), args.reps, ops)
+            rec = run_point(pools, ctx, B, HGAConfig.from_mapping({}), args.reps, ops)
             for where in ("dev", "uva"):
                 rec[f"best_xf_{where}"], rec[f"best_xf_{where}_us"] = best(rec, where)
                 if rec[f"best_xf_{where}_us"]:

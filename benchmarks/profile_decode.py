@@ -100,7 +100,7 @@ def main() -> None:
     for S in args.contexts:
         step_configs = {**CONFIGS, "default+bank": {"bank_chunks": args.bank_chunks}}
         for name, keys in step_configs.items():
-            for mode, fn in forward_steps(HGAConfig.from_mapping(keys, device_type="cuda"), S, args.batch,
+            for mode, fn in forward_steps(HGAConfig.from_mapping(keys), S, args.batch,
                                           max(args.max_model_len, S + 64)).items():
                 row = {"context": S, "batch": args.batch, "config": name, "step": mode,
                        "max_model_len": args.max_model_len, "layer_step_ms": round(step_ms(fn), 4)}
@@ -108,7 +108,7 @@ def main() -> None:
                 print("RESULT", json.dumps(row), flush=True)
         for name, keys in CONFIGS.items():
             for bank_on in (False, True):
-                cfg = HGAConfig.from_mapping(keys, device_type="cuda")
+                cfg = HGAConfig.from_mapping(keys)
                 b = PagedBatch([S] * args.batch, 32, 4, 128, uva=True, cfg=cfg, seed=S)
                 layer = b.layer
                 layer.metrics = WorkerMetrics()

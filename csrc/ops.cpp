@@ -36,7 +36,12 @@ TORCH_LIBRARY(vllm_hga, m) {
         " Tensor(a!) cand_score, Tensor(a!) cand_idx) -> ()");
   m.def("route_groups(Tensor q, Tensor pos, Tensor block_table, Tensor summ, Tensor cand_score,"
         " Tensor cand_idx, int n_chunks, int sink_chunks, int local_chunks, int sinks, int local,"
-        " int spread, float alpha, Tensor(a!) rows, Tensor(a!) token_ok, Tensor(a!) gid) -> ()");
+        " int spread, float alpha, Tensor(a!) rows, Tensor(a!) token_ok, Tensor(a!) gid,"
+        " Tensor? cand_group=None) -> ()");
+  m.def("sketch_pages(Tensor k, Tensor blocks_in, Tensor(a!) out, Tensor blocks_out) -> ()");
+  m.def("route_chunks_sketch(Tensor q, Tensor pos, Tensor block_table, Tensor pages,"
+        " int sink_chunks, int local_chunks, int split_len, Tensor(a!) cand_score,"
+        " Tensor(a!) cand_idx, Tensor(a!) cand_group) -> ()");
   m.def("attend_groups(Tensor q, Tensor kv_rows, Tensor rows, Tensor token_ok, Tensor? bank_rows,"
         " int num_kv_heads, int v_offset, int n_shared, float scale, int mode, Tensor(a!) out) -> ()");
   m.def("bank_fill(Tensor pool, Tensor(a!) bank, Tensor blocks, Tensor slots) -> ()");

@@ -5,7 +5,9 @@
 // Two launches.  route_chunks: block (split, kv head, request) scores a slice of the
 // pool chunks for all query heads of the KV head (each summary is read once), keeps the
 // slice's top-K_c per head.  route_groups: one warp per (request, query head) merges the
-// slices' candidates, scores the kept chunks' groups and writes the list.
+// slices' candidates, scores the kept chunks' groups and writes the list.  With
+// group_score "sketch" the chunk scoring is route_chunks_sketch (sketch.cu), which hands
+// route_groups the candidates' group scores (cand_group) instead of summary rows.
 // Ties go to the lower index everywhere (as torch's stable sort in routing.py).
 
 #include "hga_common.cuh"
@@ -188,7 +190,8 @@ __global__ void __launch_bounds__(32)
 route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
                     const int64_t* __restrict__ pos, const int* __restrict__ bt, int64_t bt_sr,
                     const float* __restrict__ summ, int64_t s_sb, int64_t s_sh, int64_t s_sr,
-                    const float* __restrict__ cand_s, const int* __restrict__ cand_i, int n_cand,
+                    const float* __restrict__ cand_s, const int* __restrict__ cand_i,
+                    const float* __restrict__ cand_g, int n_cand,
                     int Kc, int Hq, int Hkv, int n_chunks, int F, int sinks, int local, int G,
                     int Gt, int spread, float alpha, int64_t* __restrict__ rows, uint8_t* __restrict__ token_ok,
                     int64_t* __restrict__ gid_out) {
@@ -201,6 +204,7 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
   int* sel = gids + 4 * Kc;                            // [4 Kc] selected flags
   int* kept_blk = sel + 4 * Kc;                        // [Kc] block ids of kept chunks
   float* kept_sp = reinterpret_cast<float*>(kept_blk + Kc);  // [Kc] spread terms (mean_std)
+  int* kept_e = reinterpret_cast<int*>(kept_sp + Kc);  // [Kc] candidate entry of each kept chunk
 
   const int item = blockIdx.x;  // r * Hq + h
   const int r = item / Hq, h = item % Hq;
@@ -236,7 +240,7 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
     }
     warp_argmax(best, bj, be);
     if (bj == INT_MAX) break;
-    if (lane == 0) { kept[nk] = bj; cs[be] = NAN; }
+    if (lane == 0) { kept[nk] = bj; kept_e[nk] = be; cs[be] = NAN; }
     ++nk;
     __syncwarp();
   }
@@ -254,7 +258,12 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
   }
   const int ng = nk * kGroups;
   constexpr int U = D >= 256 ? 2 : 4;
-  if (spread) {  // alpha * sqrt(q^2 . var) per kept chunk (row 0 holds its key variance)
+  if (cand_g) {  // group_score "sketch": route_chunks_sketch kept the candidates' group scores
+    for (int e = lane; e < ng; e += 32) {
+      gs[e] = cand_g[(int64_t(item) * n_cand + kept_e[e / kGroups]) * kGroups + e % kGroups];
+      gids[e] = kept[e / kGroups] * kGroups + e % kGroups;
+    }
+  } else if (spread) {  // alpha * sqrt(q^2 . var) per kept chunk (row 0 holds its key variance)
     float4 qsq[D / 32];
 #pragma unroll
     for (int i = 0; i < D / 32; ++i)
@@ -288,7 +297,7 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
     }
     __syncwarp();
   }
-  for (int e0 = 0; e0 < ng; e0 += 4 * U) {
+  for (int e0 = 0; e0 < (cand_g ? 0 : ng); e0 += 4 * U) {
     float4 sv[U][D / 32];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -438,9 +447,19 @@ void route_groups(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
                   at::Tensor cand_score, at::Tensor cand_idx, int64_t n_chunks,
                   int64_t sink_chunks, int64_t local_chunks, int64_t sinks, int64_t local,
                   int64_t spread, double alpha, at::Tensor rows, at::Tensor token_ok,
-                  at::Tensor gid) {
+                  at::Tensor gid, const std::optional<at::Tensor>& cand_group) {
   const RouteArgs a = check_route_inputs(q, pos, bt, summ);
   const int S = cand_score.size(2), Kc = cand_score.size(3);
+  const float* cand_g = nullptr;
+  if (cand_group.has_value()) {  // group scores of the candidates (route_chunks_sketch)
+    const at::Tensor& g = *cand_group;
+    HGA_CHECK(g.is_cuda() && g.scalar_type() == at::kFloat && g.is_contiguous() && g.dim() == 5 &&
+                  g.size(0) == a.R && g.size(1) == a.Hq && g.size(2) == S && g.size(3) == Kc &&
+                  g.size(4) == kGroups,
+              "cand_group must be float32 [R, Hq, splits, K_c, 4] like cand_score");
+    HGA_CHECK(!spread, "cand_group replaces the summary group scores; no spread term with it");
+    if (S * Kc) cand_g = g.data_ptr<float>();
+  }
   HGA_CHECK(Kc <= kMaxTopkChunks, "topk_chunks above ", kMaxTopkChunks, " not compiled");
   HGA_CHECK(rows.dim() == 3 && rows.size(0) == a.R && rows.size(1) == a.Hq && rows.is_contiguous() &&
                 rows.scalar_type() == at::kLong && gid.sizes() == rows.sizes() &&
@@ -454,7 +473,7 @@ void route_groups(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
   HGA_CHECK(Gt >= nfix && n_chunks >= 1 && bt.size(1) >= n_chunks, "bad list width or n_chunks");
   if (a.R == 0) return;
   const int n_cand = S * Kc;
-  const size_t smem = size_t(2 * n_cand + 3 * Kc + 3 * 4 * Kc) * 4;
+  const size_t smem = size_t(2 * n_cand + 4 * Kc + 3 * 4 * Kc) * 4;
   const c10::cuda::CUDAGuard guard(q.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   HGA_DISPATCH_FLOAT(q.scalar_type(), "route_groups", [&] {
@@ -467,7 +486,7 @@ void route_groups(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
           reinterpret_cast<const scalar_t*>(q.data_ptr()), a.q_sr, a.q_sh,
           pos.data_ptr<int64_t>(), bt.data_ptr<int>(), a.bt_sr, summ.data_ptr<float>(), a.s_sb,
           a.s_sh, a.s_sr, n_cand ? cand_score.data_ptr<float>() : nullptr,
-          n_cand ? cand_idx.data_ptr<int>() : nullptr, n_cand, Kc, a.Hq, a.Hkv, int(n_chunks),
+          n_cand ? cand_idx.data_ptr<int>() : nullptr, cand_g, n_cand, Kc, a.Hq, a.Hkv, int(n_chunks),
           int(sink_chunks), int(sinks), int(local), Gt - nfix, Gt, int(spread != 0),
           float(alpha), rows.data_ptr<int64_t>(),
           reinterpret_cast<uint8_t*>(token_ok.data_ptr()), gid.data_ptr<int64_t>());

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from vllm_hga.config import HGAConfig, HGAConfigError
@@ -29,16 +31,19 @@ def test_defaults_spend_the_papers_budget_differently():
     assert [keys_seen(p, cfg) for p in range(8192)] == [keys_seen(p, paper) for p in range(8192)]
 
 
-def test_cuda_engines_default_to_the_scores_their_kernels_read():
-    """group_score "sketch" has no CUDA kernels yet: a CUDA engine that names no
-    group_score gets "mean_std"; one that names it (or whose preset does) keeps it."""
-    cuda = lambda v: HGAConfig.from_mapping(v, device_type="cuda")  # noqa: E731
-    assert cuda({}).group_score == "mean_std"
-    assert cuda({"topk_groups": 64}).group_score == "mean_std"
-    assert cuda({"group_score": "sketch"}).group_score == "sketch"
-    assert cuda({"preset": "paper"}).group_score == "mean"
-    assert HGAConfig.from_mapping({}, device_type="cpu").group_score == "sketch"
-    assert HGAConfig.from_mapping({}).group_score == "sketch"
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_every_device_gets_the_same_default_routing(device_type):
+    """One algorithm on every device: the engine's device never changes the group_score
+    (CUDA kernels read sketch pages); a mapping or preset that names one keeps it."""
+    def engine(hga):
+        vllm_config = types.SimpleNamespace(
+            additional_config={"hga": hga},
+            device_config=types.SimpleNamespace(device_type=device_type))
+        return HGAConfig.from_vllm_config(vllm_config)
+    assert engine({}).group_score == HGAConfig().group_score == "sketch"
+    assert engine({"topk_groups": 64}).group_score == "sketch"
+    assert engine({"group_score": "mean_std"}).group_score == "mean_std"
+    assert engine({"preset": "paper"}).group_score == "mean"
 
 
 @pytest.mark.parametrize("values, message", [

@@ -148,11 +148,12 @@ def test_cuda_graph_support_follows_the_knob():
     from vllm_hga.ops import cuda_ops
 
     bf16 = torch.bfloat16
-    def cuda(**kw):  # the config a CUDA engine resolves (the kernels' group score)
-        return HGAConfig.from_mapping(kw, device_type="cuda")
+    def cuda(**kw):  # the config an engine resolves (the same on every device)
+        return HGAConfig.from_mapping(kw)
 
-    assert cuda_graph_blockers(cuda(), 128, bf16, built=True) == []
-    assert cuda_graph_blockers(cuda(group_score="sketch"), 128, bf16, True)  # torch routing
+    assert cuda().group_score == "sketch"
+    assert cuda_graph_blockers(cuda(), 128, bf16, built=True) == []  # sketch kernels
+    assert cuda_graph_blockers(cuda(group_score="mean_std"), 128, bf16, True) == []
     assert cuda_graph_blockers(cuda(cuda_graphs=False), 128, bf16, True) == \
         ["cuda_graphs is off"]
     assert cuda_graph_blockers(cuda(bank_chunks=64), 128, bf16, True) == []  # graph-safe

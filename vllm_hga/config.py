@@ -37,9 +37,6 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 GROUP_SCORES = ("mean", "mean_std", "sketch")
-# group_score of a CUDA engine whose hga config names none: the CUDA kernels read "mean" and
-# "mean_std" pages, not yet "sketch" ones (which would route in torch, without CUDA graphs)
-CUDA_GROUP_SCORE = "mean_std"
 
 
 class HGAConfigError(ValueError):
@@ -66,8 +63,8 @@ class HGAConfig:
     #   every post-RoPE key (a per-channel grid between the chunk's min and max, float16)
     #   held in the summary page in place of the summaries, at the same page size.  One
     #   matching key can carry a group; a mean dilutes it 16-fold.  docs/QUALITY.md
-    #   section 2b.  Routes in torch: on CUDA an engine whose hga config does not name a
-    #   group_score gets "mean_std" (CUDA_GROUP_SCORE), which the kernels read.
+    #   section 2b.  The same default on every device: CUDA kernels write and read the
+    #   pages (csrc/sketch.cu), CPU engines use the torch path.
     # * "mean_std": q . group summary + score_alpha * sqrt(sum_d q_d^2 var_d), var the
     #   per-channel variance of the chunk's post-RoPE keys around their own group's mean
     #   (one [D] row per chunk and KV head, in place of the chunk summary).
@@ -189,10 +186,8 @@ class HGAConfig:
 
     # ------------------------------------------------------------------ builders
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None,
-                     device_type: str | None = None) -> "HGAConfig":
-        """The config of an hga mapping; ``device_type`` "cuda" makes a group_score that
-        neither the mapping nor its preset names CUDA_GROUP_SCORE."""
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> "HGAConfig":
+        """The config of an hga mapping (over its preset, if it names one)."""
         values = dict(values or {})
         merged: dict[str, Any] = {}
         preset = values.get("preset") or os.environ.get("VLLM_HGA_PRESET")
@@ -200,8 +195,6 @@ class HGAConfig:
             merged.update(load_preset(preset))
             merged["preset"] = preset
         merged.update(values)
-        if device_type == "cuda" and "group_score" not in merged:
-            merged["group_score"] = CUDA_GROUP_SCORE
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(merged) - known)
         if unknown:
@@ -216,8 +209,7 @@ class HGAConfig:
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> "HGAConfig":
         extra = getattr(vllm_config, "additional_config", None) or {}
-        device = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
-        return cls.from_mapping(extra.get("hga"), str(device) if device else None)
+        return cls.from_mapping(extra.get("hga"))
 
 
 def load_preset(name: str) -> dict[str, Any]:

@@ -26,8 +26,8 @@ from vllm_hga.rope import RopeSpec
 
 
 def HGAConfig(**kw) -> _HGAConfig:
-    """A config as a CUDA engine resolves it: the kernels' group score unless set."""
-    return _HGAConfig.from_mapping(kw, device_type="cuda")
+    """A config as an engine resolves it (group_score "sketch" unless set)."""
+    return _HGAConfig.from_mapping(kw)
 
 
 pytestmark = [
@@ -202,7 +202,8 @@ def replay_and_check(rig: Rig, graph, md_cap: HGAMetadata, lengths) -> None:
 
 CONFIGS = {
     "default_no_bank": HGAConfig(bank_chunks=0),
-    "default_small_bank": HGAConfig(bank_chunks=24),
+    "default_small_bank": HGAConfig(bank_chunks=24),  # the defaults: group_score sketch
+    "mean_std": HGAConfig(group_score="mean_std", bank_chunks=24),
     "paper": HGAConfig(sink_chunks=2, local_chunks=8, topk_chunks=20, topk_groups=32,
                        chunk_score="summary", group_score="mean"),
 }

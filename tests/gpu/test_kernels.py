@@ -158,7 +158,7 @@ def test_summarize(dtype, D, rotary, neox, score):
     assert rel_err(got[:, :, 0], row0) < 1e-5  # row 0 on its own (variance or chunk mean)
 
 
-@pytest.mark.parametrize("score", ["mean", "mean_std"])
+@pytest.mark.parametrize("score", ["mean", "mean_std", "sketch"])
 @pytest.mark.parametrize("uva", [False, True])
 def test_summarize_pool_in_place(uva, score):
     cfg, D, H, nb = HGAConfig(group_score=score, chunk_score="max_group"), 128, 4, 50
@@ -168,8 +168,12 @@ def test_summarize_pool_in_place(uva, score):
     summ = torch.full((nb, H, 1 + M, D), float("nan"), device=DEV)
     blocks = torch.tensor([3, 17, 4, 49, 0], device=DEV)
     cuda_ops.summarize_pool(pool, blocks, summ, rot)
-    want = torch_ops.summarize_blocks(host.to(DEV)[blocks, :, 0].transpose(1, 2), rot)
-    assert rel_err(summ[blocks], want) < 1e-6
+    if score == "sketch":  # bit fields, equal to the CPU definition (tests/gpu/test_sketch_kernels.py)
+        want = torch_ops.pack_sketch(host[blocks.cpu(), :, 0].transpose(1, 2))
+        assert torch.equal(summ[blocks].cpu().view(torch.int32), want.view(torch.int32))
+    else:
+        want = torch_ops.summarize_blocks(host.to(DEV)[blocks, :, 0].transpose(1, 2), rot)
+        assert rel_err(summ[blocks], want) < 1e-6
     others = torch.ones(nb, dtype=torch.bool, device=DEV)
     others[blocks] = False
     assert torch.isnan(summ[others]).all(), "summarize_pool wrote outside its blocks"
@@ -266,13 +270,13 @@ def test_attend_gathered_rows():
 
 
 # ----------------------------------------------------------------------------- end to end
-@pytest.mark.parametrize("score", ["mean", "mean_std"])
+@pytest.mark.parametrize("score", ["mean", "mean_std", "sketch"])
 @pytest.mark.parametrize("rep,lengths", [(8, (27, 61, 113, 482, 3330)), (3, (65_000, 700)),
                                          (1, (2000,))])
 def test_decode_end_to_end(rep, lengths, score):
     """write_kv + summarize_pool + decode (routing + attention) vs reference.hga_attention."""
-    cfg = HGAConfig(group_score=score, chunk_score="max_group" if score == "mean_std"
-                    else "summary")
+    cfg = HGAConfig(group_score=score, chunk_score="summary" if score == "mean"
+                    else "max_group")
     Hkv, D = 2, 128
     Hq = rep * Hkv
     rope = RopeSpec.default(D, 1e6)

@@ -25,8 +25,8 @@ from vllm_hga.tiers import EngineTiers
 
 
 def HGAConfig(**kw) -> _HGAConfig:
-    """A config as a CUDA engine resolves it: the kernels' group score unless set."""
-    return _HGAConfig.from_mapping(kw, device_type="cuda")
+    """A config as an engine resolves it (group_score "sketch" unless set)."""
+    return _HGAConfig.from_mapping(kw)
 
 
 pytestmark = [

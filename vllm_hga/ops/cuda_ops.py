@@ -29,8 +29,8 @@ GROUPS = CHUNK_SIZE // GROUP_SIZE
 HEAD_SIZES = (64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TOPK_CHUNKS = 64  # csrc/routing.cu kMaxTopkChunks
-# group scores whose summary pages the kernels read ("sketch" pages route in torch)
-KERNEL_GROUP_SCORES = ("mean", "mean_std")
+# group scores whose summary pages the kernels write and read (sketch pages: csrc/sketch.cu)
+KERNEL_GROUP_SCORES = ("mean", "mean_std", "sketch")
 
 
 def available() -> bool:
@@ -67,12 +67,15 @@ def _rot_tables(rot: torch_ops.SummaryRotation, device: torch.device, head_size:
     return cache[key]
 
 
-def _route_splits(n_pool: int, R: int, Hkv: int, rep: int, D: int, sms: int) -> tuple[int, int]:
+def _route_splits(n_pool: int, R: int, Hkv: int, rep: int, D: int, sms: int,
+                  scores_per_chunk: int = 1) -> tuple[int, int]:
     """(splits, chunks per split) for route_chunks: ~4 blocks per SM, >= 128 chunks each
     (one unrolled pass of its warps); a slice's scores of all heads of the KV head must
-    fit in shared memory."""
+    fit in shared memory.  scores_per_chunk: floats kept per chunk and head (5 for
+    route_chunks_sketch: the chunk score and its 4 group scores)."""
     want = max(1, math.ceil(4 * sms / max(1, R * Hkv)))
-    max_len = max(128, (96 * 1024) // (4 * rep) - D)  # two blocks per SM fit
+    # two blocks per SM fit
+    max_len = max(128, ((96 * 1024) // (4 * rep) - D) // scores_per_chunk)
     split_len = min(max_len, max(128, math.ceil(n_pool / want)))
     return math.ceil(n_pool / split_len), split_len
 
@@ -101,6 +104,9 @@ class CudaOps(torch_ops.TorchOps):
         nb, _, H, D = k.shape
         out = torch.empty(nb, H, 1 + GROUPS, D, dtype=torch.float32, device=k.device)
         idx = torch.arange(nb, device=k.device)
+        if rot.sketch:
+            _ops().sketch_pages(k, idx, out, idx)
+            return out
         _ops().summarize(k, idx, out, idx, *_rot_tables(rot, k.device, D), int(rot.variance))
         return out
 
@@ -115,7 +121,13 @@ class CudaOps(torch_ops.TorchOps):
         if blocks.numel() == 0:
             return
         keys = pool[:, :, 0].transpose(1, 2)  # [nb, 64, H, D] view
+        if rot.sketch and summ.dtype != torch.float32:
+            raise ValueError("sketch pages are float32 bit fields; this summary tensor is "
+                             f"{summ.dtype} (use float32 pages with group_score 'sketch')")
         blocks = blocks.to(torch.long).contiguous()
+        if rot.sketch:
+            _ops().sketch_pages(keys, blocks, summ, blocks)
+            return
         _ops().summarize(keys, blocks, summ, blocks,
                          *_rot_tables(rot, pool.device, pool.shape[-1]), int(rot.variance))
 
@@ -146,10 +158,19 @@ class CudaOps(torch_ops.TorchOps):
             bt = bt.contiguous()
         pos = pos.to(torch.long).contiguous()
         n_pool = n_chunks - 1 - L - F  # pool chunks of the longest row: [F, c - L)
-        S, split_len = (0, 1) if n_pool <= 0 else _route_splits(n_pool, R, Hkv, Hq // Hkv, D,
-                                                                _sms(q))
+        sketch = cfg.group_score == "sketch"
+        S, split_len = (0, 1) if n_pool <= 0 else _route_splits(
+            n_pool, R, Hkv, Hq // Hkv, D, _sms(q), 1 + GROUPS if sketch else 1)
         cand_s = torch.empty(R, Hq, S, Kc, dtype=torch.float32, device=dev)
         cand_i = torch.empty(R, Hq, S, Kc, dtype=torch.int32, device=dev)
+        if sketch:  # config guarantees chunk_score max_group with sketch pages
+            cand_g = torch.empty(R, Hq, S, Kc, GROUPS, dtype=torch.float32, device=dev)
+            if S:
+                _ops().route_chunks_sketch(q, pos, bt, summ, F, L, split_len, cand_s, cand_i,
+                                           cand_g)
+            _ops().route_groups(q, pos, bt, summ, cand_s, cand_i, n_chunks, F, L, sinks, local,
+                                0, 0.0, rows, token_ok, gid, cand_g)
+            return rows, token_ok, gid
         # group_score "mean_std": row 0 of a page is the chunk's key variance; every group
         # score gets + score_alpha * sqrt(q^2 . var) (config guarantees chunk_score max_group)
         spread = int(cfg.group_score == "mean_std")

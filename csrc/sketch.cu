@@ -1,0 +1,359 @@
+// group_score "sketch": the 2-bit key pages of closing chunks and the decode chunk routing
+// that reads them.
+//
+// sketch_pages writes, per chunk and KV head, the page torch_ops.pack_sketch builds: row 0
+// the float16 grid (lo[D] then step[D]), rows 1..4 the 2-bit codes of each group's 16 keys,
+// token-major, 16 channels per 32-bit word.  The codes are a definition (reference.py
+// sketch_grid / sketch_codes), so the arithmetic is IEEE round-to-nearest in inline PTX:
+// the extension is built with --use_fast_math, which would otherwise approximate the
+// division and flush subnormals.
+//
+// route_chunks_sketch is route_chunks (routing.cu) for sketch pages: block (split, KV head,
+// request), one warp per pool chunk scores the chunk's 64 keys k_hat = lo + step * code for
+// all query heads of the KV head, a group score is the logsumexp of its 16 key scores
+// (scaled by 1/sqrt(D), routing._sketch_scores) and the chunk score the best group score
+// (chunk_score "max_group", which config requires with sketch).  Each candidate also keeps
+// its 4 group scores (cand_group), so route_groups does not decode the pages again.
+
+#include "hga_common.cuh"
+
+#include <climits>
+
+namespace hga {
+namespace {
+
+constexpr int kSketchWarps = 8;
+constexpr int kMaxTopk = 64;  // routing.cu kMaxTopkChunks
+constexpr float kF16Max = 65504.f;
+constexpr float kLevels = 3.f;  // 2-bit codes 0..3
+
+__device__ __forceinline__ float ieee_sub(float a, float b) {
+  float r;
+  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float ieee_div(float a, float b) {
+  float r;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float ieee_min(float a, float b) {
+  float r;
+  asm("min.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float ieee_max(float a, float b) {
+  float r;
+  asm("max.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+// round half to even (torch.round)
+__device__ __forceinline__ float ieee_rint(float a) {
+  float r;
+  asm("cvt.rni.f32.f32 %0, %1;" : "=f"(r) : "f"(a));
+  return r;
+}
+// float32 -> float16 bits, round to nearest even, subnormals kept
+__device__ __forceinline__ unsigned short ieee_half_bits(float a) {
+  unsigned short r;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(a));
+  return r;
+}
+__device__ __forceinline__ float half_bits_to_float(unsigned short h) {
+  float r;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(h));
+  return r;
+}
+
+// Thread d of block (i, h) handles channel d of chunk blocks_in[i], KV head h: the grid
+// from the chunk's min/max, then each key's code, ORed with the 15 other channels of its
+// 16-lane word by shuffles; entries < 0 are skipped (a CUDA-graph step's padding).
+template <typename T>
+__global__ void sketch_pages_kernel(const T* __restrict__ k, int64_t k_sb, int64_t k_st,
+                                    int64_t k_sh, const int64_t* __restrict__ blocks_in,
+                                    float* __restrict__ out, int64_t o_sb, int64_t o_sh,
+                                    int64_t o_sr, const int64_t* __restrict__ blocks_out, int D) {
+  const int d = threadIdx.x;
+  const int i = blockIdx.x, h = blockIdx.y;
+  if (blocks_in[i] < 0 || blocks_out[i] < 0) return;  // uniform: whole block leaves
+  const T* base = k + blocks_in[i] * k_sb + h * k_sh + d;
+  float* page = out + blocks_out[i] * o_sb + h * o_sh;
+  float mn = kF16Max, mx = -kF16Max;
+#pragma unroll 8
+  for (int t = 0; t < kChunk; ++t) {
+    const float x = ieee_min(ieee_max(to_float(base[t * k_st]), -kF16Max), kF16Max);
+    mn = ieee_min(mn, x);
+    mx = ieee_max(mx, x);
+  }
+  const unsigned short lo_h = ieee_half_bits(mn);
+  const float lo = half_bits_to_float(lo_h);
+  const unsigned short step_h = ieee_half_bits(ieee_div(ieee_sub(mx, lo), kLevels));
+  const float step = half_bits_to_float(step_h);
+  const float div = ieee_max(step, 1.17549435e-38f);  // torch.finfo(float32).tiny
+  unsigned short* grid = reinterpret_cast<unsigned short*>(page);
+  grid[d] = lo_h;
+  grid[D + d] = step_h;
+  const int words = D / 16;  // words per key in a code row
+#pragma unroll 4
+  for (int t = 0; t < kChunk; ++t) {
+    const float x = ieee_min(ieee_max(to_float(base[t * k_st]), -kF16Max), kF16Max);
+    const float c = ieee_min(ieee_max(ieee_rint(ieee_div(ieee_sub(x, lo), div)), 0.f), kLevels);
+    uint32_t w = uint32_t(c) << (2 * (d % 16));
+    w |= __shfl_xor_sync(0xffffffffu, w, 1);
+    w |= __shfl_xor_sync(0xffffffffu, w, 2);
+    w |= __shfl_xor_sync(0xffffffffu, w, 4);
+    w |= __shfl_xor_sync(0xffffffffu, w, 8);
+    if (d % 16 == 0) {
+      uint32_t* row = reinterpret_cast<uint32_t*>(page + (1 + t / kGroup) * o_sr);
+      row[(t % kGroup) * words + d / 16] = w;
+    }
+  }
+}
+
+void sketch_pages(at::Tensor k, at::Tensor blocks_in, at::Tensor out, at::Tensor blocks_out) {
+  check_cuda(k, "k");
+  HGA_CHECK(k.dim() == 4 && k.size(1) == kChunk && k.stride(3) == 1,
+            "k must be [blocks, 64, H, D] with a contiguous last dim (any other strides)");
+  const int H = k.size(2), D = k.size(3);
+  HGA_CHECK(D == 64 || D == 128 || D == 256, "sketch pages: head size ", D,
+            " not compiled (64/128/256)");
+  HGA_CHECK(out.dim() == 4 && out.size(1) == H && out.size(2) == 1 + kGroups && out.size(3) == D &&
+                out.stride(3) == 1 && out.scalar_type() == at::kFloat,
+            "out must be float32 [blocks, H, 5, D] with a contiguous last dim");
+  HGA_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0, "out must be 4-byte aligned");
+  const int n = blocks_in.numel();
+  HGA_CHECK(blocks_out.numel() == n && blocks_in.scalar_type() == at::kLong &&
+                blocks_out.scalar_type() == at::kLong && blocks_in.is_contiguous() &&
+                blocks_out.is_contiguous(),
+            "blocks_in/blocks_out must be int64 of equal length");
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(n, H);
+  HGA_DISPATCH_FLOAT(k.scalar_type(), "sketch_pages", [&] {
+    sketch_pages_kernel<scalar_t><<<grid, D, 0, stream>>>(
+        reinterpret_cast<const scalar_t*>(k.data_ptr()), k.stride(0), k.stride(1), k.stride(2),
+        blocks_in.data_ptr<int64_t>(), out.data_ptr<float>(), out.stride(0), out.stride(1),
+        out.stride(2), blocks_out.data_ptr<int64_t>(), D);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Scores of one sketch chunk for heads h0..h0+7 of the KV head: lane l holds keys l
+// (group l / 16) and l + 32 (group 2 + l / 16); returns per head the group scores of the
+// lane's two keys' groups in (ga, gb), every lane of the 16 holding its group's value.
+template <int D>
+__device__ __forceinline__ void sketch_chunk_scores(const uint32_t (&wa)[D / 16],
+                                                    const uint32_t (&wb)[D / 16],
+                                                    const float* lo_s, const float* step_s,
+                                                    const float* q_s, int h0, int nh,
+                                                    float (&ga)[8], float (&gb)[8]) {
+  float acc_a[8], acc_b[8];
+#pragma unroll
+  for (int hh = 0; hh < 8; ++hh) acc_a[hh] = acc_b[hh] = 0.f;
+#pragma unroll
+  for (int w = 0; w < D / 16; ++w) {  // fully unrolled: wa/wb stay in registers
+#pragma unroll
+    for (int b = 0; b < 16; ++b) {
+      const int d = w * 16 + b;
+      const float lo = lo_s[d], st = step_s[d];
+      const float ka = fmaf(st, float((wa[w] >> (2 * b)) & 3u), lo);
+      const float kb = fmaf(st, float((wb[w] >> (2 * b)) & 3u), lo);
+#pragma unroll
+      for (int hh = 0; hh < 8; ++hh) {
+        if (hh < nh) {
+          const float qv = q_s[(h0 + hh) * D + d];
+          acc_a[hh] = fmaf(qv, ka, acc_a[hh]);
+          acc_b[hh] = fmaf(qv, kb, acc_b[hh]);
+        }
+      }
+    }
+  }
+  // logsumexp over the 16 lanes of each half-warp (one group's keys)
+#pragma unroll
+  for (int hh = 0; hh < 8; ++hh) {
+    float ma = acc_a[hh], mb = acc_b[hh];
+#pragma unroll
+    for (int o = 8; o >= 1; o >>= 1) {
+      ma = fmaxf(ma, __shfl_xor_sync(0xffffffffu, ma, o));
+      mb = fmaxf(mb, __shfl_xor_sync(0xffffffffu, mb, o));
+    }
+    float sa = __expf(acc_a[hh] - ma), sb = __expf(acc_b[hh] - mb);
+#pragma unroll
+    for (int o = 8; o >= 1; o >>= 1) {
+      sa += __shfl_xor_sync(0xffffffffu, sa, o);
+      sb += __shfl_xor_sync(0xffffffffu, sb, o);
+    }
+    ga[hh] = ma + __logf(sa);
+    gb[hh] = mb + __logf(sb);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kSketchWarps * 32)
+route_chunks_sketch_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
+                           const int64_t* __restrict__ pos, const int* __restrict__ bt,
+                           int64_t bt_sr, const float* __restrict__ pages, int64_t s_sb,
+                           int64_t s_sh, int64_t s_sr, int Hq, int rep, int F, int L, int Kc,
+                           int S, int split_len, float scale, float* __restrict__ cand_s,
+                           int* __restrict__ cand_i, float* __restrict__ cand_g) {
+  extern __shared__ float smem[];
+  float* q_s = smem;                          // [rep][D], pre-scaled by 1/sqrt(D)
+  float* grid_s = q_s + rep * D;              // [warps][2][D] the chunk's lo, step
+  float* sc = grid_s + kSketchWarps * 2 * D;  // [rep][split_len] chunk scores
+  float* gsc = sc + rep * split_len;          // [rep][split_len][4] group scores
+  const int s = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t p = pos[r];
+  const int64_t c = p < 0 ? -1 : p / kChunk;  // p < 0: a padded row of a CUDA-graph batch
+  const int64_t lo = F + int64_t(s) * split_len;
+  const int64_t hi = c - L < lo + split_len ? c - L : lo + split_len;  // pool is [F, c - L)
+  const int len = hi > lo ? int(hi - lo) : 0;
+  if (len == 0) {  // nothing of this row's pool in the slice (uniform across the block)
+    for (int i = threadIdx.x; i < rep * Kc; i += blockDim.x) {
+      const int64_t at = ((int64_t(r) * Hq + kvh * rep + i / Kc) * S + s) * Kc + i % Kc;
+      cand_s[at] = -INFINITY;
+      cand_i[at] = -1;
+#pragma unroll
+      for (int m = 0; m < kGroups; ++m) cand_g[at * kGroups + m] = -INFINITY;
+    }
+    return;
+  }
+  for (int i = threadIdx.x; i < rep * D; i += blockDim.x)
+    q_s[i] = to_float(q[r * q_sr + (kvh * rep + i / D) * q_sh + i % D]) * scale;
+  __syncthreads();
+
+  float* lo_s = grid_s + warp * 2 * D;
+  float* step_s = lo_s + D;
+  const int ia = lane % kGroup;  // key index inside its group
+  for (int j = warp; j < len; j += kSketchWarps) {
+    const float* page = pages + int64_t(bt[r * bt_sr + lo + j]) * s_sb + kvh * s_sh;
+    // grid row: D words = 2D float16 (lo then step)
+    const unsigned short* g16 = reinterpret_cast<const unsigned short*>(page);
+    for (int e = lane; e < 2 * D; e += 32) lo_s[e] = half_bits_to_float(g16[e]);
+    uint32_t wa[D / 16], wb[D / 16];
+    const uint4* ra = reinterpret_cast<const uint4*>(page + (1 + lane / kGroup) * s_sr) +
+                      ia * (D / 64);
+    const uint4* rb = reinterpret_cast<const uint4*>(page + (3 + lane / kGroup) * s_sr) +
+                      ia * (D / 64);
+#pragma unroll
+    for (int v = 0; v < D / 64; ++v) {
+      const uint4 a = ra[v], b = rb[v];
+      wa[4 * v] = a.x; wa[4 * v + 1] = a.y; wa[4 * v + 2] = a.z; wa[4 * v + 3] = a.w;
+      wb[4 * v] = b.x; wb[4 * v + 1] = b.y; wb[4 * v + 2] = b.z; wb[4 * v + 3] = b.w;
+    }
+    __syncwarp();
+    // L == 0: the preceding chunk is in the pool and always kept (routing.py)
+    const bool forced = L == 0 && lo + j == c - 1;
+    for (int h0 = 0; h0 < rep; h0 += 8) {
+      float ga[8], gb[8];
+      sketch_chunk_scores<D>(wa, wb, lo_s, step_s, q_s, h0, rep - h0, ga, gb);
+#pragma unroll
+      for (int hh = 0; hh < 8; ++hh) {
+        const int h = h0 + hh;
+        if (h >= rep) break;  // uniform across the warp
+        // lanes 0 and 16 hold groups (0, 2) and (1, 3)
+        const float other_a = __shfl_xor_sync(0xffffffffu, ga[hh], 16);
+        const float other_b = __shfl_xor_sync(0xffffffffu, gb[hh], 16);
+        if (lane == 0) {
+          float* g = gsc + (int64_t(h) * split_len + j) * kGroups;
+          g[0] = ga[hh]; g[1] = other_a; g[2] = gb[hh]; g[3] = other_b;
+          const float best = fmaxf(fmaxf(ga[hh], other_a), fmaxf(gb[hh], other_b));
+          sc[h * split_len + j] = forced ? INFINITY : best;
+        }
+      }
+    }
+    __syncwarp();  // lo_s/step_s are rewritten for the warp's next chunk
+  }
+  __syncthreads();
+
+  // Top-K_c of the slice per head: K_c rounds of warp argmax; taken entries become NaN.
+  for (int h = warp; h < rep; h += kSketchWarps) {
+    float* row = sc + h * split_len;
+    const int64_t out = ((int64_t(r) * Hq + kvh * rep + h) * S + s) * Kc;
+    for (int kk = 0; kk < Kc; ++kk) {
+      float best = -INFINITY;
+      int bj = INT_MAX, unused = 0;
+      for (int j = lane; j < len; j += 32) {
+        const float v = row[j];
+        if (better(v, j, best, bj)) { best = v; bj = j; }
+      }
+      warp_argmax(best, bj, unused);
+      const bool found = bj != INT_MAX;
+      if (lane < kGroups)
+        cand_g[(out + kk) * kGroups + lane] =
+            found ? gsc[(int64_t(h) * split_len + bj) * kGroups + lane] : -INFINITY;
+      if (lane == 0) {
+        cand_s[out + kk] = found ? best : -INFINITY;
+        cand_i[out + kk] = found ? int(lo + bj) : -1;
+      }
+      if (found && lane == bj % 32) row[bj] = NAN;
+      __syncwarp();
+    }
+  }
+}
+
+void route_chunks_sketch(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor pages,
+                         int64_t sink_chunks, int64_t local_chunks, int64_t split_len,
+                         at::Tensor cand_score, at::Tensor cand_idx, at::Tensor cand_group) {
+  check_cuda(q, "q");
+  HGA_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [R, Hq, D] with a contiguous last dim");
+  HGA_CHECK(pages.dim() == 4 && pages.size(2) == 1 + kGroups && pages.size(3) == q.size(2) &&
+                pages.stride(3) == 1 && pages.scalar_type() == at::kFloat,
+            "pages must be float32 sketch pages [blocks, H_kv, 5, D]");
+  HGA_CHECK(reinterpret_cast<uintptr_t>(pages.data_ptr()) % 16 == 0 && pages.stride(0) % 4 == 0 &&
+                pages.stride(1) % 4 == 0 && pages.stride(2) % 4 == 0,
+            "sketch page rows must be 16-byte aligned");
+  HGA_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.numel() == q.size(0),
+            "pos must be int64 [R]");
+  HGA_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.stride(1) == 1 &&
+                bt.size(0) == q.size(0),
+            "block_table must be int32 [R, max_blocks] (one row per decode query)");
+  const int R = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = pages.size(1);
+  HGA_CHECK(Hq % Hkv == 0, "query heads must be a multiple of KV heads");
+  HGA_CHECK(cand_score.dim() == 4 && cand_score.size(0) == R && cand_score.size(1) == Hq &&
+                cand_score.is_contiguous() && cand_idx.is_contiguous() &&
+                cand_idx.sizes() == cand_score.sizes() && cand_score.scalar_type() == at::kFloat &&
+                cand_idx.scalar_type() == at::kInt,
+            "cand_score/cand_idx must be float32/int32 [R, Hq, splits, K_c]");
+  const int S = cand_score.size(2), Kc = cand_score.size(3);
+  HGA_CHECK(cand_group.dim() == 5 && cand_group.size(0) == R && cand_group.size(1) == Hq &&
+                cand_group.size(2) == S && cand_group.size(3) == Kc &&
+                cand_group.size(4) == kGroups && cand_group.is_contiguous() &&
+                cand_group.scalar_type() == at::kFloat,
+            "cand_group must be float32 [R, Hq, splits, K_c, 4]");
+  if (R == 0 || S == 0 || Kc == 0) return;
+  HGA_CHECK(Kc <= kMaxTopk, "topk_chunks above ", kMaxTopk, " not compiled");
+  HGA_CHECK(split_len >= 1, "split_len must be positive");
+  const int rep = Hq / Hkv;
+  const size_t smem =
+      (size_t(rep) * (D + (1 + kGroups) * split_len) + size_t(kSketchWarps) * 2 * D) *
+      sizeof(float);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(S, Hkv, R);
+  const float scale = 1.f / sqrtf(float(D));
+  HGA_DISPATCH_FLOAT(q.scalar_type(), "route_chunks_sketch", [&] {
+    HGA_DISPATCH_HEAD(D, "route_chunks_sketch", [&] {
+      auto kernel = route_chunks_sketch_kernel<scalar_t, kD>;
+      if (smem > 48 * 1024)
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            int(smem)));
+      kernel<<<grid, kSketchWarps * 32, smem, stream>>>(
+          reinterpret_cast<const scalar_t*>(q.data_ptr()), q.stride(0), q.stride(1),
+          pos.data_ptr<int64_t>(), bt.data_ptr<int>(), bt.stride(0), pages.data_ptr<float>(),
+          pages.stride(0), pages.stride(1), pages.stride(2), Hq, rep, int(sink_chunks),
+          int(local_chunks), Kc, S, int(split_len), scale, cand_score.data_ptr<float>(),
+          cand_idx.data_ptr<int>(), cand_group.data_ptr<float>());
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace hga
+
+TORCH_LIBRARY_IMPL(vllm_hga, CUDA, m) {
+  m.impl("sketch_pages", &hga::sketch_pages);
+  m.impl("route_chunks_sketch", &hga::route_chunks_sketch);
+}
