@@ -252,6 +252,9 @@ class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
     def _bank(self, layer, key: torch.Tensor):
         """This layer's device bank (store.device_bank), or None (off, CPU, dense layer)."""
         chunks = self.cfg.bank_size(key.device.type)
+        if chunks < 0:
+            chunks = _auto_bank_chunks(self.cfg, self.num_kv_heads, self.head_size,
+                                       key.element_size(), key.device)
         if chunks == 0:
             return None
         from vllm.model_executor.models.utils import extract_layer_index
@@ -260,3 +263,32 @@ class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
             return None
         return device_bank(layer.layer_name, chunks, self.num_kv_heads, self.head_size,
                            key.dtype, key.device)
+
+
+_AUTO_BANK_CHUNKS: dict[tuple, int] = {}
+
+
+def _auto_bank_chunks(cfg, num_kv_heads: int, head_size: int, dtype_bytes: int,
+                      device: torch.device) -> int:
+    """Chunks per layer of bank_chunks "auto", decided once per worker on the first layer's
+    profiling forward (before any bank is allocated), from the memory free on the device."""
+    key = (num_kv_heads, head_size, dtype_bytes, str(device))
+    if key not in _AUTO_BANK_CHUNKS:
+        from vllm.config import get_current_vllm_config
+        from vllm.logger import init_logger
+
+        from .sizing import auto_bank_budget, bank_chunks_for
+
+        vc = get_current_vllm_config()
+        free, total = torch.cuda.mem_get_info(device)
+        budget = auto_bank_budget(free, total, vc.cache_config.gpu_memory_utilization)
+        layers = vc.model_config.get_num_layers(vc.parallel_config) - len(cfg.dense_layers)
+        chunks = bank_chunks_for(budget, layers, num_kv_heads, head_size, dtype_bytes,
+                                 vc.model_config.max_model_len,
+                                 vc.scheduler_config.max_num_seqs, cfg.bank_max_chunks)
+        _AUTO_BANK_CHUNKS[key] = chunks
+        init_logger(__name__).info("HGA: device working set %.2f GiB = %d chunks = %d tokens per layer "
+                    "(%d layers, bank_chunks auto from %.2f GiB free); the host holds the "
+                    "full history", layers * (chunks + 1) * 2 * 64 * num_kv_heads * head_size
+                    * dtype_bytes / 2**30, chunks, chunks * 64, layers, free / 2**30)
+    return _AUTO_BANK_CHUNKS[key]
