@@ -3,8 +3,13 @@
 import pytest
 
 from vllm_hga.config import BANK_MAX_CHUNKS, HGAConfig, HGAConfigError
-from vllm_hga.sizing import (auto_bank_budget, bank_chunks_for, check_explicit_bank_fits,
-                             chunk_bytes, chunks_needed)
+from vllm_hga.sizing import (
+    auto_bank_budget,
+    bank_chunks_for,
+    check_explicit_bank_fits,
+    chunk_bytes,
+    chunks_needed,
+)
 
 GiB = 2**30
 SHAPE = dict(num_layers=48, num_kv_heads=4, head_size=128, dtype_bytes=2)  # 128 KiB a chunk
