@@ -216,6 +216,7 @@ class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
 
         vllm_config = get_current_vllm_config()
         self.cfg = HGAConfig.from_vllm_config(vllm_config)
+        self.vllm_config = vllm_config  # bank_chunks "auto" is sized from it at forward time
         self.rope = model_rope_spec(vllm_config, head_size,
                                     bool(rope_is_neox(vllm_config, self.cfg)))
         self.max_model_len = vllm_config.model_config.max_model_len
@@ -253,7 +254,7 @@ class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
         """This layer's device bank (store.device_bank), or None (off, CPU, dense layer)."""
         chunks = self.cfg.bank_size(key.device.type)
         if chunks < 0:
-            chunks = _auto_bank_chunks(self.cfg, self.num_kv_heads, self.head_size,
+            chunks = _auto_bank_chunks(self.vllm_config, self.cfg, self.num_kv_heads, self.head_size,
                                        key.element_size(), key.device)
         if chunks == 0:
             return None
@@ -268,18 +269,16 @@ class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
 _AUTO_BANK_CHUNKS: dict[tuple, int] = {}
 
 
-def _auto_bank_chunks(cfg, num_kv_heads: int, head_size: int, dtype_bytes: int,
+def _auto_bank_chunks(vc, cfg, num_kv_heads: int, head_size: int, dtype_bytes: int,
                       device: torch.device) -> int:
     """Chunks per layer of bank_chunks "auto", decided once per worker on the first layer's
     profiling forward (before any bank is allocated), from the memory free on the device."""
     key = (num_kv_heads, head_size, dtype_bytes, str(device))
     if key not in _AUTO_BANK_CHUNKS:
-        from vllm.config import get_current_vllm_config
         from vllm.logger import init_logger
 
         from .sizing import auto_bank_budget, bank_chunks_for
 
-        vc = get_current_vllm_config()
         free, total = torch.cuda.mem_get_info(device)
         budget = auto_bank_budget(free, total, vc.cache_config.gpu_memory_utilization)
         layers = vc.model_config.get_num_layers(vc.parallel_config) - len(cfg.dense_layers)
