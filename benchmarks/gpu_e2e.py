@@ -58,6 +58,58 @@ def measure(llm, ctx: int, batch: int, new: int) -> dict:
             "decode_tok_s": round(batch * new / (tn - t1), 2)}
 
 
+def load_rows(path: str) -> list[dict]:
+    """Rows already in `path` (an earlier invocation, e.g. the FLASH_ATTN run), or none."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+def ratio_table(rows: list[dict], hga: str = "HGA", dense: str = "FLASH_ATTN") -> str:
+    """Text table: per (context, batch), dense and HGA decode tok/s, their ratio, TTFTs."""
+    by = {(r["backend"], r["context"], r["batch"]): r for r in rows}
+    keys = sorted({(r["context"], r["batch"]) for r in rows})
+    lines = [f"{'context':>8} {'batch':>5} {dense + ' tok/s':>16} {hga + ' tok/s':>10} "
+             f"{'ratio':>6} {dense + ' TTFT s':>17} {hga + ' TTFT s':>11}"]
+    for ctx, batch in keys:
+        d, h = by.get((dense, ctx, batch)), by.get((hga, ctx, batch))
+
+        def cell(r, k):
+            return f"{r[k]:.2f}" if r else "-"
+
+        ratio = f"{h['decode_tok_s'] / d['decode_tok_s']:.2f}" if d and h else "-"
+        lines.append(f"{ctx:>8} {batch:>5} {cell(d, 'decode_tok_s'):>16} "
+                     f"{cell(h, 'decode_tok_s'):>10} {ratio:>6} {cell(d, 'prefill_s'):>17} "
+                     f"{cell(h, 'prefill_s'):>11}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> bool:
+    """PNG of decode tok/s vs context, one line per (backend, batch); False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {path}")
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for backend, batch in sorted({(r["backend"], r["batch"]) for r in rows}):
+        pts = sorted((r["context"], r["decode_tok_s"]) for r in rows
+                     if r["backend"] == backend and r["batch"] == batch)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                label=f"{backend} batch {batch}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode tok/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -65,6 +117,7 @@ def main() -> None:
     ap.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768])
     ap.add_argument("--batches", nargs="+", type=int, default=[1])
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--plot", help="PNG path: decode tok/s vs context, every backend in --out")
     ap.add_argument("--host-kv", default="16GiB")
     ap.add_argument("--hga", default="{}", help="JSON of extra hga keys for every HGA variant")
     ap.add_argument("--variant", action="append", default=[],
@@ -75,7 +128,7 @@ def main() -> None:
     from vllm import LLM
 
     model = model_dir()
-    results = []
+    results = load_rows(args.out)  # append: each backend may run in its own process
     variants = {"HGA": {}}
     for v in args.variant:
         name, _, cfg = v.partition("=")
@@ -102,6 +155,9 @@ def main() -> None:
                     json.dump(results, f, indent=1)
         llm.llm_engine.engine_core.shutdown()
         del llm
+    print(ratio_table(results))
+    if args.plot:
+        plot(results, args.plot)
 
 
 if __name__ == "__main__":

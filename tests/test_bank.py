@@ -13,7 +13,7 @@ import torch
 from layer_harness import PagedRun
 
 from devkit import reference as ref
-from vllm_hga.config import CHUNK_SIZE, DEFAULT_CUDA_BANK_CHUNKS, HGAConfig
+from vllm_hga.config import CHUNK_SIZE, HGAConfig
 from vllm_hga.metrics import WorkerMetrics, bank_hit_rate
 
 # float64 pages (exact comparisons) hold mean / mean_std summaries; sketch pages are
@@ -152,7 +152,7 @@ def test_small_bank_hit_rate_between_zero_and_one():
 
 
 def test_bank_chunks_config():
-    assert HGAConfig().bank_size("cuda") == DEFAULT_CUDA_BANK_CHUNKS  # on by default on CUDA
+    assert HGAConfig().bank_auto("cuda")  # on by default on CUDA, sized from free memory
     assert HGAConfig().bank_size("cpu") == 0
     assert HGAConfig(bank_chunks=0).bank_size("cuda") == 0
     assert HGAConfig(bank_chunks=7).bank_size("cpu") == 7

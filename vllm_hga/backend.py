@@ -77,12 +77,16 @@ class HGAAttentionBackend(AttentionBackend):
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         """One state per block: the chunk's float32 summaries, [H_kv, 1 + M, D]."""
         assert spec.block_size == CHUNK_SIZE, f"HGA needs block size {CHUNK_SIZE}"
-        return dataclasses.replace(spec, tokens_per_state=spec.block_size,
-                                   state_content_bytes=(1 + GROUPS) * spec.head_size * 4)
+        return dataclasses.replace(
+            spec,
+            tokens_per_state=spec.block_size,
+            state_content_bytes=(1 + GROUPS) * spec.head_size * 4,
+        )
 
 
-def cuda_graph_blockers(cfg: HGAConfig, head_size: int, dtype: torch.dtype,
-                        built: bool | None = None) -> list[str]:
+def cuda_graph_blockers(
+    cfg: HGAConfig, head_size: int, dtype: torch.dtype, built: bool | None = None
+) -> list[str]:
     """Why decode steps of this config cannot run as full CUDA graphs (empty: they can):
     every reason the layers would not run the kernels (ops.kernel_blockers; built as
     there), plus the graph-only ones.
@@ -103,8 +107,9 @@ class HGAMetadataBuilder(AttentionMetadataBuilder[HGAMetadata]):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
     @classmethod
-    def get_cudagraph_support(cls, vllm_config: VllmConfig,
-                              kv_cache_spec: AttentionSpec) -> AttentionCGSupport:
+    def get_cudagraph_support(
+        cls, vllm_config: VllmConfig, kv_cache_spec: AttentionSpec
+    ) -> AttentionCGSupport:
         """Full CUDA graphs for batches of single-token decodes (vLLM captures one per
         batch size and runs everything else eagerly, attention between piecewise graphs)."""
         cfg = HGAConfig.from_vllm_config(vllm_config)
@@ -112,8 +117,13 @@ class HGAMetadataBuilder(AttentionMetadataBuilder[HGAMetadata]):
             return AttentionCGSupport.NEVER
         return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
-    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
-                 vllm_config: VllmConfig, device: torch.device):
+    def __init__(
+        self,
+        kv_cache_spec: AttentionSpec,
+        layer_names: list[str],
+        vllm_config: VllmConfig,
+        device: torch.device,
+    ):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         assert kv_cache_spec.block_size == CHUNK_SIZE
         # vLLM moves single-token decodes to the front of the batch: decode rows are then
@@ -124,51 +134,76 @@ class HGAMetadataBuilder(AttentionMetadataBuilder[HGAMetadata]):
         self.buffers = self._graph_buffers(vllm_config, kv_cache_spec, device)
         self.count_args = self._count_args(vllm_config, kv_cache_spec, layer_names)
 
-    def _graph_buffers(self, vllm_config: VllmConfig, kv_cache_spec: AttentionSpec,
-                       device: torch.device) -> DecodeBuffers | None:
+    def _graph_buffers(
+        self, vllm_config: VllmConfig, kv_cache_spec: AttentionSpec, device: torch.device
+    ) -> DecodeBuffers | None:
         """The fixed-layout decode inputs, when vLLM will capture full decode graphs
         (its cudagraph mode is resolved before builders are made)."""
         from vllm.config import CUDAGraphMode
 
         mode = vllm_config.compilation_config.cudagraph_mode
-        if mode is None or mode.decode_mode() != CUDAGraphMode.FULL or \
-                self.get_cudagraph_support(vllm_config, kv_cache_spec) == \
-                AttentionCGSupport.NEVER:
+        if (
+            mode is None
+            or mode.decode_mode() != CUDAGraphMode.FULL
+            or self.get_cudagraph_support(vllm_config, kv_cache_spec) == AttentionCGSupport.NEVER
+        ):
             return None
-        return DecodeBuffers.allocate(vllm_config.scheduler_config.max_num_seqs,
-                                      vllm_config.model_config.max_model_len, device)
+        return DecodeBuffers.allocate(
+            vllm_config.scheduler_config.max_num_seqs,
+            vllm_config.model_config.max_model_len,
+            device,
+        )
 
-    def _count_args(self, vllm_config: VllmConfig, spec: AttentionSpec,
-                    layer_names: list[str]) -> dict:
+    def _count_args(
+        self, vllm_config: VllmConfig, spec: AttentionSpec, layer_names: list[str]
+    ) -> dict:
         """plan.count_step's shape arguments for this builder's layers."""
         from vllm.model_executor.models.utils import extract_layer_index
 
-        dense = sum(1 for name in layer_names
-                    if extract_layer_index(name) in self.cfg.dense_layers)
+        dense = sum(1 for name in layer_names if extract_layer_index(name) in self.cfg.dense_layers)
         heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
-        return dict(layers=len(layer_names), dense_layers=dense, num_heads=heads,
-                    num_kv_heads=spec.num_kv_heads, head_size=spec.head_size,
-                    itemsize=torch.empty((), dtype=spec.dtype).element_size())
+        return dict(
+            layers=len(layer_names),
+            dense_layers=dense,
+            num_heads=heads,
+            num_kv_heads=spec.num_kv_heads,
+            head_size=spec.head_size,
+            itemsize=torch.empty((), dtype=spec.dtype).element_size(),
+        )
 
-    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False) -> HGAMetadata:
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> HGAMetadata:
         self.metrics.end_step()  # once per step: rate-limited snapshot for /metrics
         md = self._plan(common_attn_metadata)
         count_step(self.metrics, md, self.cfg, **self.count_args)
         return md
 
-    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
-                                    ) -> HGAMetadata:
+    def build_for_cudagraph_capture(
+        self, common_attn_metadata: CommonAttentionMetadata
+    ) -> HGAMetadata:
         """Capture plans like any step (positions 0, all rows single-token), writing the
         same buffers replays will; a capture is not a step, so it counts nothing."""
         return self._plan(common_attn_metadata)
 
     def _plan(self, cm: CommonAttentionMetadata) -> HGAMetadata:
-        seq_cpu = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None \
+        seq_cpu = (
+            cm.seq_lens_cpu_upper_bound
+            if cm.seq_lens_cpu_upper_bound is not None
             else cm.seq_lens.cpu()
-        return HGAMetadata.plan(cm.query_start_loc_cpu.tolist(), seq_cpu.tolist()[: cm.num_reqs],
-                                cm.block_table_tensor, cm.slot_mapping, cm.num_actual_tokens,
-                                buffers=self.buffers, seq_lens_dev=cm.seq_lens)
+        )
+        return HGAMetadata.plan(
+            cm.query_start_loc_cpu.tolist(),
+            seq_cpu.tolist()[: cm.num_reqs],
+            cm.block_table_tensor,
+            cm.slot_mapping,
+            cm.num_actual_tokens,
+            buffers=self.buffers,
+            seq_lens_dev=cm.seq_lens,
+        )
 
 
 def model_rope_spec(vllm_config: VllmConfig, head_size: int, neox: bool) -> RopeSpec:
@@ -176,18 +211,31 @@ def model_rope_spec(vllm_config: VllmConfig, head_size: int, neox: bool) -> Rope
     from vllm.model_executor.layers.rotary_embedding import get_rope
 
     hf = vllm_config.model_config.hf_text_config
-    rope = get_rope(head_size, max_position=getattr(hf, "max_position_embeddings", 8192),
-                    is_neox_style=neox, rope_parameters=getattr(hf, "rope_parameters", None),
-                    dtype=torch.float32)
+    rope = get_rope(
+        head_size,
+        max_position=getattr(hf, "max_position_embeddings", 8192),
+        is_neox_style=neox,
+        rope_parameters=getattr(hf, "rope_parameters", None),
+        dtype=torch.float32,
+    )
     return spec_from_vllm_rope(rope, head_size)
 
 
 class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
-    def __init__(self, num_heads: int, head_size: int, scale: float,
-                 num_kv_heads: int | None = None, alibi_slopes: list[float] | None = None,
-                 sliding_window: int | None = None, kv_cache_dtype: str = "auto",
-                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
-                 kv_sharing_target_layer_name: str | None = None, **extra) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **extra,
+    ) -> None:
         problems = []
         if alibi_slopes is not None:
             problems.append("ALiBi")
@@ -211,29 +259,53 @@ class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
         vllm_config = get_current_vllm_config()
         self.cfg = HGAConfig.from_vllm_config(vllm_config)
         self.tiers = tiers_for(vllm_config)  # the engine's memory (tiers.py)
-        self.rope = model_rope_spec(vllm_config, head_size,
-                                    bool(rope_is_neox(vllm_config, self.cfg)))
+        self.vllm_config = vllm_config  # bank_chunks "auto" is sized from it at forward time
+        self.rope = model_rope_spec(
+            vllm_config, head_size, bool(rope_is_neox(vllm_config, self.cfg))
+        )
         self.max_model_len = vllm_config.model_config.max_model_len
         self.layer: HGALayer | None = None  # built on first forward (needs the layer name)
 
-    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, attn_metadata: HGAMetadata, output: torch.Tensor,
-                output_scale=None, output_block_scale=None) -> torch.Tensor:
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: HGAMetadata,
+        output: torch.Tensor,
+        output_scale=None,
+        output_block_scale=None,
+    ) -> torch.Tensor:
         if self.layer is None:
             self.layer = self._build_layer(layer, query, key)
         if attn_metadata is None:  # memory-profiling run
             # the fixed working sets are allocated now, so that vLLM's profiler counts them
             if self.layer.ops.kernels and not self.layer.dense:  # the CUDA prefill scratch
-                self.tiers.prefill_scratch(self.layer.max_chunks, self.num_kv_heads,
-                                           self.head_size, key.dtype, key.device)
+                self.tiers.prefill_scratch(
+                    self.layer.max_chunks, self.num_kv_heads, self.head_size, key.dtype, key.device
+                )
             return output.fill_(0)
         T = attn_metadata.num_actual_tokens
-        pool = self.tiers.layer_pool(layer.layer_name, kv_cache.shape[0], self.num_kv_heads,
-                                     self.head_size, key.dtype, key.device)
+        pool = self.tiers.layer_pool(
+            layer.layer_name,
+            kv_cache.shape[0],
+            self.num_kv_heads,
+            self.head_size,
+            key.dtype,
+            key.device,
+        )
         H, D = self.num_heads, self.head_size
-        self.layer.forward(query[:T].view(T, H, D), key[:T], value[:T], pool,
-                           summary_view(kv_cache, GROUPS, D), attn_metadata,
-                           output[:T].view(T, H, D))
+        self.layer.forward(
+            query[:T].view(T, H, D),
+            key[:T],
+            value[:T],
+            pool,
+            summary_view(kv_cache, GROUPS, D),
+            attn_metadata,
+            output[:T].view(T, H, D),
+        )
         return output
 
     def _build_layer(self, layer, query: torch.Tensor, key: torch.Tensor) -> HGALayer:
@@ -241,11 +313,71 @@ class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
         from vllm.model_executor.models.utils import extract_layer_index
 
         dense = extract_layer_index(layer.layer_name) in self.cfg.dense_layers
-        hga = HGALayer(self.cfg, self.rope, self.num_heads, self.num_kv_heads, self.head_size,
-                       self.scale, self.max_model_len, dense, query.device, self.tiers.metrics,
-                       dtype=query.dtype, tiers=self.tiers)
+        hga = HGALayer(
+            self.cfg,
+            self.rope,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_size,
+            self.scale,
+            self.max_model_len,
+            dense,
+            query.device,
+            self.tiers.metrics,
+            dtype=query.dtype,
+            tiers=self.tiers,
+        )
         chunks = self.cfg.bank_size(key.device.type)
+        if chunks < 0 and not dense:
+            chunks = _auto_bank_chunks(
+                self.vllm_config,
+                self.cfg,
+                self.tiers,
+                self.num_kv_heads,
+                self.head_size,
+                key.element_size(),
+                key.device,
+            )
         if chunks and not dense:
-            hga.bank = self.tiers.device_bank(layer.layer_name, chunks, self.num_kv_heads,
-                                              self.head_size, key.dtype, key.device)
+            hga.bank = self.tiers.device_bank(
+                layer.layer_name, chunks, self.num_kv_heads, self.head_size, key.dtype, key.device
+            )
         return hga
+
+
+def _auto_bank_chunks(
+    vc, cfg, tiers, num_kv_heads: int, head_size: int, dtype_bytes: int, device: torch.device
+) -> int:
+    """Chunks per layer of bank_chunks "auto", decided once per worker on the first layer's
+    profiling forward (before any bank is allocated), from the memory free on the device."""
+    key = (num_kv_heads, head_size, dtype_bytes, str(device))
+    if key not in tiers.auto_bank_chunks:
+        from vllm.logger import init_logger
+
+        from .sizing import auto_bank_budget, bank_chunks_for
+
+        free, total = torch.cuda.mem_get_info(device)
+        budget = auto_bank_budget(free, total, vc.cache_config.gpu_memory_utilization)
+        layers = vc.model_config.get_num_layers(vc.parallel_config) - len(cfg.dense_layers)
+        chunks = bank_chunks_for(
+            budget,
+            layers,
+            num_kv_heads,
+            head_size,
+            dtype_bytes,
+            vc.model_config.max_model_len,
+            vc.scheduler_config.max_num_seqs,
+            cfg.bank_max_chunks,
+        )
+        tiers.auto_bank_chunks[key] = chunks
+        init_logger(__name__).info(
+            "HGA: device working set %.2f GiB = %d chunks = %d tokens per layer "
+            "(%d layers, bank_chunks auto from %.2f GiB free); the host holds the "
+            "full history",
+            layers * (chunks + 1) * 2 * 64 * num_kv_heads * head_size * dtype_bytes / 2**30,
+            chunks,
+            chunks * 64,
+            layers,
+            free / 2**30,
+        )
+    return tiers.auto_bank_chunks[key]

@@ -92,10 +92,12 @@ class HGAConfig:
     disk_kv_bytes: int | None = None
     # Device bank (bank.py): an LRU working set of whole chunks of K/V in device memory per
     # layer, which decode attention reads instead of the host pool.  None = the device's
-    # default: DEFAULT_CUDA_BANK_CHUNKS on CUDA (a layer's graph-replayed decode step is
-    # 2.2-2.5x faster with it on the H200: docs/BENCHMARKS.md), none on CPU; 0 = off; at
-    # most BANK_MAX_CHUNKS.  It runs on CPU too when set (ordinary memory).
-    bank_chunks: int | None = None
+    # default "auto": on CUDA the device memory a dense engine would have given its KV cache
+    # (sizing.py), never more than max_num_seqs whole contexts; none on CPU.  An integer is
+    # an explicit size (0 = off, at most BANK_MAX_CHUNKS; it runs on CPU too, in ordinary
+    # memory).  bank_max_chunks caps "auto".
+    bank_chunks: int | str | None = "auto"
+    bank_max_chunks: int | None = None
     # Full CUDA graphs for steps that are all single-token decodes (CUDA, kernels built,
     # no dense_layers; see backend.cuda_graph_blockers).  False: decode
     # attention runs eagerly between vLLM's piecewise graphs, as --enforce-eager does
@@ -123,11 +125,19 @@ class HGAConfig:
         for name in ("sink_chunks", "local_chunks"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0; got {v!r}")
-        need(self.bank_chunks is None or (isinstance(self.bank_chunks, int)
-                                          and 0 <= self.bank_chunks <= BANK_MAX_CHUNKS),
-             f"bank_chunks must be an integer in [0, {BANK_MAX_CHUNKS}] (0 = no device bank; "
+        if self.bank_chunks is None:
+            object.__setattr__(self, "bank_chunks", "auto")
+        need(self.bank_chunks == "auto" or (isinstance(self.bank_chunks, int)
+                                            and not isinstance(self.bank_chunks, bool)
+                                            and 0 <= self.bank_chunks <= BANK_MAX_CHUNKS),
+             f"bank_chunks must be \"auto\" or an integer in [0, {BANK_MAX_CHUNKS}] (0 = no device bank; "
              f"the CUDA admission kernel holds at most {BANK_MAX_CHUNKS} slots per layer); "
              f"got {self.bank_chunks!r}")
+        need(self.bank_max_chunks is None or (isinstance(self.bank_max_chunks, int)
+                                              and not isinstance(self.bank_max_chunks, bool)
+                                              and 0 <= self.bank_max_chunks <= BANK_MAX_CHUNKS),
+             f"bank_max_chunks (the cap of bank_chunks \"auto\") must be an integer in "
+             f"[0, {BANK_MAX_CHUNKS}]; got {self.bank_max_chunks!r}")
         need(isinstance(self.cuda_graphs, bool),
              f"cuda_graphs must be true or false; got {self.cuda_graphs!r}")
         for name in ("topk_chunks", "topk_groups", "groups_per_query"):
@@ -170,10 +180,14 @@ class HGAConfig:
         return self.chunk_size // self.group_size
 
     def bank_size(self, device_type: str) -> int:
-        """Chunks per layer in the device bank on this device type (0 = no bank)."""
-        if self.bank_chunks is None:
-            return DEFAULT_CUDA_BANK_CHUNKS if device_type == "cuda" else 0
+        """Explicit chunks per layer in the device bank on this device type (0 = no bank);
+        -1 when it is sized at start-up from free device memory (bank_auto)."""
+        if self.bank_chunks == "auto":
+            return -1 if device_type == "cuda" else 0
         return self.bank_chunks
+
+    def bank_auto(self, device_type: str) -> bool:
+        return self.bank_size(device_type) < 0
 
     @property
     def keys_per_query_bound(self) -> int:

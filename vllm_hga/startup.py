@@ -218,15 +218,17 @@ def configure_engine(vllm_config) -> HGAConfig | None:
     per_request = -(-vllm_config.model_config.max_model_len // CHUNK_SIZE)
     # device bank (bank.py): a constant per worker, allocated on the profiling forward so
     # that vLLM's memory profiler counts it before sizing its own (summary) KV cache
-    bank_bytes = cfg.bank_size(device_type) * cap.host_bytes_per_block
+    bank = cfg.bank_size(device_type)
+    bank_bytes = max(bank, 0) * cap.host_bytes_per_block
     logger.info(
         "HGA: %s; %s K/V pool %.2f GiB for %d blocks = %d tokens = %d contexts of %d "
         "(%d B/token full K/V, %d B/token device summaries); device bank %.2f GiB "
-        "(%d chunks per layer)", _describe(cfg),
+        "(%s chunks = %s tokens per layer)", _describe(cfg),
         "disk" if cfg.disk_dir else "host", cap.host_budget_bytes / 2**30, blocks,
         blocks * CHUNK_SIZE, blocks // per_request, vllm_config.model_config.max_model_len,
         cap.host_bytes_per_block // CHUNK_SIZE, cap.device_bytes_per_block // CHUNK_SIZE,
-        bank_bytes / 2**30, cfg.bank_size(device_type))
+        bank_bytes / 2**30, "auto" if bank < 0 else bank,
+        "sized from free device memory" if bank < 0 else bank * CHUNK_SIZE)
     from .metrics import setup_in_api_process
 
     setup_in_api_process()

@@ -33,6 +33,8 @@ class EngineTiers:
         self.banks: dict[str, DeviceBank] = {}
         self.scratches: dict[tuple, Scratch] = {}
         self.closed = False
+        # bank_chunks "auto": chunks per layer, decided once from free device memory
+        self.auto_bank_chunks: dict[tuple, int] = {}
 
     def _check_open(self) -> None:
         if self.closed:
