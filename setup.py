@@ -17,14 +17,19 @@ def cuda_extensions():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except Exception:
         return [], {}
-    sources = sorted(os.path.join("csrc", f) for f in os.listdir("csrc")
-                     if f.endswith((".cu", ".cpp")))
+    sources = sorted(
+        os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith((".cu", ".cpp"))
+    )
     if not (torch.version.cuda and CUDA_HOME and sources):
         return [], {}
     ext = CUDAExtension(
-        "vllm_hga._C", sources,
-        extra_compile_args={"cxx": ["-O3"],
-                            "nvcc": ["-O3", "--use_fast_math", "-gencode=arch=compute_90a,code=sm_90a"]})
+        "vllm_hga._C",
+        sources,
+        extra_compile_args={
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--use_fast_math", "-gencode=arch=compute_90a,code=sm_90a"],
+        },
+    )
     return [ext], {"build_ext": BuildExtension}
 
 

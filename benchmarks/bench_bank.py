@@ -79,23 +79,35 @@ def main() -> None:
             layer.bank = None
             rows.append(row)
             print("RESULT", json.dumps(row), flush=True)
-    cols = [("context", "context"), ("batch", "batch"), ("no_bank_ms", "no bank (ms)"),
-            ("bank_fused_ms", "bank, fused admission (ms)"),
-            ("bank_torch_ms", "bank, torch admission (ms)"),
-            ("admit_fused_ms", "admission alone, fused (ms)"),
-            ("admit_torch_ms", "admission alone, torch (ms)"),
-            ("hit_rate_fused", "hit rate")]
-    print(f"\nOne layer's decode step, bank of {args.bank_chunks} chunks, pool in pinned host "
-          f"memory ({torch.cuda.get_device_name()})\n")
+    cols = [
+        ("context", "context"),
+        ("batch", "batch"),
+        ("no_bank_ms", "no bank (ms)"),
+        ("bank_fused_ms", "bank, fused admission (ms)"),
+        ("bank_torch_ms", "bank, torch admission (ms)"),
+        ("admit_fused_ms", "admission alone, fused (ms)"),
+        ("admit_torch_ms", "admission alone, torch (ms)"),
+        ("hit_rate_fused", "hit rate"),
+    ]
+    print(
+        f"\nOne layer's decode step, bank of {args.bank_chunks} chunks, pool in pinned host "
+        f"memory ({torch.cuda.get_device_name()})\n"
+    )
     print("| " + " | ".join(c[1] for c in cols) + " |")
     print("|" + "|".join("---:" for _ in cols) + "|")
     for r in rows:
         cells = []
         for key, _ in cols:
             v = r[key]
-            cells.append(f"{v / 1024:.0f}K" if key == "context" else
-                         f"{100 * v:.1f}%" if key.startswith("hit") else
-                         f"{v:.3f}" if isinstance(v, float) else str(v))
+            cells.append(
+                f"{v / 1024:.0f}K"
+                if key == "context"
+                else f"{100 * v:.1f}%"
+                if key.startswith("hit")
+                else f"{v:.3f}"
+                if isinstance(v, float)
+                else str(v)
+            )
         print("| " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:

@@ -16,29 +16,35 @@ from pathlib import Path
 
 from research import evalcommon as ec
 
-RUNS = [("dense", "CPU_ATTN", None), ("mean_std", "HGA", {"group_score": "mean_std"}),
-        ("sketch (default)", "HGA", {})]
+RUNS = [
+    ("dense", "CPU_ATTN", None),
+    ("mean_std", "HGA", {"group_score": "mean_std"}),
+    ("sketch (default)", "HGA", {}),
+]
 
 
 def timed(llm, prompt, n: int) -> float:
     from vllm import SamplingParams
 
     t = time.time()
-    llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
-                 use_tqdm=False)
+    llm.generate(
+        [prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False
+    )
     return time.time() - t
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--json")
     args = ap.parse_args()
     from vllm.inputs import TokensPrompt
 
-    prompt = TokensPrompt(prompt_token_ids=ec.doc_tokens(ec.tokenizer("bfloat16"),
-                                                         "devils_dictionary", args.tokens))
+    prompt = TokensPrompt(
+        prompt_token_ids=ec.doc_tokens(ec.tokenizer("bfloat16"), "devils_dictionary", args.tokens)
+    )
     res = {}
     for name, backend, hga in RUNS:
         llm = ec.make_llm(backend, hga, dtype="bfloat16", enable_prefix_caching=False)
@@ -49,10 +55,20 @@ def main() -> None:
             ec.close(llm)
         res[name] = {"prefill_s": round(t1, 2), "decode_tok_s": round(64 / (t65 - t1), 2)}
         print(name, res[name], flush=True)
-    print(ec.md_table(["attention", "prefill (s)", "decode (tok/s)", "vs dense"],
-                      [[n, r["prefill_s"], r["decode_tok_s"],
-                        f"{r['decode_tok_s'] / res['dense']['decode_tok_s']:.2f}x"]
-                       for n, r in res.items()]))
+    print(
+        ec.md_table(
+            ["attention", "prefill (s)", "decode (tok/s)", "vs dense"],
+            [
+                [
+                    n,
+                    r["prefill_s"],
+                    r["decode_tok_s"],
+                    f"{r['decode_tok_s'] / res['dense']['decode_tok_s']:.2f}x",
+                ]
+                for n, r in res.items()
+            ],
+        )
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 

@@ -85,8 +85,9 @@ def ceilings(reps: int) -> dict:
         "d2d_GBps": 2 * n / timeit(lambda: y.copy_(x), reps, graph=False) / 1e9,  # read+write
         "h2d_GBps": n / timeit(lambda: y.copy_(host, non_blocking=True), reps, graph=False) / 1e9,
         # zero-copy sequential read of pinned memory by SMs (the UVA kernels' own ceiling)
-        "zero_copy_read_GBps": n / timeit(
-            lambda: cuda_ops.gather_rows(src, idx, y.view(-1, 4096)), reps) / 1e9,
+        "zero_copy_read_GBps": n
+        / timeit(lambda: cuda_ops.gather_rows(src, idx, y.view(-1, 4096)), reps)
+        / 1e9,
     }
     a = torch.randn(8192, 8192, device=DEV, dtype=DT)
     b = torch.randn(8192, 8192, device=DEV, dtype=DT)
@@ -117,18 +118,26 @@ def cuda_default_config() -> HGAConfig:
     return HGAConfig.from_mapping({})
 
 
-def point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, ceil: dict, reps: int,
-          dense_limit: float, torch_limit: int) -> dict:
+def point(
+    pools: Pools,
+    ctx: int,
+    B: int,
+    cfg: HGAConfig,
+    ceil: dict,
+    reps: int,
+    dense_limit: float,
+    torch_limit: int,
+) -> dict:
     g = torch.Generator(device=DEV).manual_seed(ctx + B)
     n = -(-ctx // CHUNK_SIZE)
     bt = torch.randint(1, pools.n_blocks, (B, n), generator=g, device=DEV, dtype=torch.int32)
     pos = torch.full((B,), ctx - 1, device=DEV, dtype=torch.long)
     q = torch.randn(B, HQ, D, generator=g, device=DEV).to(DT)
     rope = RopeSpec.default(D, 1e6)
-    layer = HGALayer(cfg, rope, HQ, HKV, D, D ** -0.5, ctx + CHUNK_SIZE, device=DEV)
+    layer = HGALayer(cfg, rope, HQ, HKV, D, D**-0.5, ctx + CHUNK_SIZE, device=DEV)
     S, Lc, G = layer.sinks, layer.local, layer.groups
     nfix = (S + Lc + 1) * M
-    scale = D ** -0.5
+    scale = D**-0.5
     out = torch.empty(B, HQ, D, device=DEV, dtype=DT)
     rec = {"ctx": ctx, "batch": B}
 
@@ -144,21 +153,35 @@ def point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, ceil: dict, reps: int,
     keys = int(ok.sum())
     n_pool = max(0, n - 1 - cfg.local_chunks - cfg.sink_chunks)
     route_bytes = B * (n_pool * HKV * D * 4 + HQ * cfg.topk_chunks * M * D * 4)
-    rec.update(groups_read=groups_read, attn_MB=attn_bytes / 1e6, route_MB=route_bytes / 1e6,
-               attn_GFLOP=4 * D * keys / 1e9)
+    rec.update(
+        groups_read=groups_read,
+        attn_MB=attn_bytes / 1e6,
+        route_MB=route_bytes / 1e6,
+        attn_GFLOP=4 * D * keys / 1e9,
+    )
 
     rec["route_us"] = timeit(route, reps) * 1e6
     for where, pool in (("dev", pools.dev), ("uva", pools.uva)):
         for kernel in ("heads", "shared", "split"):  # "auto": heads on dev, shared on uva
-            t = timeit(lambda p=pool, k=kernel: cuda_ops.attend_groups(
-                q, p, rows, ok, scale, nfix, out, k), reps)
+            t = timeit(
+                lambda p=pool, k=kernel: cuda_ops.attend_groups(
+                    q, p, rows, ok, scale, nfix, out, k
+                ),
+                reps,
+            )
             rec[f"attn_{where}_{kernel}_us"] = t * 1e6
         t = rec[f"attn_{where}_{'heads' if where == 'dev' else 'shared'}_us"] * 1e-6  # auto
         rec[f"attn_{where}_us"] = t * 1e6
         rec[f"attn_{where}_GBps"] = attn_bytes / t / 1e9
-        rec[f"step_{where}_us"] = timeit(
-            lambda p=pool: cuda_ops.decode(q, pos, bt, n, p, pools.summ, cfg, S, Lc, G, scale, out),
-            reps) * 1e6
+        rec[f"step_{where}_us"] = (
+            timeit(
+                lambda p=pool: cuda_ops.decode(
+                    q, pos, bt, n, p, pools.summ, cfg, S, Lc, G, scale, out
+                ),
+                reps,
+            )
+            * 1e6
+        )
     rec["attn_dev_frac_hbm"] = rec["attn_dev_GBps"] / ceil["d2d_GBps"]
     rec["attn_uva_frac_h2d"] = rec["attn_uva_GBps"] / ceil["h2d_GBps"]
     rec["route_frac_step_dev"] = rec["route_us"] / rec["step_dev_us"]
@@ -191,8 +214,13 @@ def point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, ceil: dict, reps: int,
         for name, backend in _sdpa_backends():
             try:
                 with torch.nn.attention.sdpa_kernel([backend]):
-                    t = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(
-                        qd, kv[0], kv[1], scale=scale), reps, graph=False)
+                    t = timeit(
+                        lambda: torch.nn.functional.scaled_dot_product_attention(
+                            qd, kv[0], kv[1], scale=scale
+                        ),
+                        reps,
+                        graph=False,
+                    )
                 rec[f"dense_{name}_us"] = t * 1e6
                 best = min(best, t)
             except RuntimeError:
@@ -207,10 +235,16 @@ def point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, ceil: dict, reps: int,
 
     # the torch ops path this replaces (where its [R, n, H, 5, D] page gather fits)
     if B * ctx <= torch_limit:
-        md = HGAMetadata.plan(list(range(B + 1)), [ctx] * B, bt,
-                              torch.full((B,), -1, device=DEV), B)  # positions ctx - 1
-        t = timeit(lambda: torch_ops.attend_groups(q, pools.dev, *layer.decode_groups(
-            q, pools.summ, md)[:2], scale), max(3, reps // 4), graph=False)
+        md = HGAMetadata.plan(
+            list(range(B + 1)), [ctx] * B, bt, torch.full((B,), -1, device=DEV), B
+        )  # positions ctx - 1
+        t = timeit(
+            lambda: torch_ops.attend_groups(
+                q, pools.dev, *layer.decode_groups(q, pools.summ, md)[:2], scale
+            ),
+            max(3, reps // 4),
+            graph=False,
+        )
         rec["torch_step_dev_us"] = t * 1e6
     torch.cuda.empty_cache()
     return rec
@@ -235,12 +269,24 @@ def profile_step(pools: Pools, ctx: int, B: int, cfg: HGAConfig) -> str:
     bt = torch.randint(1, pools.n_blocks, (B, n), generator=g, device=DEV, dtype=torch.int32)
     pos = torch.full((B,), ctx - 1, device=DEV, dtype=torch.long)
     q = torch.randn(B, HQ, D, generator=g, device=DEV).to(DT)
-    layer = HGALayer(cfg, RopeSpec.default(D, 1e6), HQ, HKV, D, D ** -0.5, ctx + 64, device=DEV)
+    layer = HGALayer(cfg, RopeSpec.default(D, 1e6), HQ, HKV, D, D**-0.5, ctx + 64, device=DEV)
     out = torch.empty(B, HQ, D, device=DEV, dtype=DT)
 
     def step(pool):
-        cuda_ops.decode(q, pos, bt, n, pool, pools.summ, cfg, layer.sinks, layer.local,
-                        layer.groups, D ** -0.5, out)
+        cuda_ops.decode(
+            q,
+            pos,
+            bt,
+            n,
+            pool,
+            pools.summ,
+            cfg,
+            layer.sinks,
+            layer.local,
+            layer.groups,
+            D**-0.5,
+            out,
+        )
 
     for _ in range(3):
         step(pools.dev)
@@ -258,8 +304,11 @@ def profile_step(pools: Pools, ctx: int, B: int, cfg: HGAConfig) -> str:
 def _sdpa_backends():
     from torch.nn.attention import SDPBackend
 
-    return [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-            ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
+    return [
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ]
 
 
 def small_kernels(pools: Pools, reps: int, ceil: dict) -> list[dict]:
@@ -274,8 +323,16 @@ def small_kernels(pools: Pools, reps: int, ceil: dict) -> list[dict]:
         for where, pool in (("dev", pools.dev), ("uva", pools.uva)):
             t = timeit(lambda p=pool, b=blocks, s=summ: cuda_ops.summarize_pool(p, b, s, rot), reps)
             ceiling = ceil["d2d_GBps"] if where == "dev" else ceil["h2d_GBps"]
-            res.append({"kernel": "summarize_pool", "where": where, "n": nblk, "us": t * 1e6,
-                        "MB": nbytes / 1e6, "frac_ceiling": nbytes / t / 1e9 / ceiling})
+            res.append(
+                {
+                    "kernel": "summarize_pool",
+                    "where": where,
+                    "n": nblk,
+                    "us": t * 1e6,
+                    "MB": nbytes / 1e6,
+                    "frac_ceiling": nbytes / t / 1e9 / ceiling,
+                }
+            )
     # host -> device gather by copy size: 256 MiB of random units from the pinned pool
     flat = pools.host.view(-1)
     src_all = cuda_ops.uva_view(pools.host).view(-1)
@@ -290,11 +347,21 @@ def small_kernels(pools: Pools, reps: int, ceil: dict) -> list[dict]:
             if how == "zero_copy":
                 t = timeit(lambda s_=src, i=idx_dev, d=dst: cuda_ops.gather_rows(s_, i, d), reps)
             else:
-                t = timeit(lambda s_=src, i=idx, d=dst: cuda_ops.gather_rows_ce(s_, i, d), reps,
-                           graph=False)
-            res.append({"kernel": f"gather_{how}", "where": "uva", "n": unit, "us": t * 1e6,
-                        "MB": dst.numel() * 2 / 1e6,
-                        "frac_ceiling": dst.numel() * 2 / t / 1e9 / ceil["h2d_GBps"]})
+                t = timeit(
+                    lambda s_=src, i=idx, d=dst: cuda_ops.gather_rows_ce(s_, i, d),
+                    reps,
+                    graph=False,
+                )
+            res.append(
+                {
+                    "kernel": f"gather_{how}",
+                    "where": "uva",
+                    "n": unit,
+                    "us": t * 1e6,
+                    "MB": dst.numel() * 2 / 1e6,
+                    "frac_ceiling": dst.numel() * 2 / t / 1e9 / ceil["h2d_GBps"],
+                }
+            )
         del dst
     for T in (64, 8192):
         key = torch.randn(T, HKV, D, device=DEV).to(DT)
@@ -302,8 +369,16 @@ def small_kernels(pools: Pools, reps: int, ceil: dict) -> list[dict]:
         nbytes = 2 * 2 * T * HKV * D * 2
         for where, pool in (("dev", pools.dev), ("uva", pools.uva)):
             t = timeit(lambda p=pool, k=key, s=slots: cuda_ops.write_kv(p, k, k, s), reps)
-            res.append({"kernel": "write_kv", "where": where, "n": T, "us": t * 1e6,
-                        "MB": nbytes / 1e6, "frac_ceiling": None})
+            res.append(
+                {
+                    "kernel": "write_kv",
+                    "where": where,
+                    "n": T,
+                    "us": t * 1e6,
+                    "MB": nbytes / 1e6,
+                    "frac_ceiling": None,
+                }
+            )
     return res
 
 
@@ -326,8 +401,8 @@ def prefill_point(ctx: int, cfg: HGAConfig, reps: int, impls=("rows", "tc")) -> 
     cuda_ops.summarize_pool(pool_dev, block_row[: ctx // CHUNK_SIZE].long(), summ, rot)
     q = torch.randn(ctx, HQ, D, generator=g, device=DEV).to(DT)
     out = torch.empty_like(q)
-    layer = HGALayer(cfg, rope, HQ, HKV, D, D ** -0.5, ctx + CHUNK_SIZE, device=DEV)
-    scale = D ** -0.5
+    layer = HGALayer(cfg, rope, HQ, HKV, D, D**-0.5, ctx + CHUNK_SIZE, device=DEV)
+    scale = D**-0.5
     rec = {"ctx": ctx, "tc_built": cuda_prefill.tc_available()}
 
     def note(key, value):  # progress, in case a later measurement kills the process
@@ -337,23 +412,50 @@ def prefill_point(ctx: int, cfg: HGAConfig, reps: int, impls=("rows", "tc")) -> 
     sc = layer.tiers.prefill_scratch(layer.max_chunks, HKV, D, DT, q.device)
 
     def run(pool, impl):
-        cuda_prefill.prefill(q, 0, pool, summ, block_row, cfg, layer.sinks, layer.local,
-                             layer.groups, scale, out, sc, impl=impl)
+        cuda_prefill.prefill(
+            q,
+            0,
+            pool,
+            summ,
+            block_row,
+            cfg,
+            layer.sinks,
+            layer.local,
+            layer.groups,
+            scale,
+            out,
+            sc,
+            impl=impl,
+        )
 
     rec["scratch_MB"] = sc.nbytes() / 1e6
     for where, pool in (("dev", pool_dev), ("uva", pool_uva)):
-        note(f"gather_{where}_ms", timeit(
-            lambda p=pool: cuda_prefill.gather_request(p, summ, block_row, sc), reps,
-            graph=False) * 1e3)
+        note(
+            f"gather_{where}_ms",
+            timeit(
+                lambda p=pool: cuda_prefill.gather_request(p, summ, block_row, sc),
+                reps,
+                graph=False,
+            )
+            * 1e3,
+        )
     keys = torch.zeros((), dtype=torch.float64, device=DEV)
 
     def route(count=False):
         for a, b in cuda_prefill.slices(0, ctx, cuda_prefill.MAX_ROWS, True):
             pos = torch.arange(a, b, device=DEV)
             nc = (b - 1) // CHUNK_SIZE + 1
-            _, ok, _ = cuda_ops.decode_groups(q[a:b], pos, sc.ident[:, :nc].expand(b - a, nc),
-                                              nc, sc.summ, cfg, layer.sinks, layer.local,
-                                              layer.groups)
+            _, ok, _ = cuda_ops.decode_groups(
+                q[a:b],
+                pos,
+                sc.ident[:, :nc].expand(b - a, nc),
+                nc,
+                sc.summ,
+                cfg,
+                layer.sinks,
+                layer.local,
+                layer.groups,
+            )
             if count:
                 keys.add_(ok.sum())
 
@@ -364,8 +466,10 @@ def prefill_point(ctx: int, cfg: HGAConfig, reps: int, impls=("rows", "tc")) -> 
     results = {}
     for impl in impls:
         for where, pool in (("dev", pool_dev), ("uva", pool_uva)):
-            note(f"{impl}_{where}_ms", timeit(lambda p=pool, i=impl: run(p, i), reps,
-                                              graph=False) * 1e3)
+            note(
+                f"{impl}_{where}_ms",
+                timeit(lambda p=pool, i=impl: run(p, i), reps, graph=False) * 1e3,
+            )
         run(pool_dev, impl)
         results[impl] = out.float()
         note(f"{impl}_nan", bool(torch.isnan(out).any()))
@@ -382,13 +486,21 @@ def prefill_point(ctx: int, cfg: HGAConfig, reps: int, impls=("rows", "tc")) -> 
     for name, backend in _sdpa_backends():
         for gqa in (True, False):
             try:
-                k_, v_ = (kd, vd) if gqa else (kd.repeat_interleave(HQ // HKV, 1),
-                                               vd.repeat_interleave(HQ // HKV, 1))
+                k_, v_ = (
+                    (kd, vd)
+                    if gqa
+                    else (kd.repeat_interleave(HQ // HKV, 1), vd.repeat_interleave(HQ // HKV, 1))
+                )
                 with torch.nn.attention.sdpa_kernel([backend]):
-                    t = timeit(lambda k_=k_, v_=v_, gqa=gqa: torch.nn.functional.
-                               scaled_dot_product_attention(qd, k_, v_, is_causal=True,
-                                                            scale=scale, enable_gqa=gqa),
-                               reps, graph=False)
+                    t = timeit(
+                        lambda k_=k_, v_=v_, gqa=gqa: (
+                            torch.nn.functional.scaled_dot_product_attention(
+                                qd, k_, v_, is_causal=True, scale=scale, enable_gqa=gqa
+                            )
+                        ),
+                        reps,
+                        graph=False,
+                    )
                 note(f"dense_{name}{'' if gqa else '_expanded'}_ms", t * 1e3)
                 best = min(best, t)
                 break
@@ -407,15 +519,23 @@ def prefill_point(ctx: int, cfg: HGAConfig, reps: int, impls=("rows", "tc")) -> 
 
 def print_prefill(points: list[dict]) -> None:
     print("\n## Prefill attention, one layer, one request (gather + routing + attention)\n")
-    cols = [("ctx", "ctx", 0), ("density", "density", 4), ("gather dev ms", "gather_dev_ms", 2),
-            ("gather uva ms", "gather_uva_ms", 2), ("route ms", "route_ms", 2),
-            ("rows dev ms", "rows_dev_ms", 2), ("rows uva ms", "rows_uva_ms", 2),
-            ("tc dev ms", "tc_dev_ms", 2), ("tc uva ms", "tc_uva_ms", 2),
-            ("dense SDPA ms", "dense_ms", 2), ("dense TFLOP/s", "dense_TFLOPs", 0),
-            ("x tc dev vs dense", "speedup_tc_dev_vs_dense", 2),
-            ("x tc uva vs dense", "speedup_tc_uva_vs_dense", 2),
-            ("x rows dev vs dense", "speedup_rows_dev_vs_dense", 2),
-            ("tc vs rows rel", "tc_vs_rows_rel", 5)]
+    cols = [
+        ("ctx", "ctx", 0),
+        ("density", "density", 4),
+        ("gather dev ms", "gather_dev_ms", 2),
+        ("gather uva ms", "gather_uva_ms", 2),
+        ("route ms", "route_ms", 2),
+        ("rows dev ms", "rows_dev_ms", 2),
+        ("rows uva ms", "rows_uva_ms", 2),
+        ("tc dev ms", "tc_dev_ms", 2),
+        ("tc uva ms", "tc_uva_ms", 2),
+        ("dense SDPA ms", "dense_ms", 2),
+        ("dense TFLOP/s", "dense_TFLOPs", 0),
+        ("x tc dev vs dense", "speedup_tc_dev_vs_dense", 2),
+        ("x tc uva vs dense", "speedup_tc_uva_vs_dense", 2),
+        ("x rows dev vs dense", "speedup_rows_dev_vs_dense", 2),
+        ("tc vs rows rel", "tc_vs_rows_rel", 5),
+    ]
     print_table(cols, points)
 
 
@@ -438,39 +558,54 @@ def fmt(v, nd=1):
 def print_tables(result: dict) -> None:
     c = result["ceilings"]
     print("\n## Ceilings (same run)\n")
-    print(f"D2D copy {c['d2d_GBps']:.0f} GB/s (read+write) | pinned H2D {c['h2d_GBps']:.1f} GB/s | "
-          f"zero-copy read {c['zero_copy_read_GBps']:.1f} GB/s | bf16 matmul "
-          f"{c['bf16_mm_TFLOPs']:.0f} TFLOP/s")
+    print(
+        f"D2D copy {c['d2d_GBps']:.0f} GB/s (read+write) | pinned H2D {c['h2d_GBps']:.1f} GB/s | "
+        f"zero-copy read {c['zero_copy_read_GBps']:.1f} GB/s | bf16 matmul "
+        f"{c['bf16_mm_TFLOPs']:.0f} TFLOP/s"
+    )
     print("\n## Decode attention step (per layer)\n")
-    cols = [("ctx", "ctx", 0), ("B", "batch", 0), ("route us", "route_us", 1),
-            ("attn dev us", "attn_dev_us", 1), ("heads/shared/split us", "attn_dev_kernels", 0),
-            ("attn dev %HBM", "attn_dev_frac_hbm", 2),
-            ("step dev us", "step_dev_us", 1), ("attn uva us", "attn_uva_us", 1),
-            ("attn uva %H2D", "attn_uva_frac_h2d", 2), ("step uva us", "step_uva_us", 1),
-            ("route/step dev", "route_frac_step_dev", 2),
-            ("route/step uva", "route_frac_step_uva", 3),
-            ("dense SDPA us", "dense_sdpa_us", 1), ("dense floor us", "dense_floor_us", 1),
-            ("x dev vs SDPA", "speedup_step_dev_vs_sdpa", 1),
-            ("x dev vs floor", "speedup_step_dev_vs_floor", 1),
-            ("x uva vs SDPA", "speedup_step_uva_vs_sdpa", 2),
-            ("torch step us", "torch_step_dev_us", 0)]
+    cols = [
+        ("ctx", "ctx", 0),
+        ("B", "batch", 0),
+        ("route us", "route_us", 1),
+        ("attn dev us", "attn_dev_us", 1),
+        ("heads/shared/split us", "attn_dev_kernels", 0),
+        ("attn dev %HBM", "attn_dev_frac_hbm", 2),
+        ("step dev us", "step_dev_us", 1),
+        ("attn uva us", "attn_uva_us", 1),
+        ("attn uva %H2D", "attn_uva_frac_h2d", 2),
+        ("step uva us", "step_uva_us", 1),
+        ("route/step dev", "route_frac_step_dev", 2),
+        ("route/step uva", "route_frac_step_uva", 3),
+        ("dense SDPA us", "dense_sdpa_us", 1),
+        ("dense floor us", "dense_floor_us", 1),
+        ("x dev vs SDPA", "speedup_step_dev_vs_sdpa", 1),
+        ("x dev vs floor", "speedup_step_dev_vs_floor", 1),
+        ("x uva vs SDPA", "speedup_step_uva_vs_sdpa", 2),
+        ("torch step us", "torch_step_dev_us", 0),
+    ]
     for r in result["points"]:
-        r["attn_dev_kernels"] = "/".join(f"{r[f'attn_dev_{k}_us']:.0f}"
-                                         for k in ("heads", "shared", "split"))
+        r["attn_dev_kernels"] = "/".join(
+            f"{r[f'attn_dev_{k}_us']:.0f}" for k in ("heads", "shared", "split")
+        )
     print_table(cols, result["points"])
     print("\n## Host gather of the step's groups (K and V rows, 4 KiB each)\n")
     print("| ctx | B | MB | zero-copy us | zero-copy %H2D | copy-engine us | copy-engine %H2D |")
     print("|---|---|---|---|---|---|---|")
     for r in result["points"]:
-        print(f"| {r['ctx']} | {r['batch']} | {r['gather_MB']:.1f} | {r['gather_zc_us']:.0f} | "
-              f"{r['gather_zc_frac_h2d']:.2f} | {fmt(r.get('gather_ce_us'), 0)} | "
-              f"{fmt(r.get('gather_ce_frac_h2d'), 2)} |")
+        print(
+            f"| {r['ctx']} | {r['batch']} | {r['gather_MB']:.1f} | {r['gather_zc_us']:.0f} | "
+            f"{r['gather_zc_frac_h2d']:.2f} | {fmt(r.get('gather_ce_us'), 0)} | "
+            f"{fmt(r.get('gather_ce_frac_h2d'), 2)} |"
+        )
     print("\n## Summaries, KV write, host gather by copy size\n")
     print("| kernel | pool | n | us | MB | fraction of ceiling |")
     print("|---|---|---|---|---|---|")
     for r in result["small"]:
-        print(f"| {r['kernel']} | {r['where']} | {r['n']} | {r['us']:.1f} | {r['MB']:.2f} | "
-              f"{fmt(r['frac_ceiling'], 2)} |")
+        print(
+            f"| {r['kernel']} | {r['where']} | {r['n']} | {r['us']:.1f} | {r['MB']:.2f} | "
+            f"{fmt(r['frac_ceiling'], 2)} |"
+        )
 
 
 def main() -> None:
@@ -482,8 +617,11 @@ def main() -> None:
     ap.add_argument("--dense-limit-gb", type=float, default=40.0)
     ap.add_argument("--torch-limit", type=int, default=16 * 131072, help="max batch*ctx")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--prefill-contexts", default="8192,32768,131072",
-                    help="prefill section contexts ('' to skip)")
+    ap.add_argument(
+        "--prefill-contexts",
+        default="8192,32768,131072",
+        help="prefill section contexts ('' to skip)",
+    )
     ap.add_argument("--prefill-reps", type=int, default=5)
     ap.add_argument("--prefill-only", action="store_true", help="skip the decode sections")
     ap.add_argument("--prefill-impls", default="rows,tc")
@@ -491,18 +629,24 @@ def main() -> None:
     assert cuda_ops.available(), f"vllm_hga._C missing: {cuda_ops.IMPORT_ERROR}"
     torch.backends.cuda.matmul.allow_tf32 = False
     t0 = time.time()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "dtype": str(DT)},
-              "cfg": cuda_default_config().as_dict()}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "dtype": str(DT)},
+        "cfg": cuda_default_config().as_dict(),
+    }
     result["ceilings"] = ceil = ceilings(args.reps)
     print(json.dumps(ceil), flush=True)
     result["prefill"] = []
     for ctx in [int(x) for x in args.prefill_contexts.split(",") if x]:
-        rec = prefill_point(ctx, cuda_default_config(), args.prefill_reps,
-                            tuple(args.prefill_impls.split(",")))
+        rec = prefill_point(
+            ctx, cuda_default_config(), args.prefill_reps, tuple(args.prefill_impls.split(","))
+        )
         result["prefill"].append(rec)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                          for k, v in rec.items()}), flush=True)
+        print(
+            json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}),
+            flush=True,
+        )
     if args.prefill_only:
         result["seconds"] = time.time() - t0
         if args.json:
@@ -514,11 +658,16 @@ def main() -> None:
     result["points"] = []
     for ctx in [int(x) for x in args.contexts.split(",")]:
         for B in [int(x) for x in args.batches.split(",")]:
-            rec = point(pools, ctx, B, cfg, ceil, args.reps, args.dense_limit_gb * 1e9,
-                        args.torch_limit)
+            rec = point(
+                pools, ctx, B, cfg, ceil, args.reps, args.dense_limit_gb * 1e9, args.torch_limit
+            )
             result["points"].append(rec)
-            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
-                              for k, v in rec.items()}), flush=True)
+            print(
+                json.dumps(
+                    {k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items()}
+                ),
+                flush=True,
+            )
     for ctx, B in ((131072, 16), (8192, 1)):
         print(f"\n## Profile: HGA step at ctx {ctx}, batch {B} (10 steps dev + 10 uva)\n")
         print(profile_step(pools, ctx, B, cfg), flush=True)

@@ -95,49 +95,71 @@ def run_point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, reps: int, ops) ->
     bt = torch.randint(1, pools.n_blocks, (B, n), generator=g, device=DEV, dtype=torch.int32)
     pos = torch.full((B,), ctx - 1, device=DEV, dtype=torch.long)
     q = torch.randn(B, HQ, D, generator=g, device=DEV).to(DT)
-    layer = HGALayer(cfg, RopeSpec.default(D, 1e6), HQ, HKV, D, D ** -0.5, ctx + CHUNK_SIZE,
-                     device=DEV)
-    rows, ok, _ = cuda_ops.decode_groups(q, pos, bt, n, pools.summ, cfg, layer.sinks,
-                                         layer.local, layer.groups)
+    layer = HGALayer(
+        cfg, RopeSpec.default(D, 1e6), HQ, HKV, D, D**-0.5, ctx + CHUNK_SIZE, device=DEV
+    )
+    rows, ok, _ = cuda_ops.decode_groups(
+        q, pos, bt, n, pools.summ, cfg, layer.sinks, layer.local, layer.groups
+    )
     lane_rows, n_valid, lane_ok = lane_lists(rows, ok)
     lanes, Gt = lane_rows.shape
     full_ok = lane_ok.unsqueeze(-1).expand(-1, -1, GROUP_SIZE).reshape(B, HQ, Gt, GROUP_SIZE)
     rows_b = lane_rows.view(B, HQ, Gt)
-    scale = D ** -0.5
+    scale = D**-0.5
     keys = int(n_valid.sum()) * GROUP_SIZE
-    rec = {"ctx": ctx, "batch": B, "lanes": lanes, "groups_per_lane": Gt,
-           "MB": keys * D * 2 * 2 / 1e6}
+    rec = {
+        "ctx": ctx,
+        "batch": B,
+        "lanes": lanes,
+        "groups_per_lane": Gt,
+        "MB": keys * D * 2 * 2 / 1e6,
+    }
     kv_lens = n_valid.mul(GROUP_SIZE).tolist()
     qx = q.reshape(1, lanes, 1, 1, D)
 
     for where, pool in (("dev", pools.dev), ("uva", pools.uva)):
         ours = torch.empty(B, HQ, D, device=DEV, dtype=DT)
-        rec[f"ours_{where}_us"] = timeit(lambda p=pool, o=ours: cuda_ops.attend_groups(
-            q, p, rows_b, full_ok, scale, 0, o, "heads"), reps) * 1e6
+        rec[f"ours_{where}_us"] = (
+            timeit(
+                lambda p=pool, o=ours: cuda_ops.attend_groups(
+                    q, p, rows_b, full_ok, scale, 0, o, "heads"
+                ),
+                reps,
+            )
+            * 1e6
+        )
         ref = ours.float().clone()
         flat = pool.view(-1)  # [nb * Hkv * 2 * M * 16 * D]; row r = 16 tokens
         n_tok = flat.numel() // D - M * GROUP_SIZE  # K rows and V rows both stay in range
         kx = flat[: n_tok * D].view(1, n_tok, 1, 1, D)
-        vx = flat[M * GROUP_SIZE * D: M * GROUP_SIZE * D + n_tok * D].view(1, n_tok, 1, 1, D)
+        vx = flat[M * GROUP_SIZE * D : M * GROUP_SIZE * D + n_tok * D].view(1, n_tok, 1, 1, D)
         paged = xb.PagedBlockDiagonalPaddedKeysMask.from_seqlens(
-            [1] * lanes, kv_lens, lane_rows.to(torch.int32), GROUP_SIZE, device=DEV)
+            [1] * lanes, kv_lens, lane_rows.to(torch.int32), GROUP_SIZE, device=DEV
+        )
         # gathered: lane i's groups contiguous at [i * Gt * 16, ...)
         sel = torch.cat([lane_rows.flatten(), lane_rows.flatten() + M])
         kv_rows = pool.view(-1, GROUP_SIZE, D)
         buf = torch.empty(sel.numel(), GROUP_SIZE, D, device=DEV, dtype=DT)
         half = lanes * Gt * GROUP_SIZE
-        kg, vg = buf.view(-1, D)[:half].view(1, half, 1, 1, D), buf.view(-1, D)[half:].view(
-            1, half, 1, 1, D)
+        kg, vg = (
+            buf.view(-1, D)[:half].view(1, half, 1, 1, D),
+            buf.view(-1, D)[half:].view(1, half, 1, 1, D),
+        )
         padded = xb.BlockDiagonalPaddedKeysMask.from_seqlens(
-            [1] * lanes, Gt * GROUP_SIZE, kv_lens, device=DEV)
-        rec[f"gather_{where}_us"] = timeit(
-            lambda r=kv_rows, s=sel, b=buf: cuda_ops.gather_rows(r, s, b), reps) * 1e6
+            [1] * lanes, Gt * GROUP_SIZE, kv_lens, device=DEV
+        )
+        rec[f"gather_{where}_us"] = (
+            timeit(lambda r=kv_rows, s=sel, b=buf: cuda_ops.gather_rows(r, s, b), reps) * 1e6
+        )
         for name, op in ops:
-            for variant, (k_, v_, bias) in (("paged", (kx, vx, paged)),
-                                            ("gathered", (kg, vg, padded))):
+            for variant, (k_, v_, bias) in (
+                ("paged", (kx, vx, paged)),
+                ("gathered", (kg, vg, padded)),
+            ):
                 key = f"xf_{variant}_{name}_{where}"
-                reasons = op.not_supported_reasons(Inputs(query=qx, key=k_, value=v_,
-                                                          attn_bias=bias, scale=scale))
+                reasons = op.not_supported_reasons(
+                    Inputs(query=qx, key=k_, value=v_, attn_bias=bias, scale=scale)
+                )
                 direct = reasons == [NO_CPP] and name.startswith("triton")
                 if reasons and not direct:
                     rec[key + "_error"] = "; ".join(reasons)
@@ -147,8 +169,12 @@ def run_point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, reps: int, ops) ->
                         cuda_ops.gather_rows(kv_rows, sel, buf)
                     out = xf_attention(fmha, Inputs, op, direct, qx, k_, v_, bias, scale)
                     err = ((out.reshape(B, HQ, D).float() - ref).norm() / ref.norm()).item()
-                    t = timeit(lambda k_=k_, v_=v_, b_=bias, o_=op, d_=direct: xf_attention(
-                        fmha, Inputs, o_, d_, qx, k_, v_, b_, scale), reps)
+                    t = timeit(
+                        lambda k_=k_, v_=v_, b_=bias, o_=op, d_=direct: xf_attention(
+                            fmha, Inputs, o_, d_, qx, k_, v_, b_, scale
+                        ),
+                        reps,
+                    )
                     rec[key + "_us"], rec[key + "_rel_err"] = t * 1e6, err
                     if direct:
                         rec[key + "_note"] = NO_CPP + ": Triton op called directly"
@@ -162,9 +188,12 @@ def run_point(pools: Pools, ctx: int, B: int, cfg: HGAConfig, reps: int, ops) ->
 
 
 def best(rec: dict, where: str) -> tuple[str, float | None]:
-    cands = {k[3:].rsplit(f"_{where}", 1)[0]: v for k, v in rec.items()
-             if k.startswith("xf_") and (k.endswith(f"_{where}_us") and "gathered" not in k
-                                         or k.endswith(f"_{where}_total_us"))}
+    cands = {
+        k[3:].rsplit(f"_{where}", 1)[0]: v
+        for k, v in rec.items()
+        if k.startswith("xf_")
+        and (k.endswith(f"_{where}_us") and "gathered" not in k or k.endswith(f"_{where}_total_us"))
+    }
     if not cands:
         return "-", None
     name = min(cands, key=cands.get)
@@ -183,9 +212,14 @@ def main() -> None:
 
     assert cuda_ops.available(), f"vllm_hga._C missing: {cuda_ops.IMPORT_ERROR}"
     ops = xformers_ops()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "xformers": xformers.__version__, "cfg": HGAConfig.from_mapping({}).as_dict(),
-              "ceilings": ceilings(args.reps), "points": []}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "xformers": xformers.__version__,
+        "cfg": HGAConfig.from_mapping({}).as_dict(),
+        "ceilings": ceilings(args.reps),
+        "points": [],
+    }
     pools = Pools(args.pool_blocks)
     for ctx in [int(x) for x in args.contexts.split(",")]:
         for B in [int(x) for x in args.batches.split(",")]:
@@ -193,18 +227,32 @@ def main() -> None:
             for where in ("dev", "uva"):
                 rec[f"best_xf_{where}"], rec[f"best_xf_{where}_us"] = best(rec, where)
                 if rec[f"best_xf_{where}_us"]:
-                    rec[f"ours_vs_xf_{where}"] = rec[f"best_xf_{where}_us"] / rec[f"ours_{where}_us"]
+                    rec[f"ours_vs_xf_{where}"] = (
+                        rec[f"best_xf_{where}_us"] / rec[f"ours_{where}_us"]
+                    )
             result["points"].append(rec)
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                              for k, v in rec.items()}), flush=True)
+            print(
+                json.dumps(
+                    {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}
+                ),
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"\nxformers {result['xformers']}, {result['device']}, torch {result['torch']}\n")
-    cols = [("ctx", "ctx", 0), ("B", "batch", 0), ("MB", "MB", 1),
-            ("ours dev us", "ours_dev_us", 1), ("best xformers dev", "best_xf_dev", 0),
-            ("its us", "best_xf_dev_us", 1), ("xf/ours dev", "ours_vs_xf_dev", 2),
-            ("ours uva us", "ours_uva_us", 1), ("best xformers uva", "best_xf_uva", 0),
-            ("its us", "best_xf_uva_us", 1), ("xf/ours uva", "ours_vs_xf_uva", 2)]
+    cols = [
+        ("ctx", "ctx", 0),
+        ("B", "batch", 0),
+        ("MB", "MB", 1),
+        ("ours dev us", "ours_dev_us", 1),
+        ("best xformers dev", "best_xf_dev", 0),
+        ("its us", "best_xf_dev_us", 1),
+        ("xf/ours dev", "ours_vs_xf_dev", 2),
+        ("ours uva us", "ours_uva_us", 1),
+        ("best xformers uva", "best_xf_uva", 0),
+        ("its us", "best_xf_uva_us", 1),
+        ("xf/ours uva", "ours_vs_xf_uva", 2),
+    ]
     print_table(cols, result["points"])
     errors = {k: v for r in result["points"][:1] for k, v in r.items() if k.endswith("_error")}
     print("\nOperators that refused (first point):")

@@ -18,14 +18,30 @@ import tempfile
 import time
 
 QWEN3_30B_A3B = {
-    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-    "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
-    "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
-    "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
-    "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
-    "max_position_embeddings": 262144, "rope_theta": 10000000.0, "rms_norm_eps": 1e-6,
-    "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "bos_token_id": 151643, "eos_token_id": 151645, "attention_bias": False,
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "vocab_size": 151936,
+    "max_position_embeddings": 262144,
+    "rope_theta": 10000000.0,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "attention_bias": False,
 }
 
 
@@ -43,8 +59,10 @@ def measure(llm, ctx: int, batch: int, new: int) -> dict:
     from vllm.inputs import TokensPrompt
 
     rng = random.Random(ctx + batch)
-    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 150000) for _ in range(ctx)])
-               for _ in range(batch)]
+    prompts = [
+        TokensPrompt(prompt_token_ids=[rng.randrange(1000, 150000) for _ in range(ctx)])
+        for _ in range(batch)
+    ]
 
     def run(n: int) -> float:
         sp = SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True)
@@ -54,8 +72,12 @@ def measure(llm, ctx: int, batch: int, new: int) -> dict:
 
     t1 = run(1)  # prefix caching is off, so the second run re-prefills too
     tn = run(new + 1)
-    return {"context": ctx, "batch": batch, "prefill_s": round(t1, 3),
-            "decode_tok_s": round(batch * new / (tn - t1), 2)}
+    return {
+        "context": ctx,
+        "batch": batch,
+        "prefill_s": round(t1, 3),
+        "decode_tok_s": round(batch * new / (tn - t1), 2),
+    }
 
 
 def load_rows(path: str) -> list[dict]:
@@ -70,8 +92,10 @@ def ratio_table(rows: list[dict], hga: str = "HGA", dense: str = "FLASH_ATTN") -
     """Text table: per (context, batch), dense and HGA decode tok/s, their ratio, TTFTs."""
     by = {(r["backend"], r["context"], r["batch"]): r for r in rows}
     keys = sorted({(r["context"], r["batch"]) for r in rows})
-    lines = [f"{'context':>8} {'batch':>5} {dense + ' tok/s':>16} {hga + ' tok/s':>10} "
-             f"{'ratio':>6} {dense + ' TTFT s':>17} {hga + ' TTFT s':>11}"]
+    lines = [
+        f"{'context':>8} {'batch':>5} {dense + ' tok/s':>16} {hga + ' tok/s':>10} "
+        f"{'ratio':>6} {dense + ' TTFT s':>17} {hga + ' TTFT s':>11}"
+    ]
     for ctx, batch in keys:
         d, h = by.get((dense, ctx, batch)), by.get((hga, ctx, batch))
 
@@ -79,9 +103,11 @@ def ratio_table(rows: list[dict], hga: str = "HGA", dense: str = "FLASH_ATTN") -
             return f"{r[k]:.2f}" if r else "-"
 
         ratio = f"{h['decode_tok_s'] / d['decode_tok_s']:.2f}" if d and h else "-"
-        lines.append(f"{ctx:>8} {batch:>5} {cell(d, 'decode_tok_s'):>16} "
-                     f"{cell(h, 'decode_tok_s'):>10} {ratio:>6} {cell(d, 'prefill_s'):>17} "
-                     f"{cell(h, 'prefill_s'):>11}")
+        lines.append(
+            f"{ctx:>8} {batch:>5} {cell(d, 'decode_tok_s'):>16} "
+            f"{cell(h, 'decode_tok_s'):>10} {ratio:>6} {cell(d, 'prefill_s'):>17} "
+            f"{cell(h, 'prefill_s'):>11}"
+        )
     return "\n".join(lines)
 
 
@@ -89,6 +115,7 @@ def plot(rows: list[dict], path: str) -> bool:
     """PNG of decode tok/s vs context, one line per (backend, batch); False without matplotlib."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -96,10 +123,14 @@ def plot(rows: list[dict], path: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for backend, batch in sorted({(r["backend"], r["batch"]) for r in rows}):
-        pts = sorted((r["context"], r["decode_tok_s"]) for r in rows
-                     if r["backend"] == backend and r["batch"] == batch)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                label=f"{backend} batch {batch}")
+        pts = sorted(
+            (r["context"], r["decode_tok_s"])
+            for r in rows
+            if r["backend"] == backend and r["batch"] == batch
+        )
+        ax.plot(
+            [p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{backend} batch {batch}"
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode tok/s")
@@ -120,10 +151,19 @@ def main() -> None:
     ap.add_argument("--plot", help="PNG path: decode tok/s vs context, every backend in --out")
     ap.add_argument("--host-kv", default="16GiB")
     ap.add_argument("--hga", default="{}", help="JSON of extra hga keys for every HGA variant")
-    ap.add_argument("--variant", action="append", default=[],
-                    help="NAME=JSON: an HGA variant (hga keys) run as backend NAME")
-    ap.add_argument("--capture-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16],
-                    help="CUDA graph batch sizes (fewer = faster start-up, both backends)")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME=JSON: an HGA variant (hga keys) run as backend NAME",
+    )
+    ap.add_argument(
+        "--capture-sizes",
+        nargs="+",
+        type=int,
+        default=[1, 2, 4, 8, 16],
+        help="CUDA graph batch sizes (fewer = faster start-up, both backends)",
+    )
     args = ap.parse_args()
     from vllm import LLM
 
@@ -135,20 +175,35 @@ def main() -> None:
         variants[name] = json.loads(cfg)
     for name in args.backends:
         backend = "HGA" if name in variants else name
-        extra = ({"hga": {"host_kv_bytes": args.host_kv, **json.loads(args.hga),
-                          **variants[name]}} if backend == "HGA" else {})
+        extra = (
+            {"hga": {"host_kv_bytes": args.host_kv, **json.loads(args.hga), **variants[name]}}
+            if backend == "HGA"
+            else {}
+        )
         t = time.perf_counter()
-        llm = LLM(model=model, load_format="dummy", quantization="fp8", skip_tokenizer_init=True,
-                  attention_backend=backend, max_model_len=max(args.contexts) + args.new + 64,
-                  max_num_seqs=max(max(args.batches), 16),
-                  gpu_memory_utilization=0.85, max_num_batched_tokens=16384,
-                  enable_prefix_caching=False, additional_config=extra,
-                  compilation_config={"cudagraph_capture_sizes": args.capture_sizes})
+        llm = LLM(
+            model=model,
+            load_format="dummy",
+            quantization="fp8",
+            skip_tokenizer_init=True,
+            attention_backend=backend,
+            max_model_len=max(args.contexts) + args.new + 64,
+            max_num_seqs=max(max(args.batches), 16),
+            gpu_memory_utilization=0.85,
+            max_num_batched_tokens=16384,
+            enable_prefix_caching=False,
+            additional_config=extra,
+            compilation_config={"cudagraph_capture_sizes": args.capture_sizes},
+        )
         startup = time.perf_counter() - t
         for ctx in args.contexts:
             for batch in args.batches:
-                row = {"backend": name, "hga": extra.get("hga"), "startup_s": round(startup, 1),
-                       **measure(llm, ctx, batch, args.new)}
+                row = {
+                    "backend": name,
+                    "hga": extra.get("hga"),
+                    "startup_s": round(startup, 1),
+                    **measure(llm, ctx, batch, args.new),
+                }
                 results.append(row)
                 print("RESULT", json.dumps(row), flush=True)
                 with open(args.out, "w") as f:

@@ -22,8 +22,14 @@ import json
 import torch
 
 CONFIGS = {
-    "paper": dict(sink_chunks=2, local_chunks=8, topk_chunks=20, topk_groups=32,
-                  chunk_score="summary", group_score="mean"),
+    "paper": dict(
+        sink_chunks=2,
+        local_chunks=8,
+        topk_chunks=20,
+        topk_groups=32,
+        chunk_score="summary",
+        group_score="mean",
+    ),
     "default": {"bank_chunks": 0},  # the bank (on by default on CUDA) is timed separately
 }
 
@@ -54,7 +60,7 @@ def forward_steps(cfg, S: int, batch: int, max_model_len: int) -> dict:
     W = -(-max_model_len // 64)
     bt = torch.zeros(batch, max(W, b.bt.shape[1]), dtype=torch.int32, device="cuda")
     bt[:, : b.bt.shape[1]] = b.bt
-    layer = HGALayer(cfg, b.layer.rope, 32, 4, 128, 128 ** -0.5, max_model_len, device="cuda")
+    layer = HGALayer(cfg, b.layer.rope, 32, 4, 128, 128**-0.5, max_model_len, device="cuda")
     if cfg.bank_size("cuda"):  # the same query every step: the bank hits after step one
         from vllm_hga.bank import DeviceBank
 
@@ -68,8 +74,9 @@ def forward_steps(cfg, S: int, batch: int, max_model_len: int) -> dict:
     buffers = DecodeBuffers.allocate(batch, max_model_len, "cuda")
 
     def step(fixed: bool):
-        md = HGAMetadata.plan(qsl, seq, bt, slots, batch, buffers=buffers if fixed else None,
-                              seq_lens_dev=seq_dev)  # build(): once per step for all layers
+        md = HGAMetadata.plan(
+            qsl, seq, bt, slots, batch, buffers=buffers if fixed else None, seq_lens_dev=seq_dev
+        )  # build(): once per step for all layers
         return lambda: layer.forward(b.q, k, v, b.pool, b.summ, md, out)  # noqa: E731
 
     fns = {"eager": step(False), "eager_fixed": step(True)}
@@ -92,18 +99,29 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--bank-chunks", type=int, default=512)
-    ap.add_argument("--max-model-len", type=int, default=131072,
-                    help="routing width of the fixed (graph) layout, as the engine's")
+    ap.add_argument(
+        "--max-model-len",
+        type=int,
+        default=131072,
+        help="routing width of the fixed (graph) layout, as the engine's",
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
     rows, slowest = [], None
     for S in args.contexts:
         step_configs = {**CONFIGS, "default+bank": {"bank_chunks": args.bank_chunks}}
         for name, keys in step_configs.items():
-            for mode, fn in forward_steps(HGAConfig.from_mapping(keys), S, args.batch,
-                                          max(args.max_model_len, S + 64)).items():
-                row = {"context": S, "batch": args.batch, "config": name, "step": mode,
-                       "max_model_len": args.max_model_len, "layer_step_ms": round(step_ms(fn), 4)}
+            for mode, fn in forward_steps(
+                HGAConfig.from_mapping(keys), S, args.batch, max(args.max_model_len, S + 64)
+            ).items():
+                row = {
+                    "context": S,
+                    "batch": args.batch,
+                    "config": name,
+                    "step": mode,
+                    "max_model_len": args.max_model_len,
+                    "layer_step_ms": round(step_ms(fn), 4),
+                }
                 rows.append(row)
                 print("RESULT", json.dumps(row), flush=True)
         for name, keys in CONFIGS.items():
@@ -117,24 +135,35 @@ def main() -> None:
                     layer.bank.bind(b.pool)
                 fn = lambda: layer.decode(b.q, b.pool, b.summ, b.md)  # noqa: E731
                 ms = step_ms(fn)
-                row = {"context": S, "batch": args.batch, "config": name, "bank": bank_on,
-                       "layer_step_ms": round(ms, 4)}
+                row = {
+                    "context": S,
+                    "batch": args.batch,
+                    "config": name,
+                    "bank": bank_on,
+                    "layer_step_ms": round(ms, 4),
+                }
                 rows.append(row)
                 print("RESULT", json.dumps(row), flush=True)
                 if slowest is None or ms > slowest[0]:
                     slowest = (ms, fn, row)
         q = torch.randn(args.batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(args.batch, 4, S, 128, device="cuda", dtype=torch.bfloat16)
-        ms = step_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
-            q, k, k, enable_gqa=True))
-        row = {"context": S, "batch": args.batch, "config": "dense_sdpa_device_kv",
-               "layer_step_ms": round(ms, 4)}
+        ms = step_ms(
+            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k, enable_gqa=True)
+        )
+        row = {
+            "context": S,
+            "batch": args.batch,
+            "config": "dense_sdpa_device_kv",
+            "layer_step_ms": round(ms, 4),
+        }
         rows.append(row)
         print("RESULT", json.dumps(row), flush=True)
     ms, fn, row = slowest
     print("profile of", row)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
         for _ in range(5):
             fn()
         torch.cuda.synchronize()

@@ -9,16 +9,16 @@ namespace hga {
 
 template <typename T>
 void launch_attend(const T*, int64_t, int64_t, const T*, const T*, const int64_t*, const uint8_t*,
-                   int, int,
-                   int, int, int, int, int, float, bool, int, int, int, int, int, float*, float*,
-                   cudaStream_t);
+                   int, int, int, int, int, int, int, float, bool, int, int, int, int, int, float*,
+                   float*, cudaStream_t);
 
 // Splits of `cols` columns for one kernel: enough blocks to fill the GPU a few times over.
 int heads_splits(int cols, int blocks, int sms) {  // a warp prefetches <= 32 columns
   return std::max((cols + 31) / 32, std::min((4 * sms + blocks - 1) / blocks, (cols + 3) / 4));
 }
 int shared_splits(int cols, int blocks, int sms) {
-  return std::max(1, std::min((2 * sms + blocks - 1) / blocks, (cols + kAttnWarps - 1) / kAttnWarps));
+  return std::max(1,
+                  std::min((2 * sms + blocks - 1) / blocks, (cols + kAttnWarps - 1) / kAttnWarps));
 }
 int nonempty(int cols, int S) {  // fewer splits if the last ones would be empty
   const int cps = (cols + S - 1) / S;
@@ -43,8 +43,8 @@ bool is_host_memory(const void* p) {
 // mode: 0 = pick by where kv_rows lives, 1 = per-head kernel, 2 = shared-column kernel,
 // 3 = shared-column kernel on the first n_shared columns, per-head kernel on the rest.
 void attend_groups(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, at::Tensor token_ok,
-                   const std::optional<at::Tensor>& bank_rows, int64_t num_kv_heads, int64_t v_offset, int64_t n_shared, double scale,
-                   int64_t mode, at::Tensor out) {
+                   const std::optional<at::Tensor>& bank_rows, int64_t num_kv_heads,
+                   int64_t v_offset, int64_t n_shared, double scale, int64_t mode, at::Tensor out) {
   check_cuda(q, "q");
   check_cuda(kv_rows, "kv_rows");
   HGA_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [R, Hq, D] with a contiguous last dim");
@@ -112,10 +112,9 @@ void attend_groups(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, at::Tensor
     auto launch = [&](bool heads, int c0, int c1, int splits, int first) {
       launch_attend<scalar_t>(reinterpret_cast<const scalar_t*>(q.data_ptr()), q.stride(0),
                               q.stride(1), reinterpret_cast<const scalar_t*>(kv_rows.data_ptr()),
-                              reinterpret_cast<const scalar_t*>(bank_ptr),
-                              rows.data_ptr<int64_t>(),
-                              reinterpret_cast<const uint8_t*>(token_ok.data_ptr()), R, Hq, Hkv,
-                              D, Gt, int(n_shared), int(v_offset), qscale, heads, c0, c1, splits,
+                              reinterpret_cast<const scalar_t*>(bank_ptr), rows.data_ptr<int64_t>(),
+                              reinterpret_cast<const uint8_t*>(token_ok.data_ptr()), R, Hq, Hkv, D,
+                              Gt, int(n_shared), int(v_offset), qscale, heads, c0, c1, splits,
                               first, S, part_o.data_ptr<float>(), part_ml.data_ptr<float>(),
                               stream);
     };

@@ -30,7 +30,8 @@ __device__ __forceinline__ uint32_t load_mask(const uint8_t* p) {
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int b = 0; b < 4; ++b) bits |= uint32_t(((words[i] >> (8 * b)) & 0xffu) != 0) << (4 * i + b);
+    for (int b = 0; b < 4; ++b)
+      bits |= uint32_t(((words[i] >> (8 * b)) & 0xffu) != 0) << (4 * i + b);
   return bits;
 }
 
@@ -115,13 +116,12 @@ __device__ __forceinline__ void head_update(const float (&q)[D / 32],
 
 template <typename T, int D, int HB>
 __global__ void __launch_bounds__(kAttnWarps * 32)
-attend_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
-                     const T* __restrict__ kv, const T* __restrict__ bank,
-                     const int64_t* __restrict__ rows,
-                     const uint8_t* __restrict__ token_ok, int Gt, int n_shared, int v_off,
-                     int Hq, int rep, int n_hb, float qscale, int col_begin, int col_end,
-                     int cols_per_split, int split_begin, int S,
-                     float* __restrict__ part_o, float* __restrict__ part_ml) {
+    attend_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
+                         const T* __restrict__ kv, const T* __restrict__ bank,
+                         const int64_t* __restrict__ rows, const uint8_t* __restrict__ token_ok,
+                         int Gt, int n_shared, int v_off, int Hq, int rep, int n_hb, float qscale,
+                         int col_begin, int col_end, int cols_per_split, int split_begin, int S,
+                         float* __restrict__ part_o, float* __restrict__ part_ml) {
   constexpr int DPL = D / 32;
   const int s = blockIdx.x, r = blockIdx.z;
   const int kvh = blockIdx.y / n_hb, hb = blockIdx.y % n_hb;
@@ -133,10 +133,16 @@ attend_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
 #pragma unroll
   for (int h = 0; h < HB; ++h) {
     RowSlice<T, D> qs;
-    if (h < nh) qs.load(q + r * q_sr + (h0 + h) * q_sh + lane * DPL); else qs.zero();
+    if (h < nh)
+      qs.load(q + r * q_sr + (h0 + h) * q_sh + lane * DPL);
+    else
+      qs.zero();
     qs.to_float(qf[h]);
 #pragma unroll
-    for (int d = 0; d < DPL; ++d) { qf[h][d] *= qscale; acc[h][d] = 0.f; }
+    for (int d = 0; d < DPL; ++d) {
+      qf[h][d] *= qscale;
+      acc[h][d] = 0.f;
+    }
     m[h] = -INFINITY;
     l[h] = 0.f;
   }
@@ -171,7 +177,10 @@ attend_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
   __shared__ float s_acc[kAttnWarps][HB][D];
 #pragma unroll
   for (int h = 0; h < HB; ++h) {
-    if (lane == 0) { s_m[warp][h] = m[h]; s_l[warp][h] = l[h]; }
+    if (lane == 0) {
+      s_m[warp][h] = m[h];
+      s_l[warp][h] = l[h];
+    }
 #pragma unroll
     for (int d = 0; d < DPL; ++d) s_acc[warp][h][lane * DPL + d] = acc[h][d];
   }
@@ -192,7 +201,10 @@ attend_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
     }
     const int64_t idx = (int64_t(r) * Hq + h0 + h) * S + split_begin + s;
     part_o[idx * D + d] = o;
-    if (d == 0) { part_ml[idx * 2] = M; part_ml[idx * 2 + 1] = L; }
+    if (d == 0) {
+      part_ml[idx * 2] = M;
+      part_ml[idx * 2 + 1] = L;
+    }
   }
 }
 
@@ -215,13 +227,12 @@ __device__ __forceinline__ void fetch_next(uint32_t& bits, int64_t my_row, uint3
 
 template <typename T, int D>
 __global__ void __launch_bounds__(256)
-attend_heads_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
-                    const T* __restrict__ kv, const T* __restrict__ bank,
-                    const int64_t* __restrict__ rows,
-                    const uint8_t* __restrict__ token_ok, int Gt, int v_off, int Hq, int rep,
-                    int n_hb, float qscale, int col_begin, int col_end, int cols_per_split,
-                    int split_begin, int S, float* __restrict__ part_o,
-                    float* __restrict__ part_ml) {
+    attend_heads_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
+                        const T* __restrict__ kv, const T* __restrict__ bank,
+                        const int64_t* __restrict__ rows, const uint8_t* __restrict__ token_ok,
+                        int Gt, int v_off, int Hq, int rep, int n_hb, float qscale, int col_begin,
+                        int col_end, int cols_per_split, int split_begin, int S,
+                        float* __restrict__ part_o, float* __restrict__ part_ml) {
   constexpr int DPL = D / 32;
   const int s = blockIdx.x, r = blockIdx.z;
   const int kvh = blockIdx.y / n_hb, hb = blockIdx.y % n_hb;
@@ -246,7 +257,10 @@ attend_heads_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
     qs.load(q + r * q_sr + h * q_sh + lane * DPL);
     qs.to_float(qf);
 #pragma unroll
-    for (int d = 0; d < DPL; ++d) { qf[d] *= qscale; acc[d] = 0.f; }
+    for (int d = 0; d < DPL; ++d) {
+      qf[d] *= qscale;
+      acc[d] = 0.f;
+    }
   }
   RowSlice<T, D> ka[kGroup], va[kGroup];
   uint32_t ma;
@@ -276,7 +290,10 @@ attend_heads_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
   const int64_t idx = (int64_t(r) * Hq + h) * S + split_begin + s;
 #pragma unroll
   for (int d = 0; d < DPL; ++d) part_o[idx * D + lane * DPL + d] = acc[d];
-  if (lane == 0) { part_ml[idx * 2] = m; part_ml[idx * 2 + 1] = l; }
+  if (lane == 0) {
+    part_ml[idx * 2] = m;
+    part_ml[idx * 2 + 1] = l;
+  }
 }
 
 template <typename OutT>
@@ -300,17 +317,15 @@ __global__ void combine_kernel(const float* __restrict__ part_o, const float* __
   out[r * o_sr + h * o_sh + d] = from_float<OutT>(L > 0.f ? o / L : 0.f);
 }
 
-
 #ifdef HGA_ATTEND_DEFINE_LAUNCHER  // only in attention_<dtype>.cu: one instantiation each
 // Columns [col_begin, col_end) in `splits` splits written to partial slots split_begin..
 // of S_total, by attend_heads_kernel (heads) or attend_groups_kernel.
 template <typename T>
 void launch_attend(const T* q, int64_t q_sr, int64_t q_sh, const T* kv, const T* bank,
-                   const int64_t* rows,
-                   const uint8_t* token_ok, int R, int Hq, int Hkv, int D, int Gt, int n_shared,
-                   int v_off, float qscale, bool heads_kernel, int col_begin, int col_end,
-                   int splits, int split_begin, int S_total, float* part_o, float* part_ml,
-                   cudaStream_t stream) {
+                   const int64_t* rows, const uint8_t* token_ok, int R, int Hq, int Hkv, int D,
+                   int Gt, int n_shared, int v_off, float qscale, bool heads_kernel, int col_begin,
+                   int col_end, int splits, int split_begin, int S_total, float* part_o,
+                   float* part_ml, cudaStream_t stream) {
   const int rep = Hq / Hkv;
   const int cps = (col_end - col_begin + splits - 1) / splits;
   if (heads_kernel) {
@@ -336,20 +351,27 @@ void launch_attend(const T* q, int64_t q_sr, int64_t q_sh, const T* kv, const T*
           col_begin, col_end, cps, split_begin, S_total, part_o, part_ml);
     };
     switch (HB) {
-      case 1: launch(std::integral_constant<int, 1>{}); break;
-      case 2: launch(std::integral_constant<int, 2>{}); break;
-      case 4: launch(std::integral_constant<int, 4>{}); break;
-      default: launch(std::integral_constant<int, 8>{}); break;
+      case 1:
+        launch(std::integral_constant<int, 1>{});
+        break;
+      case 2:
+        launch(std::integral_constant<int, 2>{});
+        break;
+      case 4:
+        launch(std::integral_constant<int, 4>{});
+        break;
+      default:
+        launch(std::integral_constant<int, 8>{});
+        break;
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-#define HGA_INSTANTIATE_ATTEND(T)                                                            \
-  template void launch_attend<T>(const T*, int64_t, int64_t, const T*, const T*,            \
-                                 const int64_t*,                                             \
-                                 const uint8_t*, int, int, int, int, int, int, int, float,  \
-                                 bool, int, int, int, int, int, float*, float*, cudaStream_t);
+#define HGA_INSTANTIATE_ATTEND(T)                                                                \
+  template void launch_attend<T>(const T*, int64_t, int64_t, const T*, const T*, const int64_t*, \
+                                 const uint8_t*, int, int, int, int, int, int, int, float, bool, \
+                                 int, int, int, int, int, float*, float*, cudaStream_t);
 #endif  // HGA_ATTEND_DEFINE_LAUNCHER
 
 }  // namespace hga

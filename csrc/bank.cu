@@ -59,18 +59,19 @@ Tables check_tables(const at::Tensor& slot_of_block, const at::Tensor& block_of_
 }
 
 void bank_admit(at::Tensor pool, at::Tensor bank, at::Tensor rows, at::Tensor token_ok,
-                int64_t own_lo, int64_t own_hi, at::Tensor slot_of_block,
-                at::Tensor block_of_slot, at::Tensor last_use, at::Tensor order,
-                at::Tensor miss_bits, at::Tensor miss_summary, at::Tensor meta,
-                at::Tensor fill_blocks, at::Tensor fill_slots, at::Tensor enc,
-                at::TensorList sinks, int64_t chunk_bytes, bool fill) {
+                int64_t own_lo, int64_t own_hi, at::Tensor slot_of_block, at::Tensor block_of_slot,
+                at::Tensor last_use, at::Tensor order, at::Tensor miss_bits,
+                at::Tensor miss_summary, at::Tensor meta, at::Tensor fill_blocks,
+                at::Tensor fill_slots, at::Tensor enc, at::TensorList sinks, int64_t chunk_bytes,
+                bool fill) {
   check_cuda(pool, "pool");
   check_cuda(bank, "bank");
   const Tables t = check_tables(slot_of_block, block_of_slot, last_use);
-  HGA_CHECK(t.cap >= 1 && t.cap <= kBankMaxSlots, "bank of ", t.cap, " slots: the admission "
-            "kernel handles 1..", kBankMaxSlots, " (shared memory holds one byte per slot)");
-  HGA_CHECK(pool.dim() == 5 && pool.size(0) == t.nb && pool.size(2) == 2 &&
-                pool.size(3) == kChunk,
+  HGA_CHECK(t.cap >= 1 && t.cap <= kBankMaxSlots, "bank of ", t.cap,
+            " slots: the admission "
+            "kernel handles 1..",
+            kBankMaxSlots, " (shared memory holds one byte per slot)");
+  HGA_CHECK(pool.dim() == 5 && pool.size(0) == t.nb && pool.size(2) == 2 && pool.size(3) == kChunk,
             "pool must be [num_blocks, H, 2, 64, D] with num_blocks = len(slot_of_block) - 1");
   const int64_t h2m = pool.size(1) * 2 * kGroups;
   const int64_t n_words = (t.nb + 31) / 32, n_summary = (n_words + 31) / 32;
@@ -80,17 +81,17 @@ void bank_admit(at::Tensor pool, at::Tensor bank, at::Tensor rows, at::Tensor to
   check_table(meta, "meta", at::kLong, kMetaLen);
   check_table(fill_blocks, "fill_blocks", at::kLong, t.cap);
   check_table(fill_slots, "fill_slots", at::kLong, t.cap);
-  HGA_CHECK(rows.is_cuda() && rows.scalar_type() == at::kLong && rows.is_contiguous() &&
-                rows.dim() >= 1,
-            "rows must be a contiguous int64 CUDA tensor");
+  HGA_CHECK(
+      rows.is_cuda() && rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() >= 1,
+      "rows must be a contiguous int64 CUDA tensor");
   const int64_t n = rows.numel();
-  HGA_CHECK(token_ok.is_cuda() && token_ok.scalar_type() == at::kBool &&
-                token_ok.is_contiguous() && token_ok.numel() == n * kGroup &&
+  HGA_CHECK(token_ok.is_cuda() && token_ok.scalar_type() == at::kBool && token_ok.is_contiguous() &&
+                token_ok.numel() == n * kGroup &&
                 reinterpret_cast<uintptr_t>(token_ok.data_ptr()) % 16 == 0,
             "token_ok must be contiguous bool [*rows.shape, 16], 16-byte aligned");
-  HGA_CHECK(enc.is_cuda() && enc.scalar_type() == at::kLong && enc.is_contiguous() &&
-                enc.numel() == n,
-            "enc must be a contiguous int64 CUDA tensor shaped like rows");
+  HGA_CHECK(
+      enc.is_cuda() && enc.scalar_type() == at::kLong && enc.is_contiguous() && enc.numel() == n,
+      "enc must be a contiguous int64 CUDA tensor shaped like rows");
   HGA_CHECK(sinks.empty() || sinks.size() == 3, "sinks: none or (hits, misses, bytes)");
   for (const auto& s : sinks)
     HGA_CHECK(s.is_cuda() && s.scalar_type() == at::kDouble && s.numel() == 1,
@@ -117,14 +118,14 @@ void bank_admit(at::Tensor pool, at::Tensor bank, at::Tensor rows, at::Tensor to
     const int ctas = int(std::min<int64_t>((n + 255) / 256, 4 * sms));
     bank_mark_kernel<<<ctas, 256, 0, stream>>>(
         rows.data_ptr<int64_t>(), reinterpret_cast<const uint4*>(token_ok.data_ptr()), n,
-        rows.size(-1), own_lo, own_hi, h2m, t.nb, sob, last_use.data_ptr<int64_t>(), bits,
-        summary, meta.data_ptr<int64_t>(), enc.data_ptr<int64_t>());
+        rows.size(-1), own_lo, own_hi, h2m, t.nb, sob, last_use.data_ptr<int64_t>(), bits, summary,
+        meta.data_ptr<int64_t>(), enc.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   bank_admit_kernel<<<1, kAdmitThreads, 0, stream>>>(
-      int(t.cap), n_summary, sob, block_of_slot.data_ptr<int64_t>(),
-      last_use.data_ptr<int64_t>(), order.data_ptr<int32_t>(), bits, summary,
-      meta.data_ptr<int64_t>(), fill_blocks.data_ptr<int64_t>(), fill_slots.data_ptr<int64_t>(),
+      int(t.cap), n_summary, sob, block_of_slot.data_ptr<int64_t>(), last_use.data_ptr<int64_t>(),
+      order.data_ptr<int32_t>(), bits, summary, meta.data_ptr<int64_t>(),
+      fill_blocks.data_ptr<int64_t>(), fill_slots.data_ptr<int64_t>(),
       sinks.empty() ? nullptr : sinks[0].data_ptr<double>(),
       sinks.empty() ? nullptr : sinks[1].data_ptr<double>(),
       sinks.empty() ? nullptr : sinks[2].data_ptr<double>(), chunk_bytes);
@@ -138,8 +139,8 @@ void bank_admit(at::Tensor pool, at::Tensor bank, at::Tensor rows, at::Tensor to
     bank_fill_encode_kernel<<<fill_ctas + enc_ctas, 256, 0, stream>>>(
         fill ? reinterpret_cast<const uint4*>(pool.data_ptr()) : nullptr,
         fill ? reinterpret_cast<uint4*>(bank.data_ptr()) : nullptr, vecs, ysplit, fill_ctas,
-        fill_blocks.data_ptr<int64_t>(), fill_slots.data_ptr<int64_t>(),
-        meta.data_ptr<int64_t>(), sob, h2m, enc.data_ptr<int64_t>(), n);
+        fill_blocks.data_ptr<int64_t>(), fill_slots.data_ptr<int64_t>(), meta.data_ptr<int64_t>(),
+        sob, h2m, enc.data_ptr<int64_t>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -159,11 +160,11 @@ void bank_invalidate(at::Tensor slots, at::Tensor slot_of_block, at::Tensor bloc
   auto* bos = block_of_slot.data_ptr<int64_t>();
   auto* lu = last_use.data_ptr<int64_t>();
   if (slots.scalar_type() == at::kLong)
-    bank_invalidate_kernel<<<ctas, 256, 0, stream>>>(slots.data_ptr<int64_t>(), n, t.nb, sob,
-                                                      bos, lu);
+    bank_invalidate_kernel<<<ctas, 256, 0, stream>>>(slots.data_ptr<int64_t>(), n, t.nb, sob, bos,
+                                                     lu);
   else
-    bank_invalidate_kernel<<<ctas, 256, 0, stream>>>(slots.data_ptr<int32_t>(), n, t.nb, sob,
-                                                      bos, lu);
+    bank_invalidate_kernel<<<ctas, 256, 0, stream>>>(slots.data_ptr<int32_t>(), n, t.nb, sob, bos,
+                                                     lu);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

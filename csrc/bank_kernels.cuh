@@ -19,18 +19,25 @@ constexpr int64_t kPending = int64_t(1) << 62;
 // meta (int64, bank.py DeviceBank.meta): step counter, chunks admitted by the last step
 // (the fill list's length), totals of hits / misses / admitted chunks, the last step's
 // hits / misses.
-enum Meta { kStep = 0, kFills = 1, kHits = 2, kMisses = 3, kAdmitted = 4, kLastHits = 5,
-            kLastMisses = 6, kMetaLen = 8 };
+enum Meta {
+  kStep = 0,
+  kFills = 1,
+  kHits = 2,
+  kMisses = 3,
+  kAdmitted = 4,
+  kLastHits = 5,
+  kLastMisses = 6,
+  kMetaLen = 8
+};
 enum SlotClass : uint8_t { kEmpty = 0, kKept = 1, kTouched = 2 };
 
 // ----------------------------------------------------------------------------- mark
 __global__ void __launch_bounds__(256)
-bank_mark_kernel(const int64_t* __restrict__ rows, const uint4* __restrict__ token_ok,
-                 int64_t n, int64_t gt, int64_t own_lo, int64_t own_hi, int64_t h2m,
-                 int64_t nb, const int64_t* __restrict__ slot_of_block,
-                 int64_t* __restrict__ last_use, uint32_t* __restrict__ miss_bits,
-                 uint32_t* __restrict__ miss_summary, const int64_t* __restrict__ meta,
-                 int64_t* __restrict__ enc) {
+    bank_mark_kernel(const int64_t* __restrict__ rows, const uint4* __restrict__ token_ok,
+                     int64_t n, int64_t gt, int64_t own_lo, int64_t own_hi, int64_t h2m, int64_t nb,
+                     const int64_t* __restrict__ slot_of_block, int64_t* __restrict__ last_use,
+                     uint32_t* __restrict__ miss_bits, uint32_t* __restrict__ miss_summary,
+                     const int64_t* __restrict__ meta, int64_t* __restrict__ enc) {
   const int64_t step = meta[kStep] + 1;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -50,8 +57,7 @@ bank_mark_kernel(const int64_t* __restrict__ rows, const uint4* __restrict__ tok
           const uint32_t bit = 1u << (blk & 31);
           if (!(miss_bits[w] & bit)) {
             // the thread that makes the word nonzero sets its summary bit
-            if (atomicOr(&miss_bits[w], bit) == 0u)
-              atomicOr(&miss_summary[w >> 5], 1u << (w & 31));
+            if (atomicOr(&miss_bits[w], bit) == 0u) atomicOr(&miss_summary[w >> 5], 1u << (w & 31));
           }
           out = -kPending - row;
         }
@@ -98,13 +104,13 @@ __device__ int block_excl_scan(int v, int& total, ScanBuf& buf) {
 }
 
 __global__ void __launch_bounds__(kAdmitThreads)
-bank_admit_kernel(int cap, int64_t n_summary, int64_t* __restrict__ slot_of_block,
-                  int64_t* __restrict__ block_of_slot, int64_t* __restrict__ last_use,
-                  int32_t* __restrict__ order, uint32_t* __restrict__ miss_bits,
-                  uint32_t* __restrict__ miss_summary, int64_t* __restrict__ meta,
-                  int64_t* __restrict__ fill_blocks, int64_t* __restrict__ fill_slots,
-                  double* __restrict__ sink_hits, double* __restrict__ sink_misses,
-                  double* __restrict__ sink_bytes, int64_t chunk_bytes) {
+    bank_admit_kernel(int cap, int64_t n_summary, int64_t* __restrict__ slot_of_block,
+                      int64_t* __restrict__ block_of_slot, int64_t* __restrict__ last_use,
+                      int32_t* __restrict__ order, uint32_t* __restrict__ miss_bits,
+                      uint32_t* __restrict__ miss_summary, int64_t* __restrict__ meta,
+                      int64_t* __restrict__ fill_blocks, int64_t* __restrict__ fill_slots,
+                      double* __restrict__ sink_hits, double* __restrict__ sink_misses,
+                      double* __restrict__ sink_bytes, int64_t chunk_bytes) {
   __shared__ uint8_t cls[kBankMaxSlots];
   __shared__ int32_t words[kAdmitThreads];
   __shared__ ScanBuf buf;
@@ -168,14 +174,20 @@ bank_admit_kernel(int cap, int64_t n_summary, int64_t* __restrict__ slot_of_bloc
     int q = f_off;
     for (int s = lo; s < hi; ++s) {
       if (cls[s] != kEmpty) continue;
-      if (q < n_admit) fill_slots[q] = s; else order_out[q - n_admit] = s;
+      if (q < n_admit)
+        fill_slots[q] = s;
+      else
+        order_out[q - n_admit] = s;
       ++q;
     }
     q = n_front + k_off;
     for (int p = lo; p < hi; ++p) {
       const int s = order_in[p];
       if (cls[s] != kKept) continue;
-      if (q < n_admit) fill_slots[q] = s; else order_out[q - n_admit] = s;
+      if (q < n_admit)
+        fill_slots[q] = s;
+      else
+        order_out[q - n_admit] = s;
       ++q;
     }
   }
@@ -223,11 +235,12 @@ bank_admit_kernel(int cap, int64_t n_summary, int64_t* __restrict__ slot_of_bloc
 
 // ----------------------------------------------------------------------------- fill + encode
 __global__ void __launch_bounds__(256)
-bank_fill_encode_kernel(const uint4* __restrict__ pool, uint4* __restrict__ bank, int64_t vecs,
-                        int ysplit, int fill_ctas, const int64_t* __restrict__ fill_blocks,
-                        const int64_t* __restrict__ fill_slots, const int64_t* __restrict__ meta,
-                        const int64_t* __restrict__ slot_of_block, int64_t h2m,
-                        int64_t* __restrict__ enc, int64_t n) {
+    bank_fill_encode_kernel(const uint4* __restrict__ pool, uint4* __restrict__ bank, int64_t vecs,
+                            int ysplit, int fill_ctas, const int64_t* __restrict__ fill_blocks,
+                            const int64_t* __restrict__ fill_slots,
+                            const int64_t* __restrict__ meta,
+                            const int64_t* __restrict__ slot_of_block, int64_t h2m,
+                            int64_t* __restrict__ enc, int64_t n) {
   if (int(blockIdx.x) < fill_ctas) {
     const int64_t items = meta[kFills] * ysplit;  // (chunk, slice) pairs
     const int64_t step_v = int64_t(ysplit) * blockDim.x * kFillUnroll;
@@ -242,8 +255,7 @@ bank_fill_encode_kernel(const uint4* __restrict__ pool, uint4* __restrict__ bank
     return;
   }
   const int64_t stride = int64_t(gridDim.x - fill_ctas) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x - fill_ctas) * blockDim.x + threadIdx.x; i < n;
-       i += stride) {
+  for (int64_t i = int64_t(blockIdx.x - fill_ctas) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const int64_t e = enc[i];
     if (e > -kPending) continue;
     const int64_t row = -kPending - e;
@@ -256,9 +268,9 @@ bank_fill_encode_kernel(const uint4* __restrict__ pool, uint4* __restrict__ bank
 // ----------------------------------------------------------------------------- invalidate
 template <typename I>
 __global__ void __launch_bounds__(256)
-bank_invalidate_kernel(const I* __restrict__ slots, int64_t n, int64_t nb,
-                       int64_t* __restrict__ slot_of_block, int64_t* __restrict__ block_of_slot,
-                       int64_t* __restrict__ last_use) {
+    bank_invalidate_kernel(const I* __restrict__ slots, int64_t n, int64_t nb,
+                           int64_t* __restrict__ slot_of_block, int64_t* __restrict__ block_of_slot,
+                           int64_t* __restrict__ last_use) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const int64_t t = int64_t(slots[i]);

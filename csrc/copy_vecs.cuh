@@ -11,8 +11,8 @@ namespace hga {
 // Copies s[v] -> d[v] for v = v0 + u * width + lane, u < kUnroll, v < vecs.
 template <int kUnroll, typename I>
 __device__ __forceinline__ void copy_vecs_unrolled(const uint4* __restrict__ s,
-                                                   uint4* __restrict__ d, I v0, I vecs,
-                                                   int width, int lane) {
+                                                   uint4* __restrict__ d, I v0, I vecs, int width,
+                                                   int lane) {
   uint4 buf[kUnroll];
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {

@@ -16,8 +16,8 @@ namespace {
 constexpr int kGatherUnroll = 8;  // 16-byte loads in flight per lane before the stores
 
 __global__ void __launch_bounds__(256)
-gather_rows_kernel(const uint4* __restrict__ src, const int64_t* __restrict__ idx,
-                   uint4* __restrict__ dst, int64_t n, int vecs) {
+    gather_rows_kernel(const uint4* __restrict__ src, const int64_t* __restrict__ idx,
+                       uint4* __restrict__ dst, int64_t n, int vecs) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
   for (int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32; row < n;
@@ -33,9 +33,9 @@ gather_rows_kernel(const uint4* __restrict__ src, const int64_t* __restrict__ id
 // all KV heads, K and V) into bank[slots[i]]; entries with slots[i] < 0 are padding of a
 // fixed-shape list and exit at once.  Source may be pinned host memory (UVA).
 __global__ void __launch_bounds__(256)
-bank_fill_kernel(const uint4* __restrict__ pool, uint4* __restrict__ bank,
-                 const int64_t* __restrict__ blocks, const int64_t* __restrict__ slots,
-                 int64_t vecs) {
+    bank_fill_kernel(const uint4* __restrict__ pool, uint4* __restrict__ bank,
+                     const int64_t* __restrict__ blocks, const int64_t* __restrict__ slots,
+                     int64_t vecs) {
   const int64_t slot = slots[blockIdx.x];
   if (slot < 0) return;
   const uint4* s = pool + blocks[blockIdx.x] * vecs;

@@ -13,9 +13,9 @@
 
 namespace hga {
 
-constexpr int kChunk = 64;   // tokens per chunk (one vLLM block)
-constexpr int kGroup = 16;   // tokens per group
-constexpr int kGroups = 4;   // groups per chunk (M)
+constexpr int kChunk = 64;  // tokens per chunk (one vLLM block)
+constexpr int kGroup = 16;  // tokens per group
+constexpr int kGroups = 4;  // groups per chunk (M)
 constexpr float kLog2e = 1.4426950408889634f;
 
 #define HGA_CHECK(cond, ...) TORCH_CHECK(cond, "vllm_hga: ", __VA_ARGS__)
@@ -24,32 +24,60 @@ constexpr float kLog2e = 1.4426950408889634f;
 #define HGA_DISPATCH_FLOAT(dtype, NAME, ...)                                   \
   [&] {                                                                        \
     switch (dtype) {                                                           \
-      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }       \
-      case at::kHalf: { using scalar_t = __half; return __VA_ARGS__(); }       \
-      case at::kBFloat16: { using scalar_t = __nv_bfloat16; return __VA_ARGS__(); } \
-      default: TORCH_CHECK(false, "vllm_hga: ", NAME, ": unsupported dtype ", dtype); \
+      case at::kFloat: {                                                       \
+        using scalar_t = float;                                                \
+        return __VA_ARGS__();                                                  \
+      }                                                                        \
+      case at::kHalf: {                                                        \
+        using scalar_t = __half;                                               \
+        return __VA_ARGS__();                                                  \
+      }                                                                        \
+      case at::kBFloat16: {                                                    \
+        using scalar_t = __nv_bfloat16;                                        \
+        return __VA_ARGS__();                                                  \
+      }                                                                        \
+      default:                                                                 \
+        TORCH_CHECK(false, "vllm_hga: ", NAME, ": unsupported dtype ", dtype); \
     }                                                                          \
   }()
 
 // Head sizes with compiled kernels (dims per lane = D / 32).
-#define HGA_DISPATCH_HEAD(D, NAME, ...)                                        \
-  [&] {                                                                        \
-    switch (D) {                                                               \
-      case 64: { constexpr int kD = 64; return __VA_ARGS__(); }                \
-      case 128: { constexpr int kD = 128; return __VA_ARGS__(); }              \
-      case 256: { constexpr int kD = 256; return __VA_ARGS__(); }              \
-      default: TORCH_CHECK(false, "vllm_hga: ", NAME, ": head size ", D, " not compiled (64/128/256)"); \
-    }                                                                          \
+#define HGA_DISPATCH_HEAD(D, NAME, ...)                                                          \
+  [&] {                                                                                          \
+    switch (D) {                                                                                 \
+      case 64: {                                                                                 \
+        constexpr int kD = 64;                                                                   \
+        return __VA_ARGS__();                                                                    \
+      }                                                                                          \
+      case 128: {                                                                                \
+        constexpr int kD = 128;                                                                  \
+        return __VA_ARGS__();                                                                    \
+      }                                                                                          \
+      case 256: {                                                                                \
+        constexpr int kD = 256;                                                                  \
+        return __VA_ARGS__();                                                                    \
+      }                                                                                          \
+      default:                                                                                   \
+        TORCH_CHECK(false, "vllm_hga: ", NAME, ": head size ", D, " not compiled (64/128/256)"); \
+    }                                                                                            \
   }()
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
@@ -67,12 +95,16 @@ struct Packed {
       w[0] = *reinterpret_cast<const uint32_t*>(p);
     } else if constexpr (kWords == 2) {
       uint2 v = *reinterpret_cast<const uint2*>(p);
-      w[0] = v.x; w[1] = v.y;
+      w[0] = v.x;
+      w[1] = v.y;
     } else {
 #pragma unroll
       for (int i = 0; i < kWords / 4; ++i) {
         uint4 v = reinterpret_cast<const uint4*>(p)[i];
-        w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+        w[4 * i] = v.x;
+        w[4 * i + 1] = v.y;
+        w[4 * i + 2] = v.z;
+        w[4 * i + 3] = v.w;
       }
     }
   }
@@ -106,7 +138,11 @@ __device__ __forceinline__ void warp_argmax(float& best, int& best_i, int& aux) 
     float s = __shfl_xor_sync(0xffffffffu, best, o);
     int i = __shfl_xor_sync(0xffffffffu, best_i, o);
     int a = __shfl_xor_sync(0xffffffffu, aux, o);
-    if (better(s, i, best, best_i)) { best = s; best_i = i; aux = a; }
+    if (better(s, i, best, best_i)) {
+      best = s;
+      best_i = i;
+      aux = a;
+    }
   }
 }
 

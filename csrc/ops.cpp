@@ -29,31 +29,40 @@ at::Tensor uva_view(const at::Tensor& host) {
 
 TORCH_LIBRARY(vllm_hga, m) {
   m.def("write_kv(Tensor(a!) pool, Tensor key, Tensor value, Tensor slots) -> ()");
-  m.def("summarize(Tensor k, Tensor blocks_in, Tensor(a!) out, Tensor blocks_out, Tensor cos,"
-        " Tensor sin, Tensor dim_map, int variance) -> ()");
-  m.def("route_chunks(Tensor q, Tensor pos, Tensor block_table, Tensor summ, int sink_chunks,"
-        " int local_chunks, int max_group, int spread, float alpha, int split_len,"
-        " Tensor(a!) cand_score, Tensor(a!) cand_idx) -> ()");
-  m.def("route_groups(Tensor q, Tensor pos, Tensor block_table, Tensor summ, Tensor cand_score,"
-        " Tensor cand_idx, int n_chunks, int sink_chunks, int local_chunks, int sinks, int local,"
-        " int spread, float alpha, Tensor(a!) rows, Tensor(a!) token_ok, Tensor(a!) gid,"
-        " Tensor? cand_group=None) -> ()");
+  m.def(
+      "summarize(Tensor k, Tensor blocks_in, Tensor(a!) out, Tensor blocks_out, Tensor cos,"
+      " Tensor sin, Tensor dim_map, int variance) -> ()");
+  m.def(
+      "route_chunks(Tensor q, Tensor pos, Tensor block_table, Tensor summ, int sink_chunks,"
+      " int local_chunks, int max_group, int spread, float alpha, int split_len,"
+      " Tensor(a!) cand_score, Tensor(a!) cand_idx) -> ()");
+  m.def(
+      "route_groups(Tensor q, Tensor pos, Tensor block_table, Tensor summ, Tensor cand_score,"
+      " Tensor cand_idx, int n_chunks, int sink_chunks, int local_chunks, int sinks, int local,"
+      " int spread, float alpha, Tensor(a!) rows, Tensor(a!) token_ok, Tensor(a!) gid,"
+      " Tensor? cand_group=None) -> ()");
   m.def("sketch_pages(Tensor k, Tensor blocks_in, Tensor(a!) out, Tensor blocks_out) -> ()");
-  m.def("route_chunks_sketch(Tensor q, Tensor pos, Tensor block_table, Tensor pages,"
-        " int sink_chunks, int local_chunks, int split_len, Tensor(a!) cand_score,"
-        " Tensor(a!) cand_idx, Tensor(a!) cand_group) -> ()");
-  m.def("attend_groups(Tensor q, Tensor kv_rows, Tensor rows, Tensor token_ok, Tensor? bank_rows,"
-        " int num_kv_heads, int v_offset, int n_shared, float scale, int mode, Tensor(a!) out) -> ()");
+  m.def(
+      "route_chunks_sketch(Tensor q, Tensor pos, Tensor block_table, Tensor pages,"
+      " int sink_chunks, int local_chunks, int split_len, Tensor(a!) cand_score,"
+      " Tensor(a!) cand_idx, Tensor(a!) cand_group) -> ()");
+  m.def(
+      "attend_groups(Tensor q, Tensor kv_rows, Tensor rows, Tensor token_ok, Tensor? bank_rows,"
+      " int num_kv_heads, int v_offset, int n_shared, float scale, int mode, Tensor(a!) out) -> "
+      "()");
   m.def("bank_fill(Tensor pool, Tensor(a!) bank, Tensor blocks, Tensor slots) -> ()");
-  m.def("bank_admit(Tensor pool, Tensor(a!) bank, Tensor rows, Tensor token_ok, int own_lo,"
-        " int own_hi, Tensor(b!) slot_of_block, Tensor(c!) block_of_slot, Tensor(d!) last_use,"
-        " Tensor(e!) order, Tensor(f!) miss_bits, Tensor(g!) miss_summary, Tensor(h!) meta,"
-        " Tensor(i!) fill_blocks, Tensor(j!) fill_slots, Tensor(k!) enc, Tensor(l!)[] sinks,"
-        " int chunk_bytes, bool fill) -> ()");
-  m.def("bank_invalidate(Tensor slots, Tensor(a!) slot_of_block, Tensor(b!) block_of_slot,"
-        " Tensor(c!) last_use) -> ()");
-  m.def("prefill_attend(Tensor q, int p0, Tensor kv, Tensor gid, Tensor token_ok, int nfix,"
-        " int seq_len, int sink_chunks, int local_chunks, float scale, Tensor(a!) out) -> ()");
+  m.def(
+      "bank_admit(Tensor pool, Tensor(a!) bank, Tensor rows, Tensor token_ok, int own_lo,"
+      " int own_hi, Tensor(b!) slot_of_block, Tensor(c!) block_of_slot, Tensor(d!) last_use,"
+      " Tensor(e!) order, Tensor(f!) miss_bits, Tensor(g!) miss_summary, Tensor(h!) meta,"
+      " Tensor(i!) fill_blocks, Tensor(j!) fill_slots, Tensor(k!) enc, Tensor(l!)[] sinks,"
+      " int chunk_bytes, bool fill) -> ()");
+  m.def(
+      "bank_invalidate(Tensor slots, Tensor(a!) slot_of_block, Tensor(b!) block_of_slot,"
+      " Tensor(c!) last_use) -> ()");
+  m.def(
+      "prefill_attend(Tensor q, int p0, Tensor kv, Tensor gid, Tensor token_ok, int nfix,"
+      " int seq_len, int sink_chunks, int local_chunks, float scale, Tensor(a!) out) -> ()");
   m.def("gather_rows(Tensor src, Tensor idx, Tensor(a!) dst) -> ()");
   m.def("gather_rows_ce(Tensor src, Tensor idx_cpu, Tensor(a!) dst) -> ()");
   m.def("uva_view(Tensor host) -> Tensor");

@@ -27,15 +27,18 @@ constexpr int kPfWarps = 4;
 constexpr int kPfRows = 16 * kPfWarps;  // = kChunk: one chunk of queries per block
 constexpr int kTileGroups = 4;          // groups staged per shared-memory round
 constexpr int kTileKeys = kTileGroups * kGroup;
-constexpr int kMaxRouted = 64;          // routed columns per query (groups_per_query)
+constexpr int kMaxRouted = 64;  // routed columns per query (groups_per_query)
 static_assert(kPfRows == kChunk, "one block of queries is one chunk");
 
-template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
   return *reinterpret_cast<uint32_t*>(&v);
 }
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
 }
@@ -69,11 +72,11 @@ __device__ __forceinline__ uint32_t ld32(const T* p) {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kPfWarps * 32)
-prefill_attend_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
-                      const T* __restrict__ kv, const int64_t* __restrict__ gid,
-                      const uint8_t* __restrict__ token_ok, int Gt, int nfix, int Hq, int Hkv,
-                      int64_t p0, int R, int64_t seq_len, int F, int L, float qscale,
-                      int bitmap_words, T* __restrict__ out, int64_t o_sr, int64_t o_sh) {
+    prefill_attend_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
+                          const T* __restrict__ kv, const int64_t* __restrict__ gid,
+                          const uint8_t* __restrict__ token_ok, int Gt, int nfix, int Hq, int Hkv,
+                          int64_t p0, int R, int64_t seq_len, int F, int L, float qscale,
+                          int bitmap_words, T* __restrict__ out, int64_t o_sr, int64_t o_sh) {
   constexpr int KS = D + 8;          // K tile row stride (elements): conflict-free fragments
   constexpr int VS = kTileKeys + 8;  // V^T tile row stride
   constexpr int VPR = D / 8;         // 16-byte vectors per K/V row
@@ -182,8 +185,10 @@ prefill_attend_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
       const int64_t g = group_at(t0 + u);
       uint4 kk = make_uint4(0u, 0u, 0u, 0u), vv = kk;
       if (g * kGroup + t < seq_len) {
-        const T* kp = kv + (((g / kGroups) * Hkv + kvh) * 2 * kChunk + (g % kGroups) * kGroup + t) *
-                               int64_t(D) + v8 * 8;
+        const T* kp =
+            kv +
+            (((g / kGroups) * Hkv + kvh) * 2 * kChunk + (g % kGroups) * kGroup + t) * int64_t(D) +
+            v8 * 8;
         kk = *reinterpret_cast<const uint4*>(kp);
         vv = *reinterpret_cast<const uint4*>(kp + kChunk * D);
       }
@@ -286,18 +291,25 @@ prefill_attend_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
   }
 }
 
-#define HGA_DISPATCH_HALF(dtype, NAME, ...)                                                  \
-  [&] {                                                                                      \
-    switch (dtype) {                                                                         \
-      case at::kHalf: { using scalar_t = __half; return __VA_ARGS__(); }                     \
-      case at::kBFloat16: { using scalar_t = __nv_bfloat16; return __VA_ARGS__(); }         \
-      default: TORCH_CHECK(false, "vllm_hga: ", NAME, ": half/bf16 only, got ", dtype);      \
-    }                                                                                        \
+#define HGA_DISPATCH_HALF(dtype, NAME, ...)                                      \
+  [&] {                                                                          \
+    switch (dtype) {                                                             \
+      case at::kHalf: {                                                          \
+        using scalar_t = __half;                                                 \
+        return __VA_ARGS__();                                                    \
+      }                                                                          \
+      case at::kBFloat16: {                                                      \
+        using scalar_t = __nv_bfloat16;                                          \
+        return __VA_ARGS__();                                                    \
+      }                                                                          \
+      default:                                                                   \
+        TORCH_CHECK(false, "vllm_hga: ", NAME, ": half/bf16 only, got ", dtype); \
+    }                                                                            \
   }()
 
-void prefill_attend(at::Tensor q, int64_t p0, at::Tensor kv, at::Tensor gid,
-                    at::Tensor token_ok, int64_t nfix, int64_t seq_len, int64_t sink_chunks,
-                    int64_t local_chunks, double scale, at::Tensor out) {
+void prefill_attend(at::Tensor q, int64_t p0, at::Tensor kv, at::Tensor gid, at::Tensor token_ok,
+                    int64_t nfix, int64_t seq_len, int64_t sink_chunks, int64_t local_chunks,
+                    double scale, at::Tensor out) {
   check_cuda(q, "q");
   check_cuda(kv, "kv");
   HGA_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [R, Hq, D] with a contiguous last dim");
@@ -314,8 +326,8 @@ void prefill_attend(at::Tensor q, int64_t p0, at::Tensor kv, at::Tensor gid,
   HGA_CHECK(token_ok.numel() == gid.numel() * kGroup && token_ok.is_contiguous() &&
                 token_ok.element_size() == 1,
             "token_ok must be contiguous bool [R, Hq, Gt, 16]");
-  HGA_CHECK(nfix >= kGroups && nfix <= Gt && Gt - nfix <= kMaxRouted,
-            "routed columns (", Gt - nfix, ") above ", kMaxRouted, " not compiled");
+  HGA_CHECK(nfix >= kGroups && nfix <= Gt && Gt - nfix <= kMaxRouted, "routed columns (", Gt - nfix,
+            ") above ", kMaxRouted, " not compiled");
   HGA_CHECK(out.dim() == 3 && out.size(0) == R && out.size(1) == Hq && out.size(2) == D &&
                 out.stride(2) == 1 && out.scalar_type() == q.scalar_type() &&
                 out.stride(0) % 2 == 0 && out.stride(1) % 2 == 0 &&
@@ -342,8 +354,8 @@ void prefill_attend(at::Tensor q, int64_t p0, at::Tensor kv, at::Tensor gid,
     HGA_DISPATCH_HEAD(D, "prefill_attend", [&] {
       auto kernel = prefill_attend_kernel<scalar_t, kD>;
       if (smem > 48 * 1024)
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            int(smem)));
+        C10_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
       kernel<<<grid, kPfWarps * 32, smem, stream>>>(
           reinterpret_cast<const scalar_t*>(q.data_ptr()), q.stride(0), q.stride(1),
           reinterpret_cast<const scalar_t*>(kv.data_ptr()), gid.data_ptr<int64_t>(),

@@ -45,8 +45,8 @@ __device__ __forceinline__ float slice_spread(const float4 (&s)[D / 32], const f
 #pragma unroll
   for (int i = 0; i < D / 32; ++i) {
     const float4 qq = *reinterpret_cast<const float4*>(q + (i * 8 + l8) * 4);
-    acc += s[i].x * qq.x * qq.x + s[i].y * qq.y * qq.y + s[i].z * qq.z * qq.z +
-           s[i].w * qq.w * qq.w;
+    acc +=
+        s[i].x * qq.x * qq.x + s[i].y * qq.y * qq.y + s[i].z * qq.z * qq.z + s[i].w * qq.w * qq.w;
   }
   acc += __shfl_xor_sync(0xffffffffu, acc, 1);
   acc += __shfl_xor_sync(0xffffffffu, acc, 2);
@@ -62,15 +62,15 @@ __device__ __forceinline__ void load_slices(float4 (&s)[D / 32], const float* ro
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kRouteWarps * 32)
-route_chunks_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
-                    const int64_t* __restrict__ pos, const int* __restrict__ bt, int64_t bt_sr,
-                    const float* __restrict__ summ, int64_t s_sb, int64_t s_sh, int64_t s_sr,
-                    int Hq, int rep, int F, int L, int max_group, int spread, float alpha,
-                    int Kc, int S, int split_len, float* __restrict__ cand_s,
-                    int* __restrict__ cand_i) {
+    route_chunks_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
+                        const int64_t* __restrict__ pos, const int* __restrict__ bt, int64_t bt_sr,
+                        const float* __restrict__ summ, int64_t s_sb, int64_t s_sh, int64_t s_sr,
+                        int Hq, int rep, int F, int L, int max_group, int spread, float alpha,
+                        int Kc, int S, int split_len, float* __restrict__ cand_s,
+                        int* __restrict__ cand_i) {
   extern __shared__ float smem[];
-  float* q_s = smem;               // [rep][D]
-  float* sc = smem + rep * D;      // [rep][split_len]
+  float* q_s = smem;           // [rep][D]
+  float* sc = smem + rep * D;  // [rep][split_len]
   const int s = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t p = pos[r];
@@ -157,7 +157,10 @@ route_chunks_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
       int bj = INT_MAX, unused = 0;
       for (int j = lane; j < len; j += 32) {
         const float v = row[j];
-        if (better(v, j, best, bj)) { best = v; bj = j; }
+        if (better(v, j, best, bj)) {
+          best = v;
+          bj = j;
+        }
       }
       warp_argmax(best, bj, unused);
       const bool found = bj != INT_MAX;
@@ -178,8 +181,7 @@ __device__ __forceinline__ void store_ok(uint8_t* dst, int64_t gid, bool ok, int
   for (int i = 0; i < 4; ++i) {
     uint32_t v = 0;
 #pragma unroll
-    for (int b = 0; b < 4; ++b)
-      v |= uint32_t(ok && gid * kGroup + i * 4 + b <= pos) << (8 * b);
+    for (int b = 0; b < 4; ++b) v |= uint32_t(ok && gid * kGroup + i * 4 + b <= pos) << (8 * b);
     w[i] = v;
   }
   *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
@@ -187,22 +189,22 @@ __device__ __forceinline__ void store_ok(uint8_t* dst, int64_t gid, bool ok, int
 
 template <typename T, int D>
 __global__ void __launch_bounds__(32)
-route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
-                    const int64_t* __restrict__ pos, const int* __restrict__ bt, int64_t bt_sr,
-                    const float* __restrict__ summ, int64_t s_sb, int64_t s_sh, int64_t s_sr,
-                    const float* __restrict__ cand_s, const int* __restrict__ cand_i,
-                    const float* __restrict__ cand_g, int n_cand,
-                    int Kc, int Hq, int Hkv, int n_chunks, int F, int sinks, int local, int G,
-                    int Gt, int spread, float alpha, int64_t* __restrict__ rows, uint8_t* __restrict__ token_ok,
-                    int64_t* __restrict__ gid_out) {
+    route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
+                        const int64_t* __restrict__ pos, const int* __restrict__ bt, int64_t bt_sr,
+                        const float* __restrict__ summ, int64_t s_sb, int64_t s_sh, int64_t s_sr,
+                        const float* __restrict__ cand_s, const int* __restrict__ cand_i,
+                        const float* __restrict__ cand_g, int n_cand, int Kc, int Hq, int Hkv,
+                        int n_chunks, int F, int sinks, int local, int G, int Gt, int spread,
+                        float alpha, int64_t* __restrict__ rows, uint8_t* __restrict__ token_ok,
+                        int64_t* __restrict__ gid_out) {
   extern __shared__ float smem[];
-  float* cs = smem;                                    // [n_cand] candidate scores
-  int* ci = reinterpret_cast<int*>(cs + n_cand);       // [n_cand] candidate chunks
-  int* kept = ci + n_cand;                             // [Kc]
-  float* gs = reinterpret_cast<float*>(kept + Kc);     // [4 Kc] group scores
-  int* gids = reinterpret_cast<int*>(gs + 4 * Kc);     // [4 Kc]
-  int* sel = gids + 4 * Kc;                            // [4 Kc] selected flags
-  int* kept_blk = sel + 4 * Kc;                        // [Kc] block ids of kept chunks
+  float* cs = smem;                                          // [n_cand] candidate scores
+  int* ci = reinterpret_cast<int*>(cs + n_cand);             // [n_cand] candidate chunks
+  int* kept = ci + n_cand;                                   // [Kc]
+  float* gs = reinterpret_cast<float*>(kept + Kc);           // [4 Kc] group scores
+  int* gids = reinterpret_cast<int*>(gs + 4 * Kc);           // [4 Kc]
+  int* sel = gids + 4 * Kc;                                  // [4 Kc] selected flags
+  int* kept_blk = sel + 4 * Kc;                              // [Kc] block ids of kept chunks
   float* kept_sp = reinterpret_cast<float*>(kept_blk + Kc);  // [Kc] spread terms (mean_std)
   int* kept_e = reinterpret_cast<int*>(kept_sp + Kc);  // [Kc] candidate entry of each kept chunk
 
@@ -236,11 +238,19 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
     int bj = INT_MAX, be = -1;
     for (int e = lane; e < n_cand; e += 32) {
       const int j = ci[e];
-      if (j >= 0 && better(cs[e], j, best, bj)) { best = cs[e]; bj = j; be = e; }
+      if (j >= 0 && better(cs[e], j, best, bj)) {
+        best = cs[e];
+        bj = j;
+        be = e;
+      }
     }
     warp_argmax(best, bj, be);
     if (bj == INT_MAX) break;
-    if (lane == 0) { kept[nk] = bj; kept_e[nk] = be; cs[be] = NAN; }
+    if (lane == 0) {
+      kept[nk] = bj;
+      kept_e[nk] = be;
+      cs[be] = NAN;
+    }
     ++nk;
     __syncwarp();
   }
@@ -267,8 +277,8 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
     float4 qsq[D / 32];
 #pragma unroll
     for (int i = 0; i < D / 32; ++i)
-      qsq[i] = make_float4(qv[i].x * qv[i].x, qv[i].y * qv[i].y, qv[i].z * qv[i].z,
-                           qv[i].w * qv[i].w);
+      qsq[i] =
+          make_float4(qv[i].x * qv[i].x, qv[i].y * qv[i].y, qv[i].z * qv[i].z, qv[i].w * qv[i].w);
     for (int k0 = 0; k0 < nk; k0 += 4 * U) {
       float4 sv[U][D / 32];
 #pragma unroll
@@ -303,8 +313,10 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
     for (int u = 0; u < U; ++u) {
       const int e = e0 + 4 * u + sub;
       if (e < ng) {
-        load_slices<D>(sv[u], summ + int64_t(kept_blk[e / kGroups]) * s_sb + kvh * s_sh +
-                                  (1 + e % kGroups) * s_sr, l8);
+        load_slices<D>(
+            sv[u],
+            summ + int64_t(kept_blk[e / kGroups]) * s_sb + kvh * s_sh + (1 + e % kGroups) * s_sr,
+            l8);
       } else {
 #pragma unroll
         for (int i = 0; i < D / 32; ++i) sv[u][i] = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -339,9 +351,16 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
       float best = -INFINITY;
       int bg = INT_MAX, be = -1;
       for (int e = lane; e < ng; e += 32)
-        if (better(gs[e], gids[e], best, bg)) { best = gs[e]; bg = gids[e]; be = e; }
+        if (better(gs[e], gids[e], best, bg)) {
+          best = gs[e];
+          bg = gids[e];
+          be = e;
+        }
       warp_argmax(best, bg, be);
-      if (lane == 0 && be >= 0) { sel[be] = 1; gs[be] = NAN; }
+      if (lane == 0 && be >= 0) {
+        sel[be] = 1;
+        gs[be] = NAN;
+      }
       __syncwarp();
     }
   }
@@ -368,11 +387,14 @@ route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
     int64_t j;
     bool ok;
     if (slot < sinks) {
-      j = slot; ok = j < c;
+      j = slot;
+      ok = j < c;
     } else if (slot < sinks + local) {
-      j = c - local + (slot - sinks); ok = j >= F && j >= 0;
+      j = c - local + (slot - sinks);
+      ok = j >= F && j >= 0;
     } else {
-      j = c; ok = true;
+      j = c;
+      ok = true;
     }
     const int64_t jc = j > 0 ? j : 0;
     const int64_t blk = btr[jc < n_chunks - 1 ? jc : n_chunks - 1];
@@ -396,21 +418,29 @@ RouteArgs check_route_inputs(const at::Tensor& q, const at::Tensor& pos, const a
             "summ must be float32 [blocks, H_kv, 5, D]");
   HGA_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.numel() == q.size(0),
             "pos must be int64 [R]");
-  HGA_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.stride(1) == 1 &&
-                bt.size(0) == q.size(0),
-            "block_table must be int32 [R, max_blocks] (one row per decode query)");
+  HGA_CHECK(
+      bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.stride(1) == 1 && bt.size(0) == q.size(0),
+      "block_table must be int32 [R, max_blocks] (one row per decode query)");
   const int Hq = q.size(1), Hkv = summ.size(1);
   HGA_CHECK(Hq % Hkv == 0, "query heads must be a multiple of KV heads");
   HGA_CHECK(reinterpret_cast<uintptr_t>(summ.data_ptr()) % 16 == 0 && summ.stride(0) % 4 == 0 &&
                 summ.stride(1) % 4 == 0 && summ.stride(2) % 4 == 0,
             "summ rows must be 16-byte aligned");
-  return {int(q.size(0)), Hq, Hkv, int(q.size(2)), q.stride(0), q.stride(1), bt.stride(0),
-          summ.stride(0), summ.stride(1), summ.stride(2)};
+  return {int(q.size(0)),
+          Hq,
+          Hkv,
+          int(q.size(2)),
+          q.stride(0),
+          q.stride(1),
+          bt.stride(0),
+          summ.stride(0),
+          summ.stride(1),
+          summ.stride(2)};
 }
 
-void route_chunks(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
-                  int64_t sink_chunks, int64_t local_chunks, int64_t max_group, int64_t spread,
-                  double alpha, int64_t split_len, at::Tensor cand_score, at::Tensor cand_idx) {
+void route_chunks(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ, int64_t sink_chunks,
+                  int64_t local_chunks, int64_t max_group, int64_t spread, double alpha,
+                  int64_t split_len, at::Tensor cand_score, at::Tensor cand_idx) {
   const RouteArgs a = check_route_inputs(q, pos, bt, summ);
   HGA_CHECK(cand_score.dim() == 4 && cand_score.size(0) == a.R && cand_score.size(1) == a.Hq &&
                 cand_score.is_contiguous() && cand_idx.is_contiguous() &&
@@ -430,24 +460,23 @@ void route_chunks(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
     HGA_DISPATCH_HEAD(a.D, "route_chunks", [&] {
       auto kernel = route_chunks_kernel<scalar_t, kD>;
       if (smem > 48 * 1024)
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            int(smem)));
+        C10_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
       kernel<<<grid, kRouteWarps * 32, smem, stream>>>(
-          reinterpret_cast<const scalar_t*>(q.data_ptr()), a.q_sr, a.q_sh,
-          pos.data_ptr<int64_t>(), bt.data_ptr<int>(), a.bt_sr, summ.data_ptr<float>(), a.s_sb,
-          a.s_sh, a.s_sr, a.Hq, rep, int(sink_chunks), int(local_chunks), int(max_group != 0),
-          int(spread != 0), float(alpha), Kc, S, int(split_len),
-          cand_score.data_ptr<float>(), cand_idx.data_ptr<int>());
+          reinterpret_cast<const scalar_t*>(q.data_ptr()), a.q_sr, a.q_sh, pos.data_ptr<int64_t>(),
+          bt.data_ptr<int>(), a.bt_sr, summ.data_ptr<float>(), a.s_sb, a.s_sh, a.s_sr, a.Hq, rep,
+          int(sink_chunks), int(local_chunks), int(max_group != 0), int(spread != 0), float(alpha),
+          Kc, S, int(split_len), cand_score.data_ptr<float>(), cand_idx.data_ptr<int>());
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void route_groups(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
-                  at::Tensor cand_score, at::Tensor cand_idx, int64_t n_chunks,
-                  int64_t sink_chunks, int64_t local_chunks, int64_t sinks, int64_t local,
-                  int64_t spread, double alpha, at::Tensor rows, at::Tensor token_ok,
-                  at::Tensor gid, const std::optional<at::Tensor>& cand_group) {
+                  at::Tensor cand_score, at::Tensor cand_idx, int64_t n_chunks, int64_t sink_chunks,
+                  int64_t local_chunks, int64_t sinks, int64_t local, int64_t spread, double alpha,
+                  at::Tensor rows, at::Tensor token_ok, at::Tensor gid,
+                  const std::optional<at::Tensor>& cand_group) {
   const RouteArgs a = check_route_inputs(q, pos, bt, summ);
   const int S = cand_score.size(2), Kc = cand_score.size(3);
   const float* cand_g = nullptr;
@@ -461,13 +490,15 @@ void route_groups(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
     if (S * Kc) cand_g = g.data_ptr<float>();
   }
   HGA_CHECK(Kc <= kMaxTopkChunks, "topk_chunks above ", kMaxTopkChunks, " not compiled");
-  HGA_CHECK(rows.dim() == 3 && rows.size(0) == a.R && rows.size(1) == a.Hq && rows.is_contiguous() &&
-                rows.scalar_type() == at::kLong && gid.sizes() == rows.sizes() &&
-                gid.is_contiguous() && gid.scalar_type() == at::kLong,
+  HGA_CHECK(rows.dim() == 3 && rows.size(0) == a.R && rows.size(1) == a.Hq &&
+                rows.is_contiguous() && rows.scalar_type() == at::kLong &&
+                gid.sizes() == rows.sizes() && gid.is_contiguous() &&
+                gid.scalar_type() == at::kLong,
             "rows/gid must be int64 [R, Hq, Gt]");
   const int Gt = rows.size(2);
-  HGA_CHECK(token_ok.dim() == 4 && token_ok.size(3) == kGroup && token_ok.numel() == rows.numel() * kGroup &&
-                token_ok.is_contiguous() && token_ok.element_size() == 1,
+  HGA_CHECK(token_ok.dim() == 4 && token_ok.size(3) == kGroup &&
+                token_ok.numel() == rows.numel() * kGroup && token_ok.is_contiguous() &&
+                token_ok.element_size() == 1,
             "token_ok must be bool [R, Hq, Gt, 16]");
   const int nfix = (sinks + local + 1) * kGroups;
   HGA_CHECK(Gt >= nfix && n_chunks >= 1 && bt.size(1) >= n_chunks, "bad list width or n_chunks");
@@ -480,16 +511,16 @@ void route_groups(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
     HGA_DISPATCH_HEAD(a.D, "route_groups", [&] {
       auto kernel = route_groups_kernel<scalar_t, kD>;
       if (smem > 48 * 1024)
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            int(smem)));
+        C10_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
       kernel<<<a.R * a.Hq, 32, smem, stream>>>(
-          reinterpret_cast<const scalar_t*>(q.data_ptr()), a.q_sr, a.q_sh,
-          pos.data_ptr<int64_t>(), bt.data_ptr<int>(), a.bt_sr, summ.data_ptr<float>(), a.s_sb,
-          a.s_sh, a.s_sr, n_cand ? cand_score.data_ptr<float>() : nullptr,
-          n_cand ? cand_idx.data_ptr<int>() : nullptr, cand_g, n_cand, Kc, a.Hq, a.Hkv, int(n_chunks),
-          int(sink_chunks), int(sinks), int(local), Gt - nfix, Gt, int(spread != 0),
-          float(alpha), rows.data_ptr<int64_t>(),
-          reinterpret_cast<uint8_t*>(token_ok.data_ptr()), gid.data_ptr<int64_t>());
+          reinterpret_cast<const scalar_t*>(q.data_ptr()), a.q_sr, a.q_sh, pos.data_ptr<int64_t>(),
+          bt.data_ptr<int>(), a.bt_sr, summ.data_ptr<float>(), a.s_sb, a.s_sh, a.s_sr,
+          n_cand ? cand_score.data_ptr<float>() : nullptr,
+          n_cand ? cand_idx.data_ptr<int>() : nullptr, cand_g, n_cand, Kc, a.Hq, a.Hkv,
+          int(n_chunks), int(sink_chunks), int(sinks), int(local), Gt - nfix, Gt, int(spread != 0),
+          float(alpha), rows.data_ptr<int64_t>(), reinterpret_cast<uint8_t*>(token_ok.data_ptr()),
+          gid.data_ptr<int64_t>());
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

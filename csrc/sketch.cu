@@ -144,10 +144,9 @@ void sketch_pages(at::Tensor k, at::Tensor blocks_in, at::Tensor out, at::Tensor
 // lane's two keys' groups in (ga, gb), every lane of the 16 holding its group's value.
 template <int D>
 __device__ __forceinline__ void sketch_chunk_scores(const uint32_t (&wa)[D / 16],
-                                                    const uint32_t (&wb)[D / 16],
-                                                    const float* lo_s, const float* step_s,
-                                                    const float* q_s, int h0, int nh,
-                                                    float (&ga)[8], float (&gb)[8]) {
+                                                    const uint32_t (&wb)[D / 16], const float* lo_s,
+                                                    const float* step_s, const float* q_s, int h0,
+                                                    int nh, float (&ga)[8], float (&gb)[8]) {
   float acc_a[8], acc_b[8];
 #pragma unroll
   for (int hh = 0; hh < 8; ++hh) acc_a[hh] = acc_b[hh] = 0.f;
@@ -191,12 +190,12 @@ __device__ __forceinline__ void sketch_chunk_scores(const uint32_t (&wa)[D / 16]
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kSketchWarps * 32)
-route_chunks_sketch_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
-                           const int64_t* __restrict__ pos, const int* __restrict__ bt,
-                           int64_t bt_sr, const float* __restrict__ pages, int64_t s_sb,
-                           int64_t s_sh, int64_t s_sr, int Hq, int rep, int F, int L, int Kc,
-                           int S, int split_len, float scale, float* __restrict__ cand_s,
-                           int* __restrict__ cand_i, float* __restrict__ cand_g) {
+    route_chunks_sketch_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
+                               const int64_t* __restrict__ pos, const int* __restrict__ bt,
+                               int64_t bt_sr, const float* __restrict__ pages, int64_t s_sb,
+                               int64_t s_sh, int64_t s_sr, int Hq, int rep, int F, int L, int Kc,
+                               int S, int split_len, float scale, float* __restrict__ cand_s,
+                               int* __restrict__ cand_i, float* __restrict__ cand_g) {
   extern __shared__ float smem[];
   float* q_s = smem;                          // [rep][D], pre-scaled by 1/sqrt(D)
   float* grid_s = q_s + rep * D;              // [warps][2][D] the chunk's lo, step
@@ -232,15 +231,21 @@ route_chunks_sketch_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
     const unsigned short* g16 = reinterpret_cast<const unsigned short*>(page);
     for (int e = lane; e < 2 * D; e += 32) lo_s[e] = half_bits_to_float(g16[e]);
     uint32_t wa[D / 16], wb[D / 16];
-    const uint4* ra = reinterpret_cast<const uint4*>(page + (1 + lane / kGroup) * s_sr) +
-                      ia * (D / 64);
-    const uint4* rb = reinterpret_cast<const uint4*>(page + (3 + lane / kGroup) * s_sr) +
-                      ia * (D / 64);
+    const uint4* ra =
+        reinterpret_cast<const uint4*>(page + (1 + lane / kGroup) * s_sr) + ia * (D / 64);
+    const uint4* rb =
+        reinterpret_cast<const uint4*>(page + (3 + lane / kGroup) * s_sr) + ia * (D / 64);
 #pragma unroll
     for (int v = 0; v < D / 64; ++v) {
       const uint4 a = ra[v], b = rb[v];
-      wa[4 * v] = a.x; wa[4 * v + 1] = a.y; wa[4 * v + 2] = a.z; wa[4 * v + 3] = a.w;
-      wb[4 * v] = b.x; wb[4 * v + 1] = b.y; wb[4 * v + 2] = b.z; wb[4 * v + 3] = b.w;
+      wa[4 * v] = a.x;
+      wa[4 * v + 1] = a.y;
+      wa[4 * v + 2] = a.z;
+      wa[4 * v + 3] = a.w;
+      wb[4 * v] = b.x;
+      wb[4 * v + 1] = b.y;
+      wb[4 * v + 2] = b.z;
+      wb[4 * v + 3] = b.w;
     }
     __syncwarp();
     // L == 0: the preceding chunk is in the pool and always kept (routing.py)
@@ -257,7 +262,10 @@ route_chunks_sketch_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
         const float other_b = __shfl_xor_sync(0xffffffffu, gb[hh], 16);
         if (lane == 0) {
           float* g = gsc + (int64_t(h) * split_len + j) * kGroups;
-          g[0] = ga[hh]; g[1] = other_a; g[2] = gb[hh]; g[3] = other_b;
+          g[0] = ga[hh];
+          g[1] = other_a;
+          g[2] = gb[hh];
+          g[3] = other_b;
           const float best = fmaxf(fmaxf(ga[hh], other_a), fmaxf(gb[hh], other_b));
           sc[h * split_len + j] = forced ? INFINITY : best;
         }
@@ -276,7 +284,10 @@ route_chunks_sketch_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
       int bj = INT_MAX, unused = 0;
       for (int j = lane; j < len; j += 32) {
         const float v = row[j];
-        if (better(v, j, best, bj)) { best = v; bj = j; }
+        if (better(v, j, best, bj)) {
+          best = v;
+          bj = j;
+        }
       }
       warp_argmax(best, bj, unused);
       const bool found = bj != INT_MAX;
@@ -306,9 +317,9 @@ void route_chunks_sketch(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor
             "sketch page rows must be 16-byte aligned");
   HGA_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.numel() == q.size(0),
             "pos must be int64 [R]");
-  HGA_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.stride(1) == 1 &&
-                bt.size(0) == q.size(0),
-            "block_table must be int32 [R, max_blocks] (one row per decode query)");
+  HGA_CHECK(
+      bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.stride(1) == 1 && bt.size(0) == q.size(0),
+      "block_table must be int32 [R, max_blocks] (one row per decode query)");
   const int R = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = pages.size(1);
   HGA_CHECK(Hq % Hkv == 0, "query heads must be a multiple of KV heads");
   HGA_CHECK(cand_score.dim() == 4 && cand_score.size(0) == R && cand_score.size(1) == Hq &&
@@ -337,8 +348,8 @@ void route_chunks_sketch(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor
     HGA_DISPATCH_HEAD(D, "route_chunks_sketch", [&] {
       auto kernel = route_chunks_sketch_kernel<scalar_t, kD>;
       if (smem > 48 * 1024)
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            int(smem)));
+        C10_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
       kernel<<<grid, kSketchWarps * 32, smem, stream>>>(
           reinterpret_cast<const scalar_t*>(q.data_ptr()), q.stride(0), q.stride(1),
           pos.data_ptr<int64_t>(), bt.data_ptr<int>(), bt.stride(0), pages.data_ptr<float>(),

@@ -39,10 +39,10 @@ __global__ void write_kv_kernel(T* __restrict__ pool, const T* __restrict__ key,
 // `variance`, row 0 is instead the mean over the chunk of (k - its group's mean)^2 of the
 // raw post-RoPE keys (reference.group_key_variance), for group_score "mean_std".
 template <typename T>
-__global__ void summarize_kernel(const T* __restrict__ k, int64_t k_sb, int64_t k_st,
-                                 int64_t k_sh, const int64_t* __restrict__ blocks_in,
-                                 float* __restrict__ out, int64_t o_sb, int64_t o_sh,
-                                 int64_t o_sr, const int64_t* __restrict__ blocks_out,
+__global__ void summarize_kernel(const T* __restrict__ k, int64_t k_sb, int64_t k_st, int64_t k_sh,
+                                 const int64_t* __restrict__ blocks_in, float* __restrict__ out,
+                                 int64_t o_sb, int64_t o_sh, int64_t o_sr,
+                                 const int64_t* __restrict__ blocks_out,
                                  const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                  const int* __restrict__ dim_map, int D, int P, int variance) {
   const int d = threadIdx.x;
@@ -51,8 +51,8 @@ __global__ void summarize_kernel(const T* __restrict__ k, int64_t k_sb, int64_t 
   if (d >= D || blocks_in[i] < 0 || blocks_out[i] < 0) return;
   const T* base = k + blocks_in[i] * k_sb + h * k_sh;
   float* dst = out + blocks_out[i] * o_sb + h * o_sh + d;
-  const int partner = dim_map[d];       // other component of d's RoPE pair, -1 if none
-  const int code = dim_map[D + d];      // pair * 2 + (d is the pair's second component)
+  const int partner = dim_map[d];   // other component of d's RoPE pair, -1 if none
+  const int code = dim_map[D + d];  // pair * 2 + (d is the pair's second component)
   const int pair = code >> 1;
   const bool second = code & 1;
   float chunk_sum = 0.f, group_sum = 0.f, raw_sum = 0.f, sq_sum = 0.f;
@@ -98,13 +98,15 @@ void write_kv(at::Tensor pool, at::Tensor key, at::Tensor value, at::Tensor slot
   HGA_CHECK(key.scalar_type() == pool.scalar_type() && value.scalar_type() == pool.scalar_type(),
             "key/value dtype must match the pool");
   HGA_CHECK(key.stride(2) == 1 && value.stride(2) == 1, "key/value need a contiguous last dim");
-  HGA_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() >= key.size(0),
-            "slots must be int64 [>= T]");
+  HGA_CHECK(
+      slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() >= key.size(0),
+      "slots must be int64 [>= T]");
   const int T_ = key.size(0);
   if (T_ == 0) return;
   const int es = pool.element_size();
-  HGA_CHECK((D * es) % 16 == 0 && (key.stride(0) * es) % 16 == 0 && (key.stride(1) * es) % 16 == 0 &&
-                (value.stride(0) * es) % 16 == 0 && (value.stride(1) * es) % 16 == 0 &&
+  HGA_CHECK((D * es) % 16 == 0 && (key.stride(0) * es) % 16 == 0 &&
+                (key.stride(1) * es) % 16 == 0 && (value.stride(0) * es) % 16 == 0 &&
+                (value.stride(1) * es) % 16 == 0 &&
                 reinterpret_cast<uintptr_t>(key.data_ptr()) % 16 == 0 &&
                 reinterpret_cast<uintptr_t>(value.data_ptr()) % 16 == 0,
             "write_kv needs 16-byte aligned rows");
@@ -141,8 +143,9 @@ void summarize(at::Tensor k, at::Tensor blocks_in, at::Tensor out, at::Tensor bl
   HGA_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat &&
                 cos.numel() == 2 * kChunk * P && sin.sizes() == cos.sizes(),
             "cos/sin must be float32 [2, 64, P]");
-  HGA_CHECK(dim_map.is_contiguous() && dim_map.scalar_type() == at::kInt && dim_map.numel() == 2 * D,
-            "dim_map must be int32 [2, D]");
+  HGA_CHECK(
+      dim_map.is_contiguous() && dim_map.scalar_type() == at::kInt && dim_map.numel() == 2 * D,
+      "dim_map must be int32 [2, D]");
   HGA_CHECK(D <= 1024, "head size too large");
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
@@ -153,8 +156,8 @@ void summarize(at::Tensor k, at::Tensor blocks_in, at::Tensor out, at::Tensor bl
     summarize_kernel<scalar_t><<<grid, threads, 0, stream>>>(
         reinterpret_cast<const scalar_t*>(k.data_ptr()), k.stride(0), k.stride(1), k.stride(2),
         blocks_in.data_ptr<int64_t>(), out.data_ptr<float>(), out.stride(0), out.stride(1),
-        out.stride(2), blocks_out.data_ptr<int64_t>(), cos.data_ptr<float>(),
-        sin.data_ptr<float>(), dim_map.data_ptr<int>(), D, P, int(variance != 0));
+        out.stride(2), blocks_out.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+        dim_map.data_ptr<int>(), D, P, int(variance != 0));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

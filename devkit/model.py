@@ -73,8 +73,7 @@ def _is_complete(path: Path, dtype: str) -> bool:
     return meta.get("format_version") == FORMAT_VERSION and meta.get("dtype") == dtype
 
 
-def embedded_model_dir(cache_dir: str | Path | None = None,
-                       dtype: str = DEFAULT_DTYPE) -> Path:
+def embedded_model_dir(cache_dir: str | Path | None = None, dtype: str = DEFAULT_DTYPE) -> Path:
     """Folder of the converted Hugging Face checkpoint, converting on first use.
 
     The default dtype lives in ``<cache>/SmolLM2-135M-Instruct``; another dtype gets a
@@ -123,11 +122,13 @@ def _convert(src: Path, out: Path, dtype: str) -> None:
     kwargs = {}
     try:  # transformers >= 5 keeps GGUF weights packed unless told to unpack them
         from transformers import GgufConfig
+
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     except ImportError:  # transformers 4 always de-quantizes GGUF
         pass
     model = AutoModelForCausalLM.from_pretrained(
-        src.parent, gguf_file=src.name, dtype=getattr(torch, dtype), **kwargs)
+        src.parent, gguf_file=src.name, dtype=getattr(torch, dtype), **kwargs
+    )
 
     # The weights are plain tensors now, but the model still carries the GGUF quantizer:
     # it refuses to save, and its quantization_config in config.json would make vLLM
@@ -142,17 +143,27 @@ def _convert(src: Path, out: Path, dtype: str) -> None:
     if cfg.max_position_embeddings != MAX_MODEL_LEN:
         raise EmbeddedModelError(
             f"{src.name}: expected {MAX_MODEL_LEN} max positions, "
-            f"found {cfg.max_position_embeddings}")
+            f"found {cfg.max_position_embeddings}"
+        )
     model.save_pretrained(out)  # safetensors; tied lm_head is stored once
     tok.model_max_length = MAX_MODEL_LEN  # GGUF leaves it "unlimited"
     tok.save_pretrained(out)  # tokenizer.json, tokenizer_config.json, chat template
 
     # GGUF has no generation_config: stop on <|im_end|> (the chat template's turn end).
-    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id).save_pretrained(out)
-    (out / MARKER).write_text(json.dumps({
-        "format_version": FORMAT_VERSION, "dtype": dtype, "source": str(src),
-        "source_bytes": src.stat().st_size}, indent=1))
+    GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    ).save_pretrained(out)
+    (out / MARKER).write_text(
+        json.dumps(
+            {
+                "format_version": FORMAT_VERSION,
+                "dtype": dtype,
+                "source": str(src),
+                "source_bytes": src.stat().st_size,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

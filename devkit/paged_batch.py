@@ -24,8 +24,19 @@ class PagedBatch:
     reads what routing must not read shows it.
     """
 
-    def __init__(self, lengths, Hq, Hkv, D, dtype=torch.bfloat16, seed=0, integer=False,
-                 uva=False, cfg: HGAConfig | None = None, with_pool=True):
+    def __init__(
+        self,
+        lengths,
+        Hq,
+        Hkv,
+        D,
+        dtype=torch.bfloat16,
+        seed=0,
+        integer=False,
+        uva=False,
+        cfg: HGAConfig | None = None,
+        with_pool=True,
+    ):
         g = torch.Generator(device="cpu").manual_seed(seed)
         gd = torch.Generator(device=DEV).manual_seed(seed)
         self.cfg = cfg or HGAConfig()
@@ -66,23 +77,41 @@ class PagedBatch:
                 self.pool = pool
         self.bt, self.pos = self.bt.to(DEV), self.pos.to(DEV)
         rope = RopeSpec.default(D, 1e6)
-        self.layer = HGALayer(self.cfg, rope, Hq, Hkv, D, D ** -0.5, max(lengths) + 64,
-                              device=DEV)
+        self.layer = HGALayer(self.cfg, rope, Hq, Hkv, D, D**-0.5, max(lengths) + 64, device=DEV)
         # one decode query per request, as the backend plans it (rows [0, R))
-        self.md = HGAMetadata.plan(list(range(R + 1)), self.lengths, self.bt,
-                                   torch.full((R,), -1, device=DEV), R)
+        self.md = HGAMetadata.plan(
+            list(range(R + 1)), self.lengths, self.bt, torch.full((R,), -1, device=DEV), R
+        )
 
     def torch_groups(self):
         """The torch path, on the device: the same layer built with TorchOps."""
         L = self.layer
-        torch_layer = HGALayer(self.cfg, L.rope, L.num_heads, L.num_kv_heads, L.head_size,
-                               L.scale, L.max_chunks * CHUNK_SIZE, device=DEV, ops=TorchOps())
+        torch_layer = HGALayer(
+            self.cfg,
+            L.rope,
+            L.num_heads,
+            L.num_kv_heads,
+            L.head_size,
+            L.scale,
+            L.max_chunks * CHUNK_SIZE,
+            device=DEV,
+            ops=TorchOps(),
+        )
         return torch_layer.decode_groups(self.q, self.summ, self.md)
 
     def cuda_groups(self):
         L = self.layer
-        return cuda_ops.decode_groups(self.q, self.pos, self.bt, self.n_chunks, self.summ,
-                                      self.cfg, L.sinks, L.local, L.groups)
+        return cuda_ops.decode_groups(
+            self.q,
+            self.pos,
+            self.bt,
+            self.n_chunks,
+            self.summ,
+            self.cfg,
+            L.sinks,
+            L.local,
+            L.groups,
+        )
 
     @property
     def n_shared(self):

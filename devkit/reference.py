@@ -49,7 +49,7 @@ class Summaries:
 # group_score "sketch": each post-RoPE key is kept as SKETCH_BITS bits per channel, on a
 # uniform grid between its chunk's per-channel min and max (both stored as float16).
 SKETCH_BITS = 2
-SKETCH_LEVELS = 2 ** SKETCH_BITS - 1
+SKETCH_LEVELS = 2**SKETCH_BITS - 1
 F16_MAX = 65504.0
 
 
@@ -117,8 +117,13 @@ def group_key_variance(k: torch.Tensor, cfg: HGAConfig) -> torch.Tensor:
     return (kg - kg.mean(dim=2, keepdim=True)).pow(2).mean(dim=(1, 2))
 
 
-def group_scores(q: torch.Tensor, group: torch.Tensor, var: torch.Tensor | None,
-                 cfg: HGAConfig, keys_hat: torch.Tensor | None = None) -> torch.Tensor:
+def group_scores(
+    q: torch.Tensor,
+    group: torch.Tensor,
+    var: torch.Tensor | None,
+    cfg: HGAConfig,
+    keys_hat: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Level-2 scores of groups with summaries group [..., D] (and their chunk's variance
     var [..., D], same leading shape; group_score "sketch": their 2-bit keys
     keys_hat [..., 16, D]) for one query head's q [D]."""
@@ -140,8 +145,9 @@ def _top(scores: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
     return ids[best]
 
 
-def visible_mask(q: torch.Tensor, q_start: int, seq_len: int, summ: Summaries,
-                 cfg: HGAConfig) -> torch.Tensor:
+def visible_mask(
+    q: torch.Tensor, q_start: int, seq_len: int, summ: Summaries, cfg: HGAConfig
+) -> torch.Tensor:
     """Bool [H_q, T, seq_len]: which keys each query of each head attends to."""
     T, Hq, D = q.shape
     Hkv = summ.chunk.shape[1]
@@ -153,43 +159,61 @@ def visible_mask(q: torch.Tensor, q_start: int, seq_len: int, summ: Summaries,
     for t in range(T):
         p = q_start + t
         c = p // C
-        mask[:, t, c * C: p + 1] = True  # own chunk, causal
+        mask[:, t, c * C : p + 1] = True  # own chunk, causal
         for j in list(range(min(F, c))) + list(range(max(F, c - L), c)):
-            mask[:, t, j * C:(j + 1) * C] = True
+            mask[:, t, j * C : (j + 1) * C] = True
         pool = torch.arange(F, max(F, c - L))
         if pool.numel() == 0:
             continue
         for h in range(Hq):
             kv = h // rep
-            var = summ.var[:, kv].unsqueeze(1).expand(-1, M, -1) if summ.var is not None \
-                else None  # [n, M, D]: a chunk's variance serves its four groups
-            hat = None if summ.keys_hat is None else \
-                summ.keys_hat[:, :, kv].reshape(-1, M, gs, D)  # [n, M, 16, D]
+            var = (
+                summ.var[:, kv].unsqueeze(1).expand(-1, M, -1) if summ.var is not None else None
+            )  # [n, M, D]: a chunk's variance serves its four groups
+            hat = (
+                None if summ.keys_hat is None else summ.keys_hat[:, :, kv].reshape(-1, M, gs, D)
+            )  # [n, M, 16, D]
             if cfg.chunk_score == "max_group":
-                chunk_scores = group_scores(qd[t, h], summ.group[pool, :, kv],
-                                            None if var is None else var[pool], cfg,
-                                            None if hat is None else hat[pool]).amax(dim=1)
+                chunk_scores = group_scores(
+                    qd[t, h],
+                    summ.group[pool, :, kv],
+                    None if var is None else var[pool],
+                    cfg,
+                    None if hat is None else hat[pool],
+                ).amax(dim=1)
             else:
                 chunk_scores = summ.chunk[pool, kv] @ qd[t, h]
             if L == 0 and c - 1 >= F:  # keep the immediately preceding chunk
                 rest = pool[pool != c - 1]
                 rest_scores = chunk_scores[pool != c - 1]
-                kept = torch.cat([torch.tensor([c - 1]),
-                                  _top(rest_scores, rest, cfg.topk_chunks - 1)])
+                kept = torch.cat(
+                    [torch.tensor([c - 1]), _top(rest_scores, rest, cfg.topk_chunks - 1)]
+                )
             else:
                 kept = _top(chunk_scores, pool, cfg.topk_chunks)
             gids = (kept.reshape(-1, 1) * M + torch.arange(M)).reshape(-1)
-            scores = group_scores(qd[t, h], summ.group[gids // M, gids % M, kv],
-                                  None if var is None else var[gids // M, gids % M], cfg,
-                                  None if hat is None else hat[gids // M, gids % M])
+            scores = group_scores(
+                qd[t, h],
+                summ.group[gids // M, gids % M, kv],
+                None if var is None else var[gids // M, gids % M],
+                cfg,
+                None if hat is None else hat[gids // M, gids % M],
+            )
             for g in _top(scores, gids, cfg.groups_per_query).tolist():
-                mask[h, t, g * gs:(g + 1) * gs] = True
+                mask[h, t, g * gs : (g + 1) * gs] = True
     return mask
 
 
-def hga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
-                  rope: RopeSpec, cfg: HGAConfig, scale: float | None = None,
-                  dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def hga_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_start: int,
+    rope: RopeSpec,
+    cfg: HGAConfig,
+    scale: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """HGA attention of one request.
 
     q [T, H_q, D] are the queries at positions q_start .. q_start+T-1; k, v [S, H_kv, D]
@@ -199,14 +223,20 @@ def hga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: in
     T, Hq, D = q.shape
     S, Hkv, _ = k.shape
     assert S == q_start + T, "keys must cover positions 0 .. q_start+T-1"
-    scale = D ** -0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale
     summ = summarize(k, 0, rope, cfg)
     mask = visible_mask(q, q_start, S, summ, cfg)
     return masked_attention(q, k, v, mask, scale, dtype), mask
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     scale: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """Exact softmax attention of q [T, Hq, D] over k, v [S, Hkv, D] where mask [Hq, T, S]."""
     Hq, Hkv = q.shape[1], k.shape[1]
     rep = Hq // Hkv

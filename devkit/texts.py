@@ -23,9 +23,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 MIN_CHARS = 40_000
 
@@ -59,7 +59,8 @@ def _deb_file(package: str, path: str) -> Path:
     raise MissingDocumentError(
         f"{path} (Debian package {package}) is missing: run "
         f"`python -m devkit.texts` (apt-get download + dpkg-deb -x into "
-        f"{_deb_cache()}), or `apt-get install -y --no-install-recommends {package}`")
+        f"{_deb_cache()}), or `apt-get install -y --no-install-recommends {package}`"
+    )
 
 
 def _fetch_deb(package: str) -> None:
@@ -78,7 +79,8 @@ def _fetch_deb(package: str) -> None:
             raise MissingDocumentError(
                 f"`apt-get download {package}` failed ({run.stderr.strip()[-300:]}); "
                 f"run `apt-get update` as root first, or "
-                f"`apt-get install -y --no-install-recommends {package}`")
+                f"`apt-get install -y --no-install-recommends {package}`"
+            )
         unpacked = Path(tmp) / "root"
         subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], check=True)
         try:
@@ -118,38 +120,72 @@ def _python_special_methods() -> str:
     # topics joined: they overlap, e.g. "compound" contains "if", and repeated text
     # would flatter perplexity.)
     from pydoc_data.topics import topics
+
     return topics["specialnames"]
 
 
 _JARGON = "/usr/share/doc/jargon-text/jargon.txt.gz"
 _GNU_STANDARDS = "/usr/share/doc/gnu-standards/standards.text.gz"
 
-DOCUMENTS: dict[str, Document] = {d.name: d for d in [
-    Document("devils_dictionary", "prose", "Ambrose Bierce",
-             "The Devil's Dictionary (1911, public domain); Debian dict-devil, "
-             "/usr/share/dictd/devil.dict.dz",
-             _devils_dictionary, deb="dict-devil"),
-    Document("jargon_file", "prose", "Eric S. Raymond (ed.), Guy Steele et al.",
-             f"The Jargon File 4.4.7 (public domain); Debian jargon-text, {_JARGON}",
-             lambda: _gunzip("jargon-text", _JARGON), deb="jargon-text"),
-    Document("gnu_coding_standards", "prose", "Richard Stallman et al. (FSF)",
-             f"GNU Coding Standards (GFDL); Debian gnu-standards, {_GNU_STANDARDS}",
-             lambda: _gunzip("gnu-standards", _GNU_STANDARDS), deb="gnu-standards"),
-    Document("python_special_methods", "prose", "the Python documentation authors",
-             "The Python Language Reference, 3.3 'Special method names' (PSF License); "
-             "stdlib pydoc_data/topics.py",
-             _python_special_methods),
-    Document("argparse_py", "code", "Steven Bethard",
-             "argparse.py (PSF License); Python standard library",
-             lambda: _stdlib_source("argparse")),
-    Document("difflib_py", "code", "Tim Peters",
-             "difflib.py (PSF License); Python standard library",
-             lambda: _stdlib_source("difflib")),
-    Document("pydecimal_py", "code",
-             "Eric Price, Facundo Batista, Raymond Hettinger, Aahz, Mark Dickinson",
-             "_pydecimal.py (PSF License); Python standard library",
-             lambda: _stdlib_source("_pydecimal")),
-]}
+DOCUMENTS: dict[str, Document] = {
+    d.name: d
+    for d in [
+        Document(
+            "devils_dictionary",
+            "prose",
+            "Ambrose Bierce",
+            "The Devil's Dictionary (1911, public domain); Debian dict-devil, "
+            "/usr/share/dictd/devil.dict.dz",
+            _devils_dictionary,
+            deb="dict-devil",
+        ),
+        Document(
+            "jargon_file",
+            "prose",
+            "Eric S. Raymond (ed.), Guy Steele et al.",
+            f"The Jargon File 4.4.7 (public domain); Debian jargon-text, {_JARGON}",
+            lambda: _gunzip("jargon-text", _JARGON),
+            deb="jargon-text",
+        ),
+        Document(
+            "gnu_coding_standards",
+            "prose",
+            "Richard Stallman et al. (FSF)",
+            f"GNU Coding Standards (GFDL); Debian gnu-standards, {_GNU_STANDARDS}",
+            lambda: _gunzip("gnu-standards", _GNU_STANDARDS),
+            deb="gnu-standards",
+        ),
+        Document(
+            "python_special_methods",
+            "prose",
+            "the Python documentation authors",
+            "The Python Language Reference, 3.3 'Special method names' (PSF License); "
+            "stdlib pydoc_data/topics.py",
+            _python_special_methods,
+        ),
+        Document(
+            "argparse_py",
+            "code",
+            "Steven Bethard",
+            "argparse.py (PSF License); Python standard library",
+            lambda: _stdlib_source("argparse"),
+        ),
+        Document(
+            "difflib_py",
+            "code",
+            "Tim Peters",
+            "difflib.py (PSF License); Python standard library",
+            lambda: _stdlib_source("difflib"),
+        ),
+        Document(
+            "pydecimal_py",
+            "code",
+            "Eric Price, Facundo Batista, Raymond Hettinger, Aahz, Mark Dickinson",
+            "_pydecimal.py (PSF License); Python standard library",
+            lambda: _stdlib_source("_pydecimal"),
+        ),
+    ]
+}
 
 # What CI must fetch (ensure_installed() does it): apt-get download of these packages.
 DEB_PACKAGES = sorted({d.deb for d in DOCUMENTS.values() if d.deb})
@@ -193,5 +229,6 @@ if __name__ == "__main__":
     except MissingDocumentError as e:
         sys.exit(f"error: {e}")
     for name, doc in DOCUMENTS.items():
-        print(f"{name:22} {doc.kind:5} {len(load_text(name)):>9,} chars  "
-              f"{doc.author}: {doc.source}")
+        print(
+            f"{name:22} {doc.kind:5} {len(load_text(name)):>9,} chars  {doc.author}: {doc.source}"
+        )

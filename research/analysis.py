@@ -49,8 +49,9 @@ GROUP = 16
 # routed_groups / keys_seen live in routing.py (the backend counts decode metrics with them)
 
 
-def density(n_tokens: int, cfg: HGAConfig | None, n_layers: int = 1,
-            positions: range | None = None) -> float:
+def density(
+    n_tokens: int, cfg: HGAConfig | None, n_layers: int = 1, positions: range | None = None
+) -> float:
     """The paper's density for a prompt of n_tokens: real keys attended, summed over
     queries, heads and layers, over dense causal pairs sum(p+1).  Heads all see the same
     number of keys, so heads cancel; a layer in cfg.dense_layers counts as dense.
@@ -77,6 +78,7 @@ class Oracle:
     kind "group": the same number of routed 16-token groups as HGA, best by true mass;
     kind "token": the same number of routed tokens (groups x 16), best by true logit.
     """
+
     cfg: HGAConfig
     kind: str = "group"
 
@@ -84,6 +86,7 @@ class Oracle:
 @dataclass(frozen=True)
 class PerLayer:
     """A mode per layer: layers[i] for layer i, default for the others."""
+
     default: Any
     layers: dict
 
@@ -91,6 +94,7 @@ class PerLayer:
 @dataclass
 class LayerStats:
     """Per-layer, per-head sums over queries whose pool is non-empty."""
+
     n_layers: int
     n_heads: int
     names: list[str]
@@ -121,10 +125,12 @@ class LayerStats:
                 # mass in the routed groups only (captured minus the rule's own window)
                 "routed": ((cap - self.fixed_by[n]).sum() / self.count.sum()).item(),
                 "per_layer_routed": ((cap - self.fixed_by[n]).sum(1) / cnt.sum(1)).tolist(),
-                "per_layer_pool_recall": ((cap - self.fixed).sum(1)
-                                          / self.pool.sum(1).clamp(min=1e-12)).tolist(),
-                "per_layer_head_pool_recall": ((cap - self.fixed)
-                                               / self.pool.clamp(min=1e-12)).tolist(),
+                "per_layer_pool_recall": (
+                    (cap - self.fixed).sum(1) / self.pool.sum(1).clamp(min=1e-12)
+                ).tolist(),
+                "per_layer_head_pool_recall": (
+                    (cap - self.fixed) / self.pool.clamp(min=1e-12)
+                ).tolist(),
             }
         out["rules"] = per
         out["per_layer_pool_mass"] = (self.pool.sum(1) / cnt.sum(1)).tolist()
@@ -144,8 +150,7 @@ class _State:
 _STATE = _State()
 
 
-def _attention_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                  **kwargs):
+def _attention_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention interface: q [1, Hq, T, D], k/v [1, Hkv, T, D] post-RoPE."""
     assert query.shape[0] == 1, "batch 1 only"
     q = query[0].transpose(0, 1).float()  # [T, Hq, D]
@@ -157,7 +162,8 @@ def _attention_fn(module, query, key, value, attention_mask, scaling=None, dropo
         T, S = q.shape[0], k.shape[0]
         allowed = torch.arange(S).unsqueeze(0) <= torch.arange(S - T, S).unsqueeze(1)
         out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=allowed, scale=scale, enable_gqa=True)
+            query, key, value, attn_mask=allowed, scale=scale, enable_gqa=True
+        )
         return out.transpose(1, 2), None
     if _STATE.capture is not None:
         _STATE.capture[module.layer_idx] = (q.clone(), k.clone())
@@ -167,8 +173,9 @@ def _attention_fn(module, query, key, value, attention_mask, scaling=None, dropo
     mode = _STATE.mode
     if isinstance(mode, PerLayer):
         mode = mode.layers.get(module.layer_idx, mode.default)
-    out = layer_attention(q, k, v, scale, module.layer_idx, mode, _STATE.measure,
-                          _STATE.stats, _STATE.rope)
+    out = layer_attention(
+        q, k, v, scale, module.layer_idx, mode, _STATE.measure, _STATE.stats, _STATE.rope
+    )
     if os.environ.get("VLLM_HGA_ANALYSIS_VERBOSE"):
         print(f"layer {module.layer_idx}: {time.time() - t0:.1f} s", flush=True)
     return out.unsqueeze(0).to(query.dtype), None
@@ -189,11 +196,15 @@ def _summaries(k: torch.Tensor, cfg: HGAConfig, rope: RopeSpec):
     n = k.shape[0] // C
     H, D = k.shape[1], k.shape[2]
     if n == 0:
-        return (torch.zeros(1, 0, H, D), torch.zeros(1, 0, cfg.groups_per_chunk, H, D),
-                torch.zeros(1, 0, H, D))
+        return (
+            torch.zeros(1, 0, H, D),
+            torch.zeros(1, 0, cfg.groups_per_chunk, H, D),
+            torch.zeros(1, 0, H, D),
+        )
     pages = summarize_blocks(k[: n * C].view(n, C, H, D), SummaryRotation(rope, cfg, k.device))
-    var = (group_key_variance(k[: n * C], cfg).unsqueeze(0)
-           if cfg.group_score == "mean_std" else None)
+    var = (
+        group_key_variance(k[: n * C], cfg).unsqueeze(0) if cfg.group_score == "mean_std" else None
+    )
     return pages[:, :, 0].unsqueeze(0), pages[:, :, 1:].transpose(1, 2).unsqueeze(0), var
 
 
@@ -213,13 +224,13 @@ def hga_group_vis(qb, pos, summ, cfg: HGAConfig, n_groups: int, router=None):
         fixed, ids, ok = routing.route(qb, pos, chunk_sum, group_sum, cfg, group_var=var)
     n_sum = fixed.shape[1] * M
     win = torch.zeros(qb.shape[0], n_groups, dtype=torch.bool)
-    win[:, :min(n_sum, n_groups)] = fixed.repeat_interleave(M, dim=-1)[:, :n_groups]
+    win[:, : min(n_sum, n_groups)] = fixed.repeat_interleave(M, dim=-1)[:, :n_groups]
     own = pos // cfg.chunk_size * M
     g = torch.arange(n_groups).unsqueeze(0)
     win |= (g >= own.unsqueeze(1)) & (g < own.unsqueeze(1) + M)
     routed = torch.zeros(*ok.shape[:2], n_groups, dtype=torch.bool)
     r = routing.group_mask(ids, ok, n_sum)
-    routed[..., :min(n_sum, n_groups)] = r[..., :n_groups]
+    routed[..., : min(n_sum, n_groups)] = r[..., :n_groups]
     return routed | win.unsqueeze(1), win, ok.sum(-1)
 
 
@@ -251,25 +262,33 @@ def _token_oracle_mask(lg, win_tok, budget, pool_tok, gs):
         return win_tok.unsqueeze(1).expand_as(sc)
     top = torch.topk(sc, kmax, dim=-1).values
     thr = top.gather(-1, (budget * gs - 1).clamp(min=0, max=kmax - 1).unsqueeze(-1))
-    return win_tok.unsqueeze(1) | ((sc >= thr) & (budget > 0).unsqueeze(-1)
-                                   & (sc > float("-inf")))
+    return win_tok.unsqueeze(1) | ((sc >= thr) & (budget > 0).unsqueeze(-1) & (sc > float("-inf")))
 
 
-def layer_attention(q, k, v, scale, layer: int, mode, measure: dict, stats: LayerStats | None,
-                    rope: RopeSpec) -> torch.Tensor:
+def layer_attention(
+    q, k, v, scale, layer: int, mode, measure: dict, stats: LayerStats | None, rope: RopeSpec
+) -> torch.Tensor:
     """Attention output [T, Hq, D] of one layer under `mode` (see module docstring)."""
     T, Hq, D = q.shape
     rep = Hq // k.shape[1]
     cfg = _cfg_of(mode)
     # (cfg, factory): factory(k, cfg, rope) gives a router with routing.route's contract
     router = mode[1](k, cfg, rope) if isinstance(mode, tuple) else None
-    routers = {n: r[1](k, _cfg_of(r), rope) for n, r in measure.items()
-               if isinstance(r, tuple)} if stats is not None else {}
+    routers = (
+        {n: r[1](k, _cfg_of(r), rope) for n, r in measure.items() if isinstance(r, tuple)}
+        if stats is not None
+        else {}
+    )
     dense_here = cfg is None or layer in cfg.dense_layers
     if dense_here and stats is None:
         out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-            v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale, enable_gqa=True)
+            q.transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        )
         return out[0].transpose(0, 1)
     summ_cache: dict[tuple, Any] = {}
 
@@ -309,8 +328,9 @@ def layer_attention(q, k, v, scale, layer: int, mode, measure: dict, stats: Laye
                 vis = _oracle_vis(torch.logsumexp(lg4, -1), win, budget, pool_g)
                 att = lg4.masked_fill(~vis.unsqueeze(-1), float("-inf")).view_as(lg)
             else:
-                m = _token_oracle_mask(lg, win.repeat_interleave(gs, -1), budget,
-                                       pool_g.repeat_interleave(gs, -1), gs)
+                m = _token_oracle_mask(
+                    lg, win.repeat_interleave(gs, -1), budget, pool_g.repeat_interleave(gs, -1), gs
+                )
                 att = lg.masked_fill(~m, float("-inf"))
         probs = torch.softmax(att, dim=-1)
         out[first:last] = torch.einsum("ths,hsd->thd", probs[..., :last], vx[:, :last])
@@ -330,15 +350,19 @@ def _hga_sdpa(q, k, v, scale, cfg, summ, router):
         pos = torch.arange(first, last)
         nG = -(-last // gs)
         vis, _, _ = hga_group_vis(q[first:last], pos, summ, cfg, nG, router)
-        bias_g = torch.zeros(Hq, last - first, nG).masked_fill_(~vis.transpose(0, 1),
-                                                                 float("-inf"))
+        bias_g = torch.zeros(Hq, last - first, nG).masked_fill_(~vis.transpose(0, 1), float("-inf"))
         bias = bias_g.repeat_interleave(gs, dim=-1)[..., :last]  # [Hq, Tb, S]
         lo = first // 64 * 64  # keys before lo are causal for every query of the block
         future = torch.arange(lo, last).unsqueeze(0) > pos.unsqueeze(1)
         bias[:, :, lo:last].masked_fill_(future.unsqueeze(0), float("-inf"))
         o = torch.nn.functional.scaled_dot_product_attention(
-            qt[:, :, first:last], kt[:, :, :last], vt[:, :, :last], attn_mask=bias[None],
-            scale=scale, enable_gqa=True)
+            qt[:, :, first:last],
+            kt[:, :, :last],
+            vt[:, :, :last],
+            attn_mask=bias[None],
+            scale=scale,
+            enable_gqa=True,
+        )
         out[first:last] = o[0].transpose(0, 1)
     return out
 
@@ -364,8 +388,9 @@ def _measure(stats: LayerStats, layer, lg, probs, qb, pos, measure, summ_for, nG
                 vis = _oracle_vis(gmass.clamp(min=1e-30).log(), win, budget, pool_g)
                 cap = (gmass * vis).sum(-1)
             else:
-                m = _token_oracle_mask(lg, win.repeat_interleave(gs, -1), budget,
-                                       pool_g.repeat_interleave(gs, -1), gs)
+                m = _token_oracle_mask(
+                    lg, win.repeat_interleave(gs, -1), budget, pool_g.repeat_interleave(gs, -1), gs
+                )
                 cap = (probs * m).sum(-1)
         else:
             cap = (gmass * vis).sum(-1)  # own chunk: non-causal keys carry no mass
@@ -383,8 +408,9 @@ def _measure(stats: LayerStats, layer, lg, probs, qb, pos, measure, summ_for, nG
 class Analyzer:
     """The embedded checkpoint (float32) under transformers, with swappable attention."""
 
-    def __init__(self, model_dir: str | None = None, threads: int | None = None,
-                 device: str | None = None):
+    def __init__(
+        self, model_dir: str | None = None, threads: int | None = None, device: str | None = None
+    ):
         """``device`` (e.g. "cuda") runs the replay there: every tensor this module makes
         goes to that device (torch's default device is set process-wide), float32 with
         TF32 off so that results compare with the CPU replay."""
@@ -402,7 +428,8 @@ class Analyzer:
         AttentionInterface.register(ATTN_NAME, _attention_fn)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation=ATTN_NAME).eval()
+            model_dir, dtype=torch.float32, attn_implementation=ATTN_NAME
+        ).eval()
         if device:
             self.model.to(device)
         hf = self.model.config
@@ -410,19 +437,20 @@ class Analyzer:
         self.n_heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", hf.hidden_size // hf.num_attention_heads)
         theta = (getattr(hf, "rope_parameters", None) or {}).get(
-            "rope_theta", getattr(hf, "rope_theta", 10000.0))
+            "rope_theta", getattr(hf, "rope_theta", 10000.0)
+        )
         self.rope = RopeSpec.default(head_dim, theta=float(theta))
         _STATE.rope = self.rope
 
     @torch.inference_mode()
-    def nll(self, ids: list[int], mode: Any = "dense",
-            measure: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict | None]:
+    def nll(
+        self, ids: list[int], mode: Any = "dense", measure: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, dict | None]:
         """Per-token NLL [len(ids)-1] (nats) of ids[1:] under `mode`; with `measure` (only
         for mode="dense"), the LayerStats summary of each rule's captured attention mass."""
         _STATE.mode = mode
         _STATE.measure = measure or {}
-        _STATE.stats = (LayerStats(self.n_layers, self.n_heads, list(measure))
-                        if measure else None)
+        _STATE.stats = LayerStats(self.n_layers, self.n_heads, list(measure)) if measure else None
         try:
             x = torch.tensor([ids])
             logits = self.model(input_ids=x).logits[0, :-1].float()
@@ -447,7 +475,7 @@ class Analyzer:
         """Dense greedy continuation of ids (n new tokens)."""
         _STATE.mode = "dense"
         out = self.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
-        return out[0, len(ids):].tolist()
+        return out[0, len(ids) :].tolist()
 
     @torch.inference_mode()
     def capture(self, ids: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -464,8 +492,15 @@ class SpanProbe:
     """Per layer and head: the dense attention mass that queries at `q_pos` put on the
     keys `span` (e.g. a needle), and how much of it each routing rule keeps visible."""
 
-    def __init__(self, q_pos: list[int], span: range, rules: dict[str, Any], rope: RopeSpec,
-                 n_layers: int, n_heads: int):
+    def __init__(
+        self,
+        q_pos: list[int],
+        span: range,
+        rules: dict[str, Any],
+        rope: RopeSpec,
+        n_layers: int,
+        n_heads: int,
+    ):
         self.q_pos, self.span, self.rules, self.rope = q_pos, span, rules, rope
         z = lambda: torch.zeros(n_layers, n_heads, dtype=torch.float64)  # noqa: E731
         self.mass = z()
@@ -478,11 +513,12 @@ class SpanProbe:
         rep = q.shape[1] // k.shape[1]
         kx = k[:S].repeat_interleave(rep, dim=1)
         lg = torch.einsum("thd,shd->ths", q[pos], kx) * scale
-        lg = lg.masked_fill((torch.arange(S).unsqueeze(0) > pos.unsqueeze(1)).unsqueeze(1),
-                            float("-inf"))
+        lg = lg.masked_fill(
+            (torch.arange(S).unsqueeze(0) > pos.unsqueeze(1)).unsqueeze(1), float("-inf")
+        )
         probs = torch.softmax(lg, -1)
         sp = torch.zeros(S, dtype=torch.bool)
-        sp[self.span.start:self.span.stop] = True
+        sp[self.span.start : self.span.stop] = True
         self.mass[layer] += (probs * sp).sum(-1).double().mean(0)
         for name, rule in self.rules.items():
             cfg = _cfg_of(rule)
@@ -490,8 +526,7 @@ class SpanProbe:
                 self.kept[name][layer] += (probs * sp).sum(-1).double().mean(0)
                 continue
             router = rule[1](k, cfg, self.rope) if isinstance(rule, tuple) else None
-            vis, _, _ = hga_group_vis(q[pos], pos, _summaries(k, cfg, self.rope), cfg, nG,
-                                      router)
+            vis, _, _ = hga_group_vis(q[pos], pos, _summaries(k, cfg, self.rope), cfg, nG, router)
             tok = vis.repeat_interleave(GROUP, -1)[..., :S]
             self.kept[name][layer] += (probs * (tok & sp)).sum(-1).double().mean(0)
 
@@ -512,8 +547,9 @@ def mean(x) -> float:
 
 
 # ------------------------------------------------------------------ experimental routers
-def stat_router(kind: str, alpha: float = 2.0, level: str = "max_group", bits: int = 2,
-                span: str = "group"):
+def stat_router(
+    kind: str, alpha: float = 2.0, level: str = "max_group", bits: int = 2, span: str = "group"
+):
     """Router factory for summary statistics the backend does not store (yet).
 
     Group scores from the post-RoPE keys of each closed group (``stat_scores``); chunk
@@ -521,6 +557,7 @@ def stat_router(kind: str, alpha: float = 2.0, level: str = "max_group", bits: i
     summary score (level "summary", from the stored summaries).  Then top K_c chunks, top
     G groups, as routing.route.
     """
+
     def factory(k: torch.Tensor, cfg: HGAConfig, rope: RopeSpec):
         scores = stat_scores(kind, alpha, k, cfg, bits, span)
 
@@ -534,12 +571,15 @@ def stat_router(kind: str, alpha: float = 2.0, level: str = "max_group", bits: i
             else:
                 chunk_scores = group_scores.amax(-1)
             return _two_level(group_scores, chunk_scores, pos, cfg_)
+
         return route
+
     return factory
 
 
-def stat_scores(kind: str, alpha: float, k: torch.Tensor, cfg: HGAConfig, bits: int = 2,
-                span: str = "group"):
+def stat_scores(
+    kind: str, alpha: float, k: torch.Tensor, cfg: HGAConfig, bits: int = 2, span: str = "group"
+):
     """scores(qb [N, Hq, D], group_sum) -> [N, Hq, n, M]: group scores of the closed groups
     of keys k [T, Hkv, D] (post-RoPE) by
 
@@ -589,13 +629,13 @@ def stat_scores(kind: str, alpha: float, k: torch.Tensor, cfg: HGAConfig, bits: 
     elif kind == "sketch":
         dims = (1, 2) if span == "chunk" else 2
         lo, hi = kg.amin(dims, keepdim=True), kg.amax(dims, keepdim=True)
-        levels = 2 ** bits - 1
+        levels = 2**bits - 1
         step = (hi - lo).clamp(min=1e-12) / levels
         a = lo + torch.round((kg - lo) / step) * step  # [n, M, gs, H, D]
         b = None
     else:
         raise ValueError(f"unknown group statistic {kind!r}")
-    scale = D ** -0.5
+    scale = D**-0.5
 
     def scores(qb, group_sum):
         N, Hq, _ = qb.shape
@@ -609,8 +649,9 @@ def stat_scores(kind: str, alpha: float, k: torch.Tensor, cfg: HGAConfig, bits: 
         elif kind.startswith("meanstd"):
             s = s + alpha * torch.einsum("nkrd,jmkd->nkrjm", qd * qd, b).clamp(min=0).sqrt()
         elif kind == "gauss":
-            s = s * scale + scale ** 2 / 2 * torch.einsum("nkrd,jmkd->nkrjm", qd * qd, b)
+            s = s * scale + scale**2 / 2 * torch.einsum("nkrd,jmkd->nkrjm", qd * qd, b)
         return s.reshape(N, Hq, n, M)
+
     return scores
 
 
@@ -619,17 +660,22 @@ def reserve_router(reserve: int, by: str = "quest", alpha: float = 1.0):
     then the `reserve` pool groups it left out with the best ``stat_scores(by, alpha)``
     are opened too: a second opinion for spans the shipped score ranks low.  Opens as
     many groups as the shipped rule (the pool permitting), so density is unchanged."""
+
     def factory(k: torch.Tensor, cfg: HGAConfig, rope: RopeSpec):
         scores = stat_scores(by, alpha, k, cfg)
         n = k.shape[0] // cfg.chunk_size
-        var = (group_key_variance(k[: n * cfg.chunk_size], cfg).unsqueeze(0)
-               if cfg.group_score == "mean_std" else None)
+        var = (
+            group_key_variance(k[: n * cfg.chunk_size], cfg).unsqueeze(0)
+            if cfg.group_score == "mean_std"
+            else None
+        )
 
         def route(qb, pos, chunk_sum, group_sum, cfg_):
             G = cfg_.groups_per_query
             R = min(reserve, G)
-            fixed, ids, ok = routing.route(qb, pos, chunk_sum, group_sum, cfg_,
-                                           groups_per_query=G - R, group_var=var)
+            fixed, ids, ok = routing.route(
+                qb, pos, chunk_sum, group_sum, cfg_, groups_per_query=G - R, group_var=var
+            )
             if R == 0 or n == 0:
                 return fixed, ids, ok
             N, Hq = qb.shape[:2]
@@ -639,9 +685,14 @@ def reserve_router(reserve: int, by: str = "quest", alpha: float = 1.0):
             free = pool.repeat_interleave(M, -1).unsqueeze(1) & ~routing.group_mask(ids, ok, n * M)
             s = s.masked_fill(~free, float("-inf"))
             top = torch.topk(s, min(R, n * M), dim=-1)
-            return (fixed, torch.cat([ids, top.indices], -1),
-                    torch.cat([ok, top.values > float("-inf")], -1))
+            return (
+                fixed,
+                torch.cat([ids, top.indices], -1),
+                torch.cat([ok, top.values > float("-inf")], -1),
+            )
+
         return route
+
     return factory
 
 
@@ -672,6 +723,7 @@ def _two_level(group_scores, chunk_scores, pos, cfg):
 
 def find_span(tok, ids: list[int], text: str) -> range:
     """Token positions of `text` inside ids (binary search on decoded prefixes)."""
+
     def first(pred):
         lo, hi = 0, len(ids)
         while lo < hi:
@@ -681,6 +733,7 @@ def find_span(tok, ids: list[int], text: str) -> range:
             else:
                 lo = mid + 1
         return lo
+
     start = first(lambda s: text[:12] in s) - 1
     end = first(lambda s: text in s)
     return range(max(0, start), end)

@@ -37,13 +37,19 @@ from pathlib import Path
 
 from research import evalcommon as ec
 
-DOCS = ["devils_dictionary", "jargon_file", "gnu_coding_standards", "argparse_py",
-        "pydecimal_py"]
+DOCS = ["devils_dictionary", "jargon_file", "gnu_coding_standards", "argparse_py", "pydecimal_py"]
 WINDOWS = [2048, 4096, 8000]
 
 # The paper's routing, every key spelled out (the package defaults differ: README).
-PAPER = {"sink_chunks": 2, "local_chunks": 8, "topk_chunks": 20, "topk_groups": 32,
-         "groups_per_query": 16, "chunk_score": "summary", "group_score": "mean"}
+PAPER = {
+    "sink_chunks": 2,
+    "local_chunks": 8,
+    "topk_chunks": 20,
+    "topk_groups": 32,
+    "groups_per_query": 16,
+    "chunk_score": "summary",
+    "group_score": "mean",
+}
 # The shipped default's routing rule (F=1, L=2, max_group chunks, mean_std groups).
 STD3 = {"chunk_score": "max_group", "group_score": "mean_std", "score_alpha": 3.0}
 
@@ -57,8 +63,11 @@ def _p(**kw):
 
 def _n(g: int, **kw):
     """Default rule (F1, L2, std3) with G groups per query; K_c covers K_g = 2G groups."""
-    return dict({"sink_chunks": 1, "local_chunks": 2, "topk_chunks": g // 2,
-                 "topk_groups": 2 * g}, **STD3, **kw)
+    return dict(
+        {"sink_chunks": 1, "local_chunks": 2, "topk_chunks": g // 2, "topk_groups": 2 * g},
+        **STD3,
+        **kw,
+    )
 
 
 # Budget sweep: (label, config).  K_g = topk_groups; G = groups_per_query (K_g // 2).
@@ -102,8 +111,9 @@ def sim_suffix(backend: str, device: str) -> str:
 class Runner:
     """NLLs of (config, doc) through the engine or the simulator, cached on disk."""
 
-    def __init__(self, backend: str, dtype: str, length: int, cache: ec.NLLCache,
-                 device: str = "cpu"):
+    def __init__(
+        self, backend: str, dtype: str, length: int, cache: ec.NLLCache, device: str = "cpu"
+    ):
         self.backend, self.dtype, self.length, self.cache = backend, dtype, length, cache
         self.device = device
         self.tok = ec.tokenizer(dtype)
@@ -122,21 +132,35 @@ class Runner:
         batches = [todo] if self.backend == "vllm" else [[d] for d in todo]
         for batch in (b for b in batches if b):
             clock = ec.Clock()
-            fresh = (self._engine_nlls(backend, hga, batch) if self.backend == "vllm"
-                     else self._sim_nlls(hga, batch))
-            print(f"  {backend} {json.dumps(hga)}: {', '.join(batch)} in {clock()} s",
-                  flush=True)
+            fresh = (
+                self._engine_nlls(backend, hga, batch)
+                if self.backend == "vllm"
+                else self._sim_nlls(hga, batch)
+            )
+            print(f"  {backend} {json.dumps(hga)}: {', '.join(batch)} in {clock()} s", flush=True)
             for d, nll in fresh.items():
-                self.cache.put(key, d, self.length, nll,
-                               {"backend": backend, "hga": hga, "dtype": self.dtype,
-                                "runner": self.backend, "doc": d, "seconds": clock()})
+                self.cache.put(
+                    key,
+                    d,
+                    self.length,
+                    nll,
+                    {
+                        "backend": backend,
+                        "hga": hga,
+                        "dtype": self.dtype,
+                        "runner": self.backend,
+                        "doc": d,
+                        "seconds": clock(),
+                    },
+                )
                 got[d] = nll
         return got
 
     def _engine_nlls(self, backend, hga, docs):
         if hga and any(hga.get(k) for k in ec.SIM_KEYS):
-            raise SystemExit("the oracle and research routers exist in the simulator only "
-                             "(--backend sim)")
+            raise SystemExit(
+                "the oracle and research routers exist in the simulator only (--backend sim)"
+            )
         llm = ec.make_llm(backend, hga, dtype=self.dtype)
         try:
             res = ec.prompt_nlls(llm, [self.tokens(d) for d in docs])
@@ -155,8 +179,7 @@ class Runner:
         return {d: self._sim.nll(self.tokens(d), mode)[0].tolist() for d in docs}
 
 
-def evaluate(runner: Runner, configs: dict[str, dict], docs: list[str],
-             windows: list[int]) -> dict:
+def evaluate(runner: Runner, configs: dict[str, dict], docs: list[str], windows: list[int]) -> dict:
     from research.analysis import density, first_routed_position
 
     dense = runner.nlls(None, docs)
@@ -175,8 +198,12 @@ def evaluate(runner: Runner, configs: dict[str, dict], docs: list[str],
                 g = sum(hn) / len(hn) - sum(dn) / len(dn)
                 na = max(0, W - 1 - start)
                 ga = (sum(hn[act]) - sum(dn[act])) / na if na else 0.0
-                per_doc[d] = {"dense": sum(dn) / len(dn), "hga": sum(hn) / len(hn),
-                              "gap": g, "gap_active": ga}
+                per_doc[d] = {
+                    "dense": sum(dn) / len(dn),
+                    "hga": sum(hn) / len(hn),
+                    "gap": g,
+                    "gap_active": ga,
+                }
                 tot["n"] += len(dn)
                 tot["d"] += sum(dn)
                 tot["h"] += sum(hn)
@@ -184,40 +211,82 @@ def evaluate(runner: Runner, configs: dict[str, dict], docs: list[str],
                 tot["da"] += sum(dn[act])
                 tot["ha"] += sum(hn[act])
             gaps = [v["gap"] for v in per_doc.values()]
-            sd = (math.sqrt(sum((x - sum(gaps) / len(gaps)) ** 2 for x in gaps)
-                            / max(1, len(gaps) - 1)) if len(gaps) > 1 else 0.0)
-            rows.append({
-                "config": name, "hga": hga, "window": W, "docs": len(docs),
-                "tokens": tot["n"],
-                "nll_dense": tot["d"] / tot["n"], "nll_hga": tot["h"] / tot["n"],
-                "gap": (tot["h"] - tot["d"]) / tot["n"],
-                "gap_doc_sd": sd,
-                "active_tokens": tot["na"],
-                "gap_active": (tot["ha"] - tot["da"]) / tot["na"] if tot["na"] else 0.0,
-                "density": density(W, cfg, n_layers=30),
-                "density_active": (density(W, cfg, n_layers=30, positions=range(start, W))
-                                   if start < W else 1.0),
-                "per_doc": per_doc,
-            })
-    return {"backend": runner.backend, "dtype": runner.dtype, "length": runner.length,
-            "docs": docs, "windows": windows, "rows": rows}
+            sd = (
+                math.sqrt(
+                    sum((x - sum(gaps) / len(gaps)) ** 2 for x in gaps) / max(1, len(gaps) - 1)
+                )
+                if len(gaps) > 1
+                else 0.0
+            )
+            rows.append(
+                {
+                    "config": name,
+                    "hga": hga,
+                    "window": W,
+                    "docs": len(docs),
+                    "tokens": tot["n"],
+                    "nll_dense": tot["d"] / tot["n"],
+                    "nll_hga": tot["h"] / tot["n"],
+                    "gap": (tot["h"] - tot["d"]) / tot["n"],
+                    "gap_doc_sd": sd,
+                    "active_tokens": tot["na"],
+                    "gap_active": (tot["ha"] - tot["da"]) / tot["na"] if tot["na"] else 0.0,
+                    "density": density(W, cfg, n_layers=30),
+                    "density_active": (
+                        density(W, cfg, n_layers=30, positions=range(start, W))
+                        if start < W
+                        else 1.0
+                    ),
+                    "per_doc": per_doc,
+                }
+            )
+    return {
+        "backend": runner.backend,
+        "dtype": runner.dtype,
+        "length": runner.length,
+        "docs": docs,
+        "windows": windows,
+        "rows": rows,
+    }
 
 
 def report(res: dict) -> str:
-    header = ["config", "ctx", "dense nll", "HGA nll", "gap", "gap (active)", "density",
-              "density (active)"]
-    rows = [[r["config"], r["window"], r["nll_dense"], r["nll_hga"], r["gap"],
-             r["gap_active"], f"{100 * r['density']:.1f}%",
-             f"{100 * r['density_active']:.1f}%"] for r in res["rows"]]
-    head = (f"backend={res['backend']} dtype={res['dtype']} docs={', '.join(res['docs'])} "
-            f"(first {res['length']} tokens each; shorter contexts are prefixes)")
+    header = [
+        "config",
+        "ctx",
+        "dense nll",
+        "HGA nll",
+        "gap",
+        "gap (active)",
+        "density",
+        "density (active)",
+    ]
+    rows = [
+        [
+            r["config"],
+            r["window"],
+            r["nll_dense"],
+            r["nll_hga"],
+            r["gap"],
+            r["gap_active"],
+            f"{100 * r['density']:.1f}%",
+            f"{100 * r['density_active']:.1f}%",
+        ]
+        for r in res["rows"]
+    ]
+    head = (
+        f"backend={res['backend']} dtype={res['dtype']} docs={', '.join(res['docs'])} "
+        f"(first {res['length']} tokens each; shorter contexts are prefixes)"
+    )
     per = ["", "per document (largest context):"]
     W = max(res["windows"])
     for r in res["rows"]:
         if r["window"] != W:
             continue
-        per.append(f"  {r['config']}: " + ", ".join(
-            f"{d} {v['gap']:+.4f}" for d, v in r["per_doc"].items()))
+        per.append(
+            f"  {r['config']}: "
+            + ", ".join(f"{d} {v['gap']:+.4f}" for d, v in r["per_doc"].items())
+        )
     return head + "\n" + ec.md_table(header, rows) + "\n" + "\n".join(per)
 
 
@@ -236,49 +305,73 @@ def plot(res: dict, path: str) -> None:
                 continue
             sel.sort(key=lambda r: r["density"])
             lab = f"{W} tokens" + (", oracle" if kind == "oracle" else "")
-            pts = ax.scatter([100 * r["density"] for r in sel], [r["gap"] for r in sel],
-                             marker=marker, label=lab)
+            pts = ax.scatter(
+                [100 * r["density"] for r in sel], [r["gap"] for r in sel], marker=marker, label=lab
+            )
             if kind == "oracle":  # the oracle curve: same window, growing G
-                ax.plot([100 * r["density"] for r in sel if "paper" in r["config"]],
-                        [r["gap"] for r in sel if "paper" in r["config"]],
-                        color=pts.get_facecolor()[0] if len(pts.get_facecolor()) else None,
-                        lw=0.8)
+                ax.plot(
+                    [100 * r["density"] for r in sel if "paper" in r["config"]],
+                    [r["gap"] for r in sel if "paper" in r["config"]],
+                    color=pts.get_facecolor()[0] if len(pts.get_facecolor()) else None,
+                    lw=0.8,
+                )
             if W == max(res["windows"]):
                 for r in sel:
-                    ax.annotate(r["config"].replace("oracle ", "o:").split(" (")[0],
-                                (100 * r["density"], r["gap"]), fontsize=5.5,
-                                xytext=(3, 2), textcoords="offset points")
+                    ax.annotate(
+                        r["config"].replace("oracle ", "o:").split(" (")[0],
+                        (100 * r["density"], r["gap"]),
+                        fontsize=5.5,
+                        xytext=(3, 2),
+                        textcoords="offset points",
+                    )
     ax.axhline(0.02, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("density (% of dense causal pairs, all layers)")
     ax.set_ylabel("NLL gap vs dense (nats/token)")
-    ax.set_title(f"HGA budget sweep, SmolLM2-135M, {len(res['docs'])} docs "
-                 f"({'offline replay' if res['backend'] == 'sim' else 'vLLM engine'}, "
-                 f"{res['dtype']})", fontsize=9)
+    ax.set_title(
+        f"HGA budget sweep, SmolLM2-135M, {len(res['docs'])} docs "
+        f"({'offline replay' if res['backend'] == 'sim' else 'vLLM engine'}, "
+        f"{res['dtype']})",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--backend", choices=["vllm", "sim"], default="vllm")
     ap.add_argument("--dtype", choices=ec.DTYPES, default="float32")
     ap.add_argument("--docs", nargs="+", default=DOCS)
     ap.add_argument("--length", type=int, default=8000)
     ap.add_argument("--windows", type=int, nargs="+", default=WINDOWS)
-    ap.add_argument("--config", action="append", default=[],
-                    help="NAME=JSON of hga keys (repeatable); default: default={}")
+    ap.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="NAME=JSON of hga keys (repeatable); default: default={}",
+    )
     ap.add_argument("--sweep", action="store_true", help="add the budget sweep configs")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write a nats-vs-density PNG here")
-    ap.add_argument("--device", default="cpu",
-                    help="--backend sim only: run the replay on this torch device (e.g. cuda)")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="--backend sim only: run the replay on this torch device (e.g. cuda)",
+    )
     ap.add_argument("--cache", help="NLL cache folder (default ~/.cache/vllm-hga/eval)")
-    ap.add_argument("--cached-only", action="store_true",
-                    help="report only configs whose NLLs are all in the cache (no runs)")
-    ap.add_argument("--from-json", metavar="FILE",
-                    help="no runs: print (and --plot) the results a --json run wrote")
+    ap.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="report only configs whose NLLs are all in the cache (no runs)",
+    )
+    ap.add_argument(
+        "--from-json",
+        metavar="FILE",
+        help="no runs: print (and --plot) the results a --json run wrote",
+    )
     args = ap.parse_args()
     if args.backend == "vllm" and args.device != "cpu":
         ap.error("--device is for --backend sim (the engine picks its own device)")
@@ -289,17 +382,20 @@ def main() -> None:
             plot(res, args.plot)
         return
 
-    configs = (parse_configs(args.config) if args.config
-               else {} if args.sweep else {"default": {}})  # the sweep holds the default
+    configs = (
+        parse_configs(args.config) if args.config else {} if args.sweep else {"default": {}}
+    )  # the sweep holds the default
     if args.sweep:
         configs.update({k: v for k, v in SWEEP.items() if k not in configs})
     windows = sorted(w for w in args.windows if w <= args.length)
     runner = Runner(args.backend, args.dtype, args.length, ec.NLLCache(args.cache), args.device)
     if args.cached_only:
         suffix = sim_suffix(args.backend, args.device)
-        have = lambda h: all(runner.cache.get(  # noqa: E731
-            ec.config_key("HGA", h, args.dtype) + suffix, d, args.length) is not None
-            for d in args.docs)
+        have = lambda h: all(  # noqa: E731
+            runner.cache.get(ec.config_key("HGA", h, args.dtype) + suffix, d, args.length)
+            is not None
+            for d in args.docs
+        )
         skipped = [n for n, h in configs.items() if not have(h)]
         configs = {n: h for n, h in configs.items() if have(h)}
         if skipped:

@@ -1,4 +1,5 @@
-"""Shared helpers of the quality scripts (research.eval_quality, research.niah, benchmarks.bench_cpu) and tests/test_quality.py.
+"""Shared helpers of the quality scripts (research.eval_quality, research.niah,
+benchmarks.bench_cpu) and tests/test_quality.py.
 
 The real vLLM engine, the embedded SmolLM2-135M-Instruct checkpoint, real documents
 (``devkit.texts``).  vLLM spawns its engine core: call these from inside
@@ -25,16 +26,27 @@ def model_dir(dtype: str = "float32") -> str:
     return str(embedded_model_dir(dtype=dtype))
 
 
-def make_llm(backend: str, hga: dict | None = None, dtype: str = "float32",
-             max_model_len: int = MAX_LEN, **kw):
+def make_llm(
+    backend: str,
+    hga: dict | None = None,
+    dtype: str = "float32",
+    max_model_len: int = MAX_LEN,
+    **kw,
+):
     """One engine: backend "CPU_ATTN" (dense, vLLM's own CPU attention) or "HGA"."""
     from vllm import LLM
 
     extra = {"hga": dict(hga or {})} if backend == "HGA" else {}
     kw.setdefault("kv_cache_memory_bytes", 1 << 30)
-    return LLM(model=model_dir(dtype), attention_backend=backend,
-               max_model_len=max_model_len, enforce_eager=True, additional_config=extra,
-               seed=0, **kw)
+    return LLM(
+        model=model_dir(dtype),
+        attention_backend=backend,
+        max_model_len=max_model_len,
+        enforce_eager=True,
+        additional_config=extra,
+        seed=0,
+        **kw,
+    )
 
 
 def close(llm) -> None:
@@ -65,8 +77,7 @@ def prompt_nlls(llm, prompts: list[list[int]]) -> list[list[float]]:
     from vllm.inputs import TokensPrompt
 
     sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp,
-                        use_tqdm=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
     result = []
     for p, out in zip(prompts, outs):
         lps = out.prompt_logprobs[1:]
@@ -129,7 +140,7 @@ class NLLCache:
     def __init__(self, root: str | Path | None = None):
         if root is None:
             env = os.environ.get("VLLM_HGA_CACHE")
-            root = (Path(env).expanduser() if env else Path.home() / ".cache" / "vllm-hga")
+            root = Path(env).expanduser() if env else Path.home() / ".cache" / "vllm-hga"
             root = root / "eval"
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -162,6 +173,7 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
         if isinstance(x, float):
             return f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}"
         return str(x)
+
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
     return "\n".join(lines)

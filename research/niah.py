@@ -32,20 +32,37 @@ from research import evalcommon as ec
 
 # kind: (needle sentence, question, expected answer)
 NEEDLES = {
-    "password": ("The secret password for the archive is 'violet-harbor-42'.",
-                 "What is the secret password for the archive?", "violet-harbor-42"),
-    "number": ("The access code for the north gate is 7391.",
-               "What is the access code for the north gate?", "7391"),
-    "city": ("Ms. Okonkwo's sister lives in the city of Valparaiso.",
-             "In which city does Ms. Okonkwo's sister live?", "Valparaiso"),
-    "pin": ("The PIN for the blue safe is 5824.",
-            "What is the PIN for the blue safe?", "5824"),
-    "year": ("The old mill by the river was built in 1873.",
-             "In what year was the old mill by the river built?", "1873"),
-    "animal": ("The favourite animal of Queen Marguerite is the red panda.",
-               "What is the favourite animal of Queen Marguerite?", "red panda"),
-    "name": ("The lighthouse keeper on Skerry Island is named Tobias Wrenfield.",
-             "What is the name of the lighthouse keeper on Skerry Island?", "Wrenfield"),
+    "password": (
+        "The secret password for the archive is 'violet-harbor-42'.",
+        "What is the secret password for the archive?",
+        "violet-harbor-42",
+    ),
+    "number": (
+        "The access code for the north gate is 7391.",
+        "What is the access code for the north gate?",
+        "7391",
+    ),
+    "city": (
+        "Ms. Okonkwo's sister lives in the city of Valparaiso.",
+        "In which city does Ms. Okonkwo's sister live?",
+        "Valparaiso",
+    ),
+    "pin": ("The PIN for the blue safe is 5824.", "What is the PIN for the blue safe?", "5824"),
+    "year": (
+        "The old mill by the river was built in 1873.",
+        "In what year was the old mill by the river built?",
+        "1873",
+    ),
+    "animal": (
+        "The favourite animal of Queen Marguerite is the red panda.",
+        "What is the favourite animal of Queen Marguerite?",
+        "red panda",
+    ),
+    "name": (
+        "The lighthouse keeper on Skerry Island is named Tobias Wrenfield.",
+        "What is the name of the lighthouse keeper on Skerry Island?",
+        "Wrenfield",
+    ),
 }
 GPL_FILES = ["/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/GPL-2"]
 HAYSTACKS = ["gpl", "devils_dictionary"]
@@ -58,8 +75,9 @@ NEW_TOKENS = 32
 
 
 def _chat_ids(tok, content: str) -> list[int]:
-    ids = tok.apply_chat_template([{"role": "user", "content": content}],
-                                  add_generation_prompt=True, tokenize=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
+    )
     if not isinstance(ids, list):  # a BatchEncoding in some transformers versions
         ids = ids["input_ids"]
     return list(ids)
@@ -94,9 +112,15 @@ def build_prompt(tok, hay: str, n_tokens: int, depth: float, kind: str) -> dict:
         if len(ids) <= n_tokens or len(lines) <= cut:
             break
         lines = lines[:-1]
-    return {"hay": hay, "kind": kind, "depth": depth, "target_len": n_tokens,
-            "prompt_ids": ids, "answer": answer,
-            "needle_at": round(offsets[cut] / max(1, acc), 3)}
+    return {
+        "hay": hay,
+        "kind": kind,
+        "depth": depth,
+        "target_len": n_tokens,
+        "prompt_ids": ids,
+        "answer": answer,
+        "needle_at": round(offsets[cut] / max(1, acc), 3),
+    }
 
 
 def run(backend: str, hga: dict | None, trials: list[dict], dtype: str) -> list[dict]:
@@ -106,17 +130,24 @@ def run(backend: str, hga: dict | None, trials: list[dict], dtype: str) -> list[
     llm = ec.make_llm(backend, hga, dtype=dtype)
     clock = ec.Clock()
     try:
-        outs = llm.generate([TokensPrompt(prompt_token_ids=t["prompt_ids"]) for t in trials],
-                            SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0),
-                            use_tqdm=False)
+        outs = llm.generate(
+            [TokensPrompt(prompt_token_ids=t["prompt_ids"]) for t in trials],
+            SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0),
+            use_tqdm=False,
+        )
     finally:
         ec.close(llm)
     res = []
     for t, o in zip(trials, outs):
         text = o.outputs[0].text
-        res.append({k: v for k, v in t.items() if k != "prompt_ids"} | {
-            "len": len(t["prompt_ids"]), "output": text,
-            "pass": t["answer"].lower() in text.lower()})
+        res.append(
+            {k: v for k, v in t.items() if k != "prompt_ids"}
+            | {
+                "len": len(t["prompt_ids"]),
+                "output": text,
+                "pass": t["answer"].lower() in text.lower(),
+            }
+        )
     print(f"  {backend} {json.dumps(hga)}: {len(trials)} trials in {clock()} s", flush=True)
     return res
 
@@ -134,8 +165,10 @@ def run_sim(analyzer, hga: dict | None, trials: list[dict]) -> list[dict]:
             cont = exact_greedy(analyzer, ids, t["dense_cont"], ec.sim_mode(hga))
         eos = analyzer.tokenizer.eos_token_id
         text = analyzer.tokenizer.decode([c for c in cont if c != eos])
-        res.append({k: v for k, v in t.items() if k not in ("prompt_ids", "dense_cont")} | {
-            "len": len(ids), "output": text, "pass": t["answer"].lower() in text.lower()})
+        res.append(
+            {k: v for k, v in t.items() if k not in ("prompt_ids", "dense_cont")}
+            | {"len": len(ids), "output": text, "pass": t["answer"].lower() in text.lower()}
+        )
     print(f"  sim {json.dumps(hga)}: {len(trials)} trials in {clock()} s", flush=True)
     return res
 
@@ -148,7 +181,7 @@ def exact_greedy(analyzer, ids: list[int], guess: list[int], mode) -> list[int]:
     cont, ok = list(guess[:NEW_TOKENS]), 0
     while ok < len(cont):
         analyzer.nll(ids + cont, mode)
-        pred = analyzer.last_argmax[len(ids) - 1:].tolist()[: len(cont)]
+        pred = analyzer.last_argmax[len(ids) - 1 :].tolist()[: len(cont)]
         bad = next((i for i in range(ok, len(cont)) if pred[i] != cont[i]), None)
         if bad is None:
             break
@@ -174,8 +207,9 @@ def table(results: dict[str, list[dict]], lengths, depths) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--backend", choices=["vllm", "sim"], default="vllm")
     ap.add_argument("--device", default="cpu", help="--backend sim: torch device")
     ap.add_argument("--dtype", choices=ec.DTYPES, default="bfloat16")
@@ -183,8 +217,12 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=KINDS, choices=list(NEEDLES))
     ap.add_argument("--depths", type=float, nargs="+", default=DEPTHS)
     ap.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
-    ap.add_argument("--config", action="append", default=[],
-                    help="NAME=JSON of hga keys (repeatable); default: default={}")
+    ap.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="NAME=JSON of hga keys (repeatable); default: default={}",
+    )
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--dense-only", action="store_true")
     ap.add_argument("--json", help="write every trial (prompt, output, pass) here")
@@ -197,8 +235,13 @@ def main() -> None:
         args.dtype = "float32"
 
     tok = ec.tokenizer(args.dtype)
-    trials = [build_prompt(tok, h, L, d, k) for h in args.hays for L in args.lengths
-              for d in args.depths for k in args.kinds]
+    trials = [
+        build_prompt(tok, h, L, d, k)
+        for h in args.hays
+        for L in args.lengths
+        for d in args.depths
+        for k in args.kinds
+    ]
     configs = {}
     for item in args.config or ["default="]:
         name, _, blob = item.partition("=")
@@ -207,8 +250,9 @@ def main() -> None:
 
     def dump() -> None:  # after every config, so that a run cut short keeps what it did
         if args.json:
-            Path(args.json).write_text(json.dumps(
-                {"dtype": args.dtype, "configs": configs, "results": results}, indent=1))
+            Path(args.json).write_text(
+                json.dumps({"dtype": args.dtype, "configs": configs, "results": results}, indent=1)
+            )
 
     if args.backend == "sim":
         from research.analysis import Analyzer
@@ -226,14 +270,18 @@ def main() -> None:
         for name, hga in ({} if args.dense_only else configs).items():
             results[name] = run("HGA", hga, trials, args.dtype)
             dump()
-    print(f"haystacks {', '.join(args.hays)}; needles {', '.join(args.kinds)}; "
-          f"dtype {args.dtype}; backend {args.backend}; pass = answer in greedy output")
+    print(
+        f"haystacks {', '.join(args.hays)}; needles {', '.join(args.kinds)}; "
+        f"dtype {args.dtype}; backend {args.backend}; pass = answer in greedy output"
+    )
     print(table(results, args.lengths, args.depths))
     for name, res in results.items():
         for r in res:
             if not r["pass"]:
-                print(f"  miss {name}: {r['hay']} {r['target_len']} depth {r['depth']} "
-                      f"{r['kind']}: {r['output'][:80]!r}")
+                print(
+                    f"  miss {name}: {r['hay']} {r['target_len']} depth {r['depth']} "
+                    f"{r['kind']}: {r['output'][:80]!r}"
+                )
 
 
 if __name__ == "__main__":

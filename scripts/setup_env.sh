@@ -25,4 +25,7 @@ if ! "$VENV/bin/python" -c "import vllm, vllm_hga" >/dev/null 2>&1; then
   pip_quiet install gguf accelerate openai pytest pyyaml setuptools wheel
   pip_quiet install --no-build-isolation -e .
 fi
+# lint tools (scripts/lint.sh), pinned so CI and developers format alike
+"$VENV/bin/ruff" --version 2>/dev/null | grep -q "0.17.6" && "$VENV/bin/clang-format" --version 2>/dev/null | grep -q "23.1.5" \
+  || pip_quiet install "ruff==0.17.6" "clang-format==23.1.5"
 "$VENV/bin/python" -c "import vllm, vllm_hga; print('vllm', vllm.__version__, '| vllm-hga', vllm_hga.__version__)"

@@ -18,10 +18,17 @@ from vllm_hga.metrics import WorkerMetrics, bank_hit_rate
 
 # float64 pages (exact comparisons) hold mean / mean_std summaries; sketch pages are
 # float32 bit fields (tests/test_sketch.py covers them)
-SPARSE = HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8,
-                   group_score="mean_std")
-MEAN_STD = HGAConfig(sink_chunks=1, local_chunks=2, topk_chunks=4, topk_groups=8,
-                     chunk_score="max_group", group_score="mean_std")
+SPARSE = HGAConfig(
+    sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8, group_score="mean_std"
+)
+MEAN_STD = HGAConfig(
+    sink_chunks=1,
+    local_chunks=2,
+    topk_chunks=4,
+    topk_groups=8,
+    chunk_score="max_group",
+    group_score="mean_std",
+)
 
 
 def with_bank(cfg: HGAConfig, chunks: int) -> HGAConfig:
@@ -107,8 +114,9 @@ def test_rewritten_block_never_serves_stale_bank_data():
     old_bank = run.layer.bank.data.clone()
     run.block_table[1] = run.block_table[0]
     gen = torch.Generator().manual_seed(99)
-    run.k[1] = run.rope.apply(torch.randn(S, 2, 64, generator=gen, dtype=torch.float64),
-                              torch.arange(S))
+    run.k[1] = run.rope.apply(
+        torch.randn(S, 2, 64, generator=gen, dtype=torch.float64), torch.arange(S)
+    )
     run.v[1] = torch.randn(S, 2, 64, generator=gen, dtype=torch.float64)
     before = run.layer.metrics.totals()
     parts = [run.step({1: n})[1] for n in (300, S - 300 - 30)]
@@ -240,8 +248,19 @@ def test_kernel_model_matches_torch_admission(cap):
     from vllm_hga.bank import DeviceBank
 
     nb, Hkv, D = 700, 2, 4
-    lists = DecodeLists(nb, R=3, Hq=4, Hkv=Hkv, sinks=1, local=2, topk=6, groups=8,
-                        lengths=(300, 5000), seed=cap, max_decode=50)
+    lists = DecodeLists(
+        nb,
+        R=3,
+        Hq=4,
+        Hkv=Hkv,
+        sinks=1,
+        local=2,
+        topk=6,
+        groups=8,
+        lengths=(300, 5000),
+        seed=cap,
+        max_decode=50,
+    )
     pool = torch.randn(nb, Hkv, 2, CHUNK_SIZE, D)
     bank = DeviceBank(cap, Hkv, D, torch.float32, "cpu")
     bank.bind(pool)

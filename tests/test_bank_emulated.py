@@ -29,9 +29,12 @@ def emu():
     from torch.utils.cpp_extension import load
 
     try:
-        return load(name="hga_bank_emu", sources=[str(ROOT / "tests" / "emu" / "bank_emu.cpp")],
-                    extra_include_paths=[str(ROOT / "csrc")],
-                    extra_cflags=["-O1", "-std=c++20"])
+        return load(
+            name="hga_bank_emu",
+            sources=[str(ROOT / "tests" / "emu" / "bank_emu.cpp")],
+            extra_include_paths=[str(ROOT / "csrc")],
+            extra_cflags=["-O1", "-std=c++20"],
+        )
     except (RuntimeError, OSError, ImportError) as exc:  # no compiler, C++20 or ninja
         pytest.skip(f"cannot build the bank kernel emulator: {exc}")
 
@@ -45,16 +48,37 @@ def threads(emu, monkeypatch):
     cfg = {"n": 64}
 
     def admit(pool, bank, rows, token_ok, own, t, enc, sinks, chunk_bytes, fill):
-        emu.admit(pool, bank, rows, token_ok, own[0], own[1], t["slot_of_block"],
-                  t["block_of_slot"], t["last_use"], t["order"], t["miss_bits"],
-                  t["miss_summary"], t["meta"], t["fill_blocks"], t["fill_slots"], enc,
-                  list(sinks), chunk_bytes, fill, cfg["n"], SMS)
+        emu.admit(
+            pool,
+            bank,
+            rows,
+            token_ok,
+            own[0],
+            own[1],
+            t["slot_of_block"],
+            t["block_of_slot"],
+            t["last_use"],
+            t["order"],
+            t["miss_bits"],
+            t["miss_summary"],
+            t["meta"],
+            t["fill_blocks"],
+            t["fill_slots"],
+            enc,
+            list(sinks),
+            chunk_bytes,
+            fill,
+            cfg["n"],
+            SMS,
+        )
 
     monkeypatch.setattr(cuda_ops, "bank_admit", admit)
-    monkeypatch.setattr(cuda_ops, "bank_invalidate",
-                        lambda s, a, b, c: emu.invalidate(s.contiguous(), a, b, c, SMS))
-    monkeypatch.setattr(cuda_ops, "bank_fill_covered",
-                        lambda p, b: p.is_contiguous() and b.is_contiguous())
+    monkeypatch.setattr(
+        cuda_ops, "bank_invalidate", lambda s, a, b, c: emu.invalidate(s.contiguous(), a, b, c, SMS)
+    )
+    monkeypatch.setattr(
+        cuda_ops, "bank_fill_covered", lambda p, b: p.is_contiguous() and b.is_contiguous()
+    )
     return cfg
 
 
@@ -77,8 +101,19 @@ def pool_of(nb, Hkv, D, dtype=torch.float32, seed=0):
 def test_emulated_kernels_match_torch(threads, cap):
     nb, Hkv, D = 3000, 2, 8
     pool = pool_of(nb, Hkv, D, seed=cap)
-    lists = DecodeLists(nb, R=5, Hq=8, Hkv=Hkv, sinks=1, local=2, topk=8, groups=12,
-                        lengths=(200, 5000), seed=cap, max_decode=60)
+    lists = DecodeLists(
+        nb,
+        R=5,
+        Hq=8,
+        Hkv=Hkv,
+        sinks=1,
+        local=2,
+        topk=8,
+        groups=12,
+        lengths=(200, 5000),
+        seed=cap,
+        max_decode=60,
+    )
     ref, fused = banks(cap, Hkv, D, torch.float32, pool)
     s = run_steps(lists, ref, fused, pool, pool, steps=60)
     assert s["hits"] > 0 and s["misses"] > 0
@@ -114,13 +149,25 @@ def test_emulated_many_summary_tiles_and_max_capacity(threads):
     pool (torch copies; tables only), and a bank of BANK_MAX_CHUNKS slots."""
     nb, Hkv, D = 200_000, 1, 8
     pool = pool_of(1, Hkv, D).expand(nb, -1, -1, -1, -1)
-    lists = DecodeLists(nb, R=16, Hq=4, Hkv=Hkv, sinks=1, local=2, topk=20, groups=30,
-                        lengths=(2000, 40000), seed=2, max_decode=100)
+    lists = DecodeLists(
+        nb,
+        R=16,
+        Hq=4,
+        Hkv=Hkv,
+        sinks=1,
+        local=2,
+        topk=20,
+        groups=30,
+        lengths=(2000, 40000),
+        seed=2,
+        max_decode=100,
+    )
     ref, fused = banks(300, Hkv, D, torch.float32, pool)
     assert run_steps(lists, ref, fused, pool, None, steps=8)["misses"] > 0
     nb = 40_000
     pool = pool_of(nb, Hkv, D, torch.float16, seed=3)
-    lists = DecodeLists(nb, R=12, Hq=4, Hkv=Hkv, topk=30, groups=60,
-                        lengths=(3000, 60000), seed=3, max_decode=30)
+    lists = DecodeLists(
+        nb, R=12, Hq=4, Hkv=Hkv, topk=30, groups=60, lengths=(3000, 60000), seed=3, max_decode=30
+    )
     ref, fused = banks(BANK_MAX_CHUNKS, Hkv, D, torch.float16, pool)
     run_steps(lists, ref, fused, pool, pool, steps=6)

@@ -10,8 +10,10 @@ from vllm_hga.config import CHUNK_SIZE
 from vllm_hga.ops import cuda_prefill
 
 
-@pytest.mark.parametrize("q_start,n,step", [(0, 1, 64), (0, 8192, 4096), (1001, 2329, 333),
-                                            (8999, 2, 64), (63, 5000, 64), (5, 700, 4096)])
+@pytest.mark.parametrize(
+    "q_start,n,step",
+    [(0, 1, 64), (0, 8192, 4096), (1001, 2329, 333), (8999, 2, 64), (63, 5000, 64), (5, 700, 4096)],
+)
 @pytest.mark.parametrize("aligned", [False, True])
 def test_slices_cover_once_and_align(q_start, n, step, aligned):
     got = list(cuda_prefill.slices(q_start, n, step, aligned))

@@ -20,12 +20,20 @@ from vllm_hga.plan import DecodeBuffers, HGAMetadata
 
 # float64 pages (exact comparisons) hold mean / mean_std summaries; sketch pages are
 # float32 bit fields (tests/test_sketch.py covers them)
-SPARSE = HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8,
-                   group_score="mean_std")
-MEAN_STD = HGAConfig(sink_chunks=1, local_chunks=2, topk_chunks=4, topk_groups=8,
-                     chunk_score="max_group", group_score="mean_std")
-NO_LOCAL = HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=6,
-                     group_score="mean_std")
+SPARSE = HGAConfig(
+    sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8, group_score="mean_std"
+)
+MEAN_STD = HGAConfig(
+    sink_chunks=1,
+    local_chunks=2,
+    topk_chunks=4,
+    topk_groups=8,
+    chunk_score="max_group",
+    group_score="mean_std",
+)
+NO_LOCAL = HGAConfig(
+    sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=6, group_score="mean_std"
+)
 LENGTHS = [70, 455, 900]  # decode tails cross chunk ends (positions 63 mod 64 close chunks)
 
 
@@ -36,8 +44,11 @@ def staggered(run: PagedRun, lengths, prefill_chunk=200, tail=70, pad_reqs=0):
     target = {r: max(L - tail, 1) for r, L in enumerate(lengths)}
     step, plans = 0, []
     while any(run.done[r] < L for r, L in enumerate(lengths)):
-        sched = {r: min(prefill_chunk, target[r] - run.done[r]) if run.done[r] < target[r] else 1
-                 for r, L in enumerate(lengths) if run.done[r] < L and step >= 2 * r}
+        sched = {
+            r: min(prefill_chunk, target[r] - run.done[r]) if run.done[r] < target[r] else 1
+            for r, L in enumerate(lengths)
+            if run.done[r] < L and step >= 2 * r
+        }
         step += 1
         if not sched:
             continue
@@ -55,8 +66,9 @@ def float64_run(cfg, lengths=LENGTHS, **kw) -> PagedRun:
     return run
 
 
-@pytest.mark.parametrize("cfg", [SPARSE, MEAN_STD, NO_LOCAL], ids=["sparse", "mean_std",
-                                                                   "no-local"])
+@pytest.mark.parametrize(
+    "cfg", [SPARSE, MEAN_STD, NO_LOCAL], ids=["sparse", "mean_std", "no-local"]
+)
 def test_fixed_layout_equals_variable_layout_exactly(cfg):
     var = float64_run(cfg)
     want, _ = staggered(var, LENGTHS)
@@ -65,9 +77,10 @@ def test_fixed_layout_equals_variable_layout_exactly(cfg):
     fixed = [(md, pad) for md, pad in plans if md.fixed]
     assert len(fixed) >= 60 and any(md.num_closing for md, _ in fixed)  # chunks closed
     assert all(md.num_decodes == len(md.q_lens) for md, _ in fixed)  # padding included
-    assert any(md.decode_chunks > 1 + int(md.decode_pos.max()) // CHUNK_SIZE
-               for md, _ in fixed)  # wider than the batch needs: max_model_len's width
-    for md, pad in fixed:  # padded rows: no key visible, output exactly 0
+    assert any(
+        md.decode_chunks > 1 + int(md.decode_pos.max()) // CHUNK_SIZE for md, _ in fixed
+    )  # wider than the batch needs: max_model_len's width
+    for _md, pad in fixed:  # padded rows: no key visible, output exactly 0
         assert pad.shape[0] == 3 and torch.equal(pad, torch.zeros_like(pad))
     for r in range(len(LENGTHS)):
         assert torch.equal(got[r], want[r]), r
@@ -133,8 +146,7 @@ def test_fixed_plan_reuses_its_buffers_and_marks_padding():
     assert (md_a.num_closing, md_b.num_closing) == (1, 1)
     assert md_b.decode_pairs == [(0, 0), (1, 1), (2, 2)]  # the padded request is no decode
     # a mixed batch keeps the variable layout even with buffers
-    md_c = HGAMetadata.plan([0, 1, 5], [65, 4], bt[:2], torch.full((5,), -1), 5,
-                            buffers=buffers)
+    md_c = HGAMetadata.plan([0, 1, 5], [65, 4], bt[:2], torch.full((5,), -1), 5, buffers=buffers)
     assert not md_c.fixed and md_c.prefill_reqs == [1] and md_c.decode_prefix
 
 
@@ -148,14 +160,14 @@ def test_cuda_graph_support_follows_the_knob():
     from vllm_hga.ops import cuda_ops
 
     bf16 = torch.bfloat16
+
     def cuda(**kw):  # the config an engine resolves (the same on every device)
         return HGAConfig.from_mapping(kw)
 
     assert cuda().group_score == "sketch"
     assert cuda_graph_blockers(cuda(), 128, bf16, built=True) == []  # sketch kernels
     assert cuda_graph_blockers(cuda(group_score="mean_std"), 128, bf16, True) == []
-    assert cuda_graph_blockers(cuda(cuda_graphs=False), 128, bf16, True) == \
-        ["cuda_graphs is off"]
+    assert cuda_graph_blockers(cuda(cuda_graphs=False), 128, bf16, True) == ["cuda_graphs is off"]
     assert cuda_graph_blockers(cuda(bank_chunks=64), 128, bf16, True) == []  # graph-safe
     assert len(cuda_graph_blockers(cuda(dense_layers=(0,)), 128, bf16, True)) == 1
     assert cuda_graph_blockers(cuda(), 96, bf16, True)  # no kernels for D = 96
@@ -164,6 +176,9 @@ def test_cuda_graph_support_follows_the_knob():
         config = engine_config(additional_config={"hga": {"cuda_graphs": on}})
         support = HGAMetadataBuilder.get_cudagraph_support(config, spec)
         kernels = cuda_ops.available()  # False on a CPU install: never graphs
-        want = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE if on and kernels \
+        want = (
+            AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+            if on and kernels
             else AttentionCGSupport.NEVER
+        )
         assert support == want

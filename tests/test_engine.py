@@ -24,9 +24,16 @@ MAX_LEN = 8192
 
 def make_llm(model: str, backend: str, hga: dict | None = None, **kw) -> LLM:
     extra = {"hga": hga} if hga is not None else {}
-    return LLM(model=model, attention_backend=backend, max_model_len=MAX_LEN,
-               enforce_eager=True, additional_config=extra, seed=0,
-               kv_cache_memory_bytes=1 << 30, **kw)
+    return LLM(
+        model=model,
+        attention_backend=backend,
+        max_model_len=MAX_LEN,
+        enforce_eager=True,
+        additional_config=extra,
+        seed=0,
+        kv_cache_memory_bytes=1 << 30,
+        **kw,
+    )
 
 
 def close(llm: LLM) -> None:
@@ -81,8 +88,9 @@ def test_full_coverage_hga_matches_vllm_cpu_attention(model_fp32):
 def test_default_hga_is_batch_and_prefix_cache_invariant(model_fp32):
     """Per-query routing: a request's tokens do not depend on its batch mates, on chunked
     prefill, or on a prefix-cache hit (its routing is recomputed from the same summaries)."""
-    llm = make_llm(model_fp32, "HGA", max_num_batched_tokens=1024, enable_prefix_caching=True,
-                   **FP32)
+    llm = make_llm(
+        model_fp32, "HGA", max_num_batched_tokens=1024, enable_prefix_caching=True, **FP32
+    )
     a = TokensPrompt(prompt_token_ids=text_tokens(llm, "jargon_file", 2500))
     b = TokensPrompt(prompt_token_ids=text_tokens(llm, "argparse_py", 1700))
     sp = SamplingParams(max_tokens=24, temperature=0.0)
@@ -109,8 +117,7 @@ def needle_prompt(llm: LLM, n_tokens: int, depth: float) -> str:
 
 def answers(model: str, backend: str, hga: dict | None = None) -> list[str]:
     llm = make_llm(model, backend, hga)
-    msgs = [[{"role": "user", "content": needle_prompt(llm, 6000, depth)}]
-            for depth in (0.2, 0.5)]
+    msgs = [[{"role": "user", "content": needle_prompt(llm, 6000, depth)}] for depth in (0.2, 0.5)]
     outs = llm.chat(msgs, SamplingParams(max_tokens=24, temperature=0.0))
     assert min(len(o.prompt_token_ids) for o in outs) > 5500
     close(llm)

@@ -10,10 +10,11 @@ _spec = importlib.util.spec_from_file_location("gpu_e2e", _path)
 gpu_e2e = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_e2e)
 
-ROWS = [{"backend": "FLASH_ATTN", "context": 8192, "batch": 1, "prefill_s": 0.5,
-         "decode_tok_s": 100.0},
-        {"backend": "HGA", "context": 8192, "batch": 1, "prefill_s": 0.7, "decode_tok_s": 80.0},
-        {"backend": "HGA", "context": 32768, "batch": 1, "prefill_s": 2.0, "decode_tok_s": 70.0}]
+ROWS = [
+    {"backend": "FLASH_ATTN", "context": 8192, "batch": 1, "prefill_s": 0.5, "decode_tok_s": 100.0},
+    {"backend": "HGA", "context": 8192, "batch": 1, "prefill_s": 0.7, "decode_tok_s": 80.0},
+    {"backend": "HGA", "context": 32768, "batch": 1, "prefill_s": 2.0, "decode_tok_s": 70.0},
+]
 
 
 def test_ratio_table():

@@ -12,15 +12,17 @@ from vllm_hga.config import HGAConfig
 FULL = HGAConfig.from_mapping({"preset": "full"})
 # float64 pages (exact comparisons) hold mean / mean_std summaries; sketch pages are
 # float32 bit fields (tests/test_sketch.py covers them)
-SPARSE = HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8,
-                   group_score="mean_std")
+SPARSE = HGAConfig(
+    sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8, group_score="mean_std"
+)
 
 
 def dense(run: PagedRun, r: int) -> torch.Tensor:
     S = run.q[r].shape[0]
     mask = ref.dense_causal_mask(run.H, 0, S, S)
-    return ref.masked_attention(run.q[r].double(), run.k[r].double(), run.v[r].double(),
-                                mask, run.D ** -0.5)
+    return ref.masked_attention(
+        run.q[r].double(), run.k[r].double(), run.v[r].double(), mask, run.D**-0.5
+    )
 
 
 @pytest.mark.parametrize("heads", [(4, 4), (9, 3), (8, 2)], ids=["mha", "gqa3", "gqa4"])
@@ -34,17 +36,43 @@ def test_full_coverage_equals_dense_mixed_batches(heads):
         assert rel <= 1e-5, (S, rel.item())
 
 
-@pytest.mark.parametrize("cfg", [
-    SPARSE,
-    HGAConfig(sink_chunks=0, local_chunks=4, topk_chunks=3, topk_groups=6,  # no sinks
-              group_score="mean_std"),
-    HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=6,  # forced prev
-              group_score="mean_std"),
-    HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8,
-              chunk_score="max_group", group_score="mean"),
-    HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8,
-              chunk_score="summary", group_score="mean"),
-], ids=["sparse", "no-sink", "no-local", "max-group", "paper-scoring"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SPARSE,
+        HGAConfig(
+            sink_chunks=0,
+            local_chunks=4,
+            topk_chunks=3,
+            topk_groups=6,  # no sinks
+            group_score="mean_std",
+        ),
+        HGAConfig(
+            sink_chunks=1,
+            local_chunks=0,
+            topk_chunks=3,
+            topk_groups=6,  # forced prev
+            group_score="mean_std",
+        ),
+        HGAConfig(
+            sink_chunks=2,
+            local_chunks=3,
+            topk_chunks=5,
+            topk_groups=8,
+            chunk_score="max_group",
+            group_score="mean",
+        ),
+        HGAConfig(
+            sink_chunks=2,
+            local_chunks=3,
+            topk_chunks=5,
+            topk_groups=8,
+            chunk_score="summary",
+            group_score="mean",
+        ),
+    ],
+    ids=["sparse", "no-sink", "no-local", "max-group", "paper-scoring"],
+)
 @pytest.mark.parametrize("lengths", [[27, 61, 113], [482, 3330]])
 def test_sparse_layer_equals_reference_exactly_in_float64(lengths, cfg):
     run = PagedRun(lengths, cfg, 6, 2, dtype=torch.float64, seed=len(lengths))
@@ -59,8 +87,9 @@ def test_sparse_layer_float32_matches_reference():
     lengths = [2100]
     run = PagedRun(lengths, HGAConfig(), 6, 2, seed=5)
     got = run_requests(run, lengths, prefill_chunk=1024, decode_tail=8)[0].double()
-    want, mask = ref.hga_attention(run.q[0].double(), run.k[0].double(), run.v[0].double(), 0,
-                                   run.rope, HGAConfig())
+    want, mask = ref.hga_attention(
+        run.q[0].double(), run.k[0].double(), run.v[0].double(), 0, run.rope, HGAConfig()
+    )
     err = (got - want).abs().amax(-1)  # [T, H]
     # float32 summaries may flip a near-tie between two candidates for a rare (query, head)
     assert (err > 1e-4).float().mean() < 1e-3
@@ -82,8 +111,9 @@ def test_prefill_chunking_and_decode_give_identical_outputs():
 
 def test_dense_fallback_when_context_fits_the_budget():
     # pool chunks (c - F - L) x 4 groups <= groups_per_query: routing keeps everything
-    cfg = HGAConfig(sink_chunks=1, local_chunks=2, topk_chunks=4, topk_groups=16,
-                    groups_per_query=16)
+    cfg = HGAConfig(
+        sink_chunks=1, local_chunks=2, topk_chunks=4, topk_groups=16, groups_per_query=16
+    )
     S = (1 + 2 + 4) * 64 + 63  # the last query's pool holds exactly 4 chunks = 16 groups
     run = PagedRun([S], cfg, 4, 2, seed=2)
     got = run_requests(run, [S], prefill_chunk=200, decode_tail=3)[0]
@@ -110,8 +140,9 @@ def test_reused_blocks_never_leak_old_keys():
     run.block_table[1] = run.block_table[0]
     run.done[1] = 0
     gen = torch.Generator().manual_seed(99)
-    run.k[1] = run.rope.apply(torch.randn(S, 2, 64, generator=gen, dtype=torch.float64),
-                              torch.arange(S))
+    run.k[1] = run.rope.apply(
+        torch.randn(S, 2, 64, generator=gen, dtype=torch.float64), torch.arange(S)
+    )
     run.v[1] = torch.randn(S, 2, 64, generator=gen, dtype=torch.float64)
     parts = [run.step({1: n})[1] for n in (256, 256, S - 512 - 2, 1, 1)]
     second = torch.cat(parts)
@@ -136,11 +167,13 @@ def test_a_decode_step_calls_the_ops_straight_from_forward():
             if name in ("write_kv", "summarize_pool", "decode_groups", "attend_groups"):
                 code = sys._getframe(1).f_code  # whoever looks the method up calls it
                 callers.setdefault(name, set()).add(
-                    f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}")
+                    f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}"
+                )
             return attr
 
-    run = PagedRun([700], HGAConfig(sink_chunks=1, local_chunks=2, topk_chunks=2,
-                                         topk_groups=8), 4, 2)
+    run = PagedRun(
+        [700], HGAConfig(sink_chunks=1, local_chunks=2, topk_chunks=2, topk_groups=8), 4, 2
+    )
     run.step({0: 639})
     run.layer.ops = Recording()
     run.step({0: 1})  # token 639 closes chunk 9: summarize_pool runs too

@@ -33,10 +33,18 @@ FP32_BLOCK_BYTES = 30 * 3 * 2 * 64 * 64 * 4  # SmolLM2-135M: layers x kv heads x
 
 
 def engine(hga: dict) -> LLM:
-    return LLM(model=str(embedded_model_dir(dtype="float32")), dtype="float32",
-               attention_backend="HGA", max_model_len=MAX_LEN, enforce_eager=True,
-               additional_config={"hga": hga}, seed=0, kv_cache_memory_bytes=1 << 30,
-               max_num_batched_tokens=1024, disable_log_stats=False)
+    return LLM(
+        model=str(embedded_model_dir(dtype="float32")),
+        dtype="float32",
+        attention_backend="HGA",
+        max_model_len=MAX_LEN,
+        enforce_eager=True,
+        additional_config={"hga": hga},
+        seed=0,
+        kv_cache_memory_bytes=1 << 30,
+        max_num_batched_tokens=1024,
+        disable_log_stats=False,
+    )
 
 
 def block_pool(llm: LLM):

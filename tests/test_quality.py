@@ -27,13 +27,15 @@ CI_DOCS = ["devils_dictionary", "argparse_py"]
 CI_TOKENS = 2048
 
 
-@pytest.mark.parametrize("cfg", [
-    HGAConfig(),
-    HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=6),
-    HGAConfig(sink_chunks=0, local_chunks=2, topk_chunks=4, topk_groups=16,
-              groups_per_query=5),
-    HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8, dense_layers=(0,)),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        HGAConfig(),
+        HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=6),
+        HGAConfig(sink_chunks=0, local_chunks=2, topk_chunks=4, topk_groups=16, groups_per_query=5),
+        HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8, dense_layers=(0,)),
+    ],
+)
 def test_density_formula_equals_reference_masks(cfg):
     """analysis.density (used by every report) counts exactly what reference masks hold."""
     gen = torch.Generator().manual_seed(3)
@@ -56,7 +58,8 @@ def test_density_formula_equals_reference_masks(cfg):
     if cfg.dense_layers:
         want_active = (want_active + 1.0) / 2
     assert analysis.density(S, cfg, n_layers=n_layers, positions=pos) == pytest.approx(
-        want_active, abs=1e-12)
+        want_active, abs=1e-12
+    )
 
 
 @pytest.mark.engine

@@ -39,13 +39,17 @@ def summaries_by_definition(k_raw: torch.Tensor, rope: RopeSpec, cfg: HGAConfig)
         out[:, a_idx[low]] = pooled[:, a_idx[low]]
         out[:, b_idx[low]] = pooled[:, b_idx[low]]
         if rope.rotary_dim < D:  # unrotated tail: both rules agree
-            out[:, rope.rotary_dim:] = k_raw[lo:hi, :, rope.rotary_dim:].mean(0)
+            out[:, rope.rotary_dim :] = k_raw[lo:hi, :, rope.rotary_dim :].mean(0)
         return out
 
     n = S // C
     chunk = torch.stack([span(j * C, (j + 1) * C) for j in range(n)])
-    group = torch.stack([torch.stack([span(j * C + m * gs, j * C + (m + 1) * gs)
-                                      for m in range(C // gs)]) for j in range(n)])
+    group = torch.stack(
+        [
+            torch.stack([span(j * C + m * gs, j * C + (m + 1) * gs) for m in range(C // gs)])
+            for j in range(n)
+        ]
+    )
     return chunk, group
 
 
@@ -87,13 +91,17 @@ def _random_request(S, Hq, Hkv, D=64, seed=0, theta=10000.0):
     return rope, q, k, v
 
 
-@pytest.mark.parametrize("cfg", [
-    HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=4, topk_groups=6),
-    HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=12),
-    HGAConfig(sink_chunks=0, local_chunks=2, topk_chunks=2, topk_groups=8, groups_per_query=5),
-    HGAConfig.from_mapping({"preset": "paper"}),
-    HGAConfig(),
-], ids=["small", "no-local", "no-sink", "paper", "default"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=4, topk_groups=6),
+        HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=12),
+        HGAConfig(sink_chunks=0, local_chunks=2, topk_chunks=2, topk_groups=8, groups_per_query=5),
+        HGAConfig.from_mapping({"preset": "paper"}),
+        HGAConfig(),
+    ],
+    ids=["small", "no-local", "no-sink", "paper", "default"],
+)
 def test_routing_invariants(cfg):
     S, Hq, Hkv = 1500, 4, 2
     rope, q, k, v = _random_request(S, Hq, Hkv, seed=3)
@@ -106,24 +114,24 @@ def test_routing_invariants(cfg):
         c = t // C
         row = mask[:, t]
         # causality: nothing after the query
-        assert not row[:, t + 1:].any()
+        assert not row[:, t + 1 :].any()
         # own chunk up to the query, sinks and local window always visible
-        assert row[:, c * C: t + 1].all()
+        assert row[:, c * C : t + 1].all()
         for j in list(range(min(F, c))) + list(range(max(F, c - L), c)):
-            assert row[:, j * C:(j + 1) * C].all()
+            assert row[:, j * C : (j + 1) * C].all()
         pool = max(0, c - L - F)
         if L == 0 and pool and G >= M * cfg.topk_chunks:
             # the preceding chunk is forced into the kept chunks; with every group of the
             # kept chunks opened it must then be visible whole
-            assert row[:, (c - 1) * C: c * C].all()
+            assert row[:, (c - 1) * C : c * C].all()
         # exact budget: fixed part plus min(G, groups in the kept chunks) routed groups
         fixed = (min(F, c) + max(0, c - max(F, c - L))) * C + (t - c * C + 1)
         routed = min(G, M * min(cfg.topk_chunks, pool)) * gs
         assert (row.sum(dim=1) == fixed + routed).all(), t
         # routed keys come in whole 16-token groups
-        middle = row[:, F * C: max(F, c - L) * C].reshape(Hq, -1, gs)
+        middle = row[:, F * C : max(F, c - L) * C].reshape(Hq, -1, gs)
         assert ((middle.sum(-1) == 0) | (middle.sum(-1) == gs)).all()
-    assert (mask.sum() <= mask.shape[0] * (keys.unsqueeze(1) >= keys).sum())
+    assert mask.sum() <= mask.shape[0] * (keys.unsqueeze(1) >= keys).sum()
 
 
 @pytest.mark.parametrize("S", [1, 63, 64, 65, 127, 1000])
@@ -131,7 +139,7 @@ def test_full_coverage_reference_is_dense(S):
     cfg = HGAConfig.from_mapping({"preset": "full"})
     rope, q, k, v = _random_request(S, 6, 2, seed=S)
     out, mask = ref.hga_attention(q, k, v, 0, rope, cfg)
-    dense = ref.masked_attention(q, k, v, ref.dense_causal_mask(6, 0, S, S), 64 ** -0.5)
+    dense = ref.masked_attention(q, k, v, ref.dense_causal_mask(6, 0, S, S), 64**-0.5)
     assert torch.equal(mask, ref.dense_causal_mask(6, 0, S, S))
     assert torch.allclose(out, dense, atol=1e-12)
     assert ref.density(mask, 0) == 1.0
@@ -142,7 +150,7 @@ def test_sparse_reference_differs_from_dense_and_density_is_counted():
     S = 2000
     rope, q, k, v = _random_request(S, 4, 2, seed=9)
     out, mask = ref.hga_attention(q, k, v, 0, rope, cfg)
-    dense = ref.masked_attention(q, k, v, ref.dense_causal_mask(4, 0, S, S), 64 ** -0.5)
+    dense = ref.masked_attention(q, k, v, ref.dense_causal_mask(4, 0, S, S), 64**-0.5)
     assert not torch.allclose(out, dense, atol=1e-3)  # routing really drops keys
     d = ref.density(mask, 0)
     assert d == mask.sum().item() / (4 * S * (S + 1) / 2)

@@ -1,5 +1,6 @@
 """The replay (research.analysis, float32 checkpoint under transformers) that produces the
-sweep, recall and NIAH-replay tables of docs/QUALITY.md and its history log, and research/niah.py's replay greedy.
+sweep, recall and NIAH-replay tables of docs/QUALITY.md and its history log, and
+research/niah.py's replay greedy.
 
 Real model and real text; short prompts so that the 2-core CI machine runs them in
 seconds.  What they guard: a full-coverage budget in the replay is dense attention (the
@@ -55,7 +56,7 @@ def test_exact_greedy_is_the_greedy_continuation(analyzer, prompt, mode):
     assert 0 < len(cont) <= n
     # every token is the argmax after its prefix under `mode` (teacher forced)
     analyzer.nll(prompt + cont, mode)
-    pred = analyzer.last_argmax[len(prompt) - 1:].tolist()
+    pred = analyzer.last_argmax[len(prompt) - 1 :].tolist()
     assert pred[: len(cont)] == cont
     if len(cont) < n:  # stopped early only at end of sequence
         assert cont[-1] == eos

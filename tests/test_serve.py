@@ -38,12 +38,16 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     env.update(PORT=str(port), VLLM_HGA_VENV=sys.prefix)
-    cmd = ["bash", str(REPO / "scripts" / "serve.sh"),
-           "--enforce-eager", "--served-model-name", "smollm2-hga"]
+    cmd = [
+        "bash",
+        str(REPO / "scripts" / "serve.sh"),
+        "--enforce-eager",
+        "--served-model-name",
+        "smollm2-hga",
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
-                           timeout=300)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=300)
     deadline = time.time() + 420
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -65,8 +69,9 @@ def server(tmp_path_factory):
 
 
 def chat(client, messages, **kw):
-    return client.chat.completions.create(model="smollm2-hga", messages=messages,
-                                          temperature=0.0, max_tokens=24, **kw)
+    return client.chat.completions.create(
+        model="smollm2-hga", messages=messages, temperature=0.0, max_tokens=24, **kw
+    )
 
 
 def test_server_selected_hga(server):
@@ -80,20 +85,28 @@ def test_chat_non_streaming_and_streaming_agree(server):
     client, _ = server
     whole = chat(client, QUESTION).choices[0].message.content
     assert "Berlin" in whole
-    pieces = [c.choices[0].delta.content or "" for c in chat(client, QUESTION, stream=True)
-              if c.choices]
+    pieces = [
+        c.choices[0].delta.content or "" for c in chat(client, QUESTION, stream=True) if c.choices
+    ]
     assert len([p for p in pieces if p]) > 1  # it really streamed
     assert "".join(pieces) == whole
 
 
 def test_concurrent_requests(server):
     client, _ = server
-    questions = ["What is the capital of Germany?", "What is the capital of Japan?",
-                 "What is 2+2?", "What is the capital of Germany?"]
+    questions = [
+        "What is the capital of Germany?",
+        "What is the capital of Japan?",
+        "What is 2+2?",
+        "What is the capital of Germany?",
+    ]
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(
-            lambda q: chat(client, [{"role": "user", "content": q}]).choices[0].message.content,
-            questions))
+        answers = list(
+            pool.map(
+                lambda q: chat(client, [{"role": "user", "content": q}]).choices[0].message.content,
+                questions,
+            )
+        )
     for want, answer in zip(["Berlin", "Tokyo", "4", "Berlin"], answers):
         assert want in answer, answer
     assert answers[0] == answers[3]  # same request, same greedy answer, whatever the batch
@@ -109,8 +122,10 @@ def test_metrics_endpoint_shows_hga_series(server):
     chat(client, QUESTION)
     base = str(client.base_url).rsplit("/v1", 1)[0]
     text = urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
-    values = {m.group(1): float(m.group(2)) for m in
-              re.finditer(r"^(vllm_hga_\w+?)(?:_total)? ([0-9.e+-]+)$", text, re.M)}
+    values = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"^(vllm_hga_\w+?)(?:_total)? ([0-9.e+-]+)$", text, re.M)
+    }
     assert values["vllm_hga_keys_attended"] > 0
     assert 0 < values["vllm_hga_density"] <= 1
     assert values["vllm_hga_host_pool_bytes"] > 0

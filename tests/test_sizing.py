@@ -27,14 +27,18 @@ def test_fills_free_memory_when_contexts_need_more():
 
 
 def test_never_more_than_the_contexts_need():
-    assert bank_chunks_for(100 * GiB, **SHAPE, max_model_len=8192, max_num_seqs=2) \
-        == chunks_needed(8192, 2) == 256
+    assert (
+        bank_chunks_for(100 * GiB, **SHAPE, max_model_len=8192, max_num_seqs=2)
+        == chunks_needed(8192, 2)
+        == 256
+    )
     assert chunks_needed(100, 1) == 2  # a partial chunk counts whole
 
 
 def test_respects_cap_and_kernel_limit():
-    assert bank_chunks_for(100 * GiB, **SHAPE, max_model_len=131072, max_num_seqs=16,
-                           cap=100) == 100
+    assert (
+        bank_chunks_for(100 * GiB, **SHAPE, max_model_len=131072, max_num_seqs=16, cap=100) == 100
+    )
     huge = bank_chunks_for(10**6 * GiB, **SHAPE, max_model_len=262144, max_num_seqs=256)
     assert huge == BANK_MAX_CHUNKS
 

@@ -65,15 +65,23 @@ def test_constant_channels_and_huge_values_stay_finite():
     assert torch.isfinite(hat).all()
     assert torch.equal(hat[..., 1], k[..., 1])
     page = torch_ops.pack_sketch(k)
-    assert torch.equal(torch_ops.unpack_sketch(page[:, :, 0], page[:, :, 1:])
-                       .permute(0, 2, 3, 1, 4).reshape(1, 64, 1, 64), hat)
+    assert torch.equal(
+        torch_ops.unpack_sketch(page[:, :, 0], page[:, :, 1:])
+        .permute(0, 2, 3, 1, 4)
+        .reshape(1, 64, 1, 64),
+        hat,
+    )
 
 
-@pytest.mark.parametrize("budget", [
-    dict(sink_chunks=2, local_chunks=3, topk_chunks=4, topk_groups=6),
-    dict(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=12),
-    dict(),
-], ids=["small", "no-local", "default"])
+@pytest.mark.parametrize(
+    "budget",
+    [
+        dict(sink_chunks=2, local_chunks=3, topk_chunks=4, topk_groups=6),
+        dict(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=12),
+        dict(),
+    ],
+    ids=["small", "no-local", "default"],
+)
 @pytest.mark.parametrize("S", [1000, 2113])
 def test_routing_from_pages_equals_reference(budget, S):
     cfg = HGAConfig(**budget, **SKETCH)
@@ -83,11 +91,13 @@ def test_routing_from_pages_equals_reference(budget, S):
     k = rope.apply(torch.randn(S, Hkv, D, generator=gen) * 2, torch.arange(S)).float()
     q = (torch.randn(S, Hq, D, generator=gen) * 2).float()
     n = S // 64
-    pages = torch_ops.summarize_blocks(k[: n * 64].view(n, 64, Hkv, D),
-                                       torch_ops.SummaryRotation(rope, cfg))
+    pages = torch_ops.summarize_blocks(
+        k[: n * 64].view(n, 64, Hkv, D), torch_ops.SummaryRotation(rope, cfg)
+    )
     pos = torch.arange(S)
-    fixed, ids, ok = routing.route(q, pos, pages[:, :, 0].unsqueeze(0),
-                                   pages[:, :, 1:].transpose(1, 2).unsqueeze(0), cfg)
+    fixed, ids, ok = routing.route(
+        q, pos, pages[:, :, 0].unsqueeze(0), pages[:, :, 1:].transpose(1, 2).unsqueeze(0), cfg
+    )
     got = routing.token_mask(pos, fixed, ids, ok, S, cfg).transpose(0, 1)
     want = ref.visible_mask(q.double(), 0, S, ref.summarize(k.double(), 0, rope, cfg), cfg)
     # float32 scores here vs float64 in the reference: a near-tie may flip for a rare
@@ -101,8 +111,7 @@ def test_sketch_routes_differently_from_mean_std_at_equal_budget():
     S, Hq, Hkv, D = 1500, 4, 2, 64
     gen = torch.Generator().manual_seed(3)
     rope = RopeSpec.default(D, 1e5)
-    k = rope.apply(torch.randn(S, Hkv, D, generator=gen, dtype=torch.float64),
-                   torch.arange(S))
+    k = rope.apply(torch.randn(S, Hkv, D, generator=gen, dtype=torch.float64), torch.arange(S))
     q = torch.randn(S, Hq, D, generator=gen, dtype=torch.float64)
     small = dict(sink_chunks=1, local_chunks=2, topk_chunks=5, topk_groups=10)
     masks = {}
@@ -121,17 +130,25 @@ def test_sketch_finds_the_one_matching_key():
     k = torch.randn(S, 1, D, generator=gen) * 0.3
     q = torch.zeros(1, 1, D)
     q[0, 0, :8] = 3.0
-    k[64 * 5 + 16: 64 * 5 + 32, 0, :8] = -1.0  # group 21: 15 opposed keys ...
+    k[64 * 5 + 16 : 64 * 5 + 32, 0, :8] = -1.0  # group 21: 15 opposed keys ...
     k[64 * 5 + 20, 0, :8] = 2.5  # ... and one that matches q strongly
-    cfg = HGAConfig(sink_chunks=1, local_chunks=1, topk_chunks=1, topk_groups=2,
-                    groups_per_query=1, **SKETCH)
+    cfg = HGAConfig(
+        sink_chunks=1, local_chunks=1, topk_chunks=1, topk_groups=2, groups_per_query=1, **SKETCH
+    )
     rope = RopeSpec.default(D, 1e5)  # summaries only; keys used as given
     summ = ref.summarize(k.double(), 0, rope, cfg)
     mask = ref.visible_mask(q.double(), S - 1, S, summ, cfg)
     assert mask[0, 0, 64 * 5 + 20]  # its group is the one routed group
-    mean_cfg = HGAConfig(sink_chunks=1, local_chunks=1, topk_chunks=1, topk_groups=2,
-                         groups_per_query=1, group_score="mean_std", chunk_score="max_group",
-                         score_alpha=0.0)
+    mean_cfg = HGAConfig(
+        sink_chunks=1,
+        local_chunks=1,
+        topk_chunks=1,
+        topk_groups=2,
+        groups_per_query=1,
+        group_score="mean_std",
+        chunk_score="max_group",
+        score_alpha=0.0,
+    )
     summ = ref.summarize(k.double(), 0, rope, mean_cfg)
     assert not ref.visible_mask(q.double(), S - 1, S, summ, mean_cfg)[0, 0, 64 * 5 + 20]
 
@@ -142,8 +159,9 @@ def test_layer_with_sketch_matches_reference(lengths):
     run = PagedRun(lengths, cfg, 6, 2, seed=len(lengths))
     got = run_requests(run, lengths, prefill_chunk=300, decode_tail=6)
     for r in range(len(lengths)):
-        want, _ = ref.hga_attention(run.q[r].double(), run.k[r].double(), run.v[r].double(),
-                                    0, run.rope, cfg)
+        want, _ = ref.hga_attention(
+            run.q[r].double(), run.k[r].double(), run.v[r].double(), 0, run.rope, cfg
+        )
         err = (got[r].double() - want).abs().amax(-1)
         assert (err > 1e-4).float().mean() < 2e-3, lengths[r]
         assert torch.median(err) < 1e-5

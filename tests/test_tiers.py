@@ -16,8 +16,9 @@ from vllm_hga.store import map_file
 
 # float64 pages (exact comparisons) hold mean / mean_std summaries; sketch pages are
 # float32 bit fields (tests/test_sketch.py covers them)
-SPARSE = HGAConfig(sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8,
-                   group_score="mean_std")
+SPARSE = HGAConfig(
+    sink_chunks=2, local_chunks=3, topk_chunks=5, topk_groups=8, group_score="mean_std"
+)
 
 
 def test_device_page_holds_only_summaries():
@@ -26,10 +27,12 @@ def test_device_page_holds_only_summaries():
 
     from vllm_hga.backend import HGAAttentionBackend
 
-    for kv_heads, head, dtype in [(3, 64, torch.bfloat16), (4, 128, torch.bfloat16),
-                                  (8, 128, torch.float16)]:
-        dense = FullAttentionSpec(block_size=64, num_kv_heads=kv_heads, head_size=head,
-                                  dtype=dtype)
+    for kv_heads, head, dtype in [
+        (3, 64, torch.bfloat16),
+        (4, 128, torch.bfloat16),
+        (8, 128, torch.float16),
+    ]:
+        dense = FullAttentionSpec(block_size=64, num_kv_heads=kv_heads, head_size=head, dtype=dtype)
         hga = HGAAttentionBackend.customize_spec(dense)
         # one state per block: [chunk | 4 groups] x head_size float32 per KV head
         assert hga.page_size_bytes == kv_heads * 5 * head * 4
@@ -112,13 +115,15 @@ def test_engine_config_sizes_blocks_from_the_disk_budget(tmp_path):
     pytest.importorskip("vllm")
     from test_config import engine_config
 
-    cfg = engine_config(additional_config={"hga": {"disk_dir": str(tmp_path),
-                                                   "disk_kv_bytes": "256MiB"}})
+    cfg = engine_config(
+        additional_config={"hga": {"disk_dir": str(tmp_path), "disk_kv_bytes": "256MiB"}}
+    )
     host_block = 30 * 3 * 2 * 64 * 64 * 2
     assert cfg.cache_config.num_gpu_blocks_override == (256 << 20) // host_block
     with pytest.raises(Exception, match="does not exist"):
-        engine_config(additional_config={"hga": {"disk_dir": str(tmp_path / "nope"),
-                                                 "disk_kv_bytes": "1GiB"}})
+        engine_config(
+            additional_config={"hga": {"disk_dir": str(tmp_path / "nope"), "disk_kv_bytes": "1GiB"}}
+        )
 
 
 def test_nvme_tier_on_cuda_is_refused_at_start_up_with_the_fix(tmp_path):
@@ -201,8 +206,9 @@ def test_each_engine_gets_its_own_tiers_and_they_go_with_it(tmp_path):
     from vllm_hga.tiers import tiers_for
 
     ram = engine_config()
-    disk = engine_config(additional_config={"hga": {"disk_dir": str(tmp_path),
-                                                    "disk_kv_bytes": "256MiB"}})
+    disk = engine_config(
+        additional_config={"hga": {"disk_dir": str(tmp_path), "disk_kv_bytes": "256MiB"}}
+    )
     first = tiers_for(ram)
     assert tiers_for(ram) is first  # builder and layers of one engine share it
     second = tiers_for(disk)

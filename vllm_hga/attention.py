@@ -19,10 +19,23 @@ GROUPS = CHUNK_SIZE // GROUP_SIZE
 
 
 class HGALayer:
-    def __init__(self, cfg: HGAConfig, rope: RopeSpec, num_heads: int, num_kv_heads: int,
-                 head_size: int, scale: float, max_model_len: int, dense: bool = False,
-                 device: torch.device | str = "cpu", metrics=None, bank=None,
-                 dtype: torch.dtype | None = None, ops: TorchOps | None = None, tiers=None):
+    def __init__(
+        self,
+        cfg: HGAConfig,
+        rope: RopeSpec,
+        num_heads: int,
+        num_kv_heads: int,
+        head_size: int,
+        scale: float,
+        max_model_len: int,
+        dense: bool = False,
+        device: torch.device | str = "cpu",
+        metrics=None,
+        bank=None,
+        dtype: torch.dtype | None = None,
+        ops: TorchOps | None = None,
+        tiers=None,
+    ):
         self.cfg, self.rope, self.dense = cfg, rope, dense
         self.metrics = metrics  # a metrics.WorkerMetrics, or None (tests)
         self.bank = bank  # a bank.DeviceBank (decode working set in device memory), or None
@@ -47,8 +60,16 @@ class HGALayer:
         kernel_prefill = self.ops.kernels and not dense
         self._prefill = self._prefill_kernels if kernel_prefill else self._prefill_torch
 
-    def forward(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                pool: torch.Tensor, summ: torch.Tensor, md, out: torch.Tensor) -> None:
+    def forward(
+        self,
+        q: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        pool: torch.Tensor,
+        summ: torch.Tensor,
+        md,
+        out: torch.Tensor,
+    ) -> None:
         """q [T, Hq, D], key/value [T, Hkv, D] of this step; writes out [T, Hq, D].
 
         pool [nb, Hkv, 2, 64, D] full K/V; summ [nb, Hkv, 1+M, D] float32 summaries;
@@ -70,43 +91,73 @@ class HGALayer:
             # decode rows: the body of self.decode, inlined so that the kernels launch one
             # frame below this one; builder-counted metrics (plan.count_step)
             qd = md.decode_queries(q)
-            rows, token_ok, _ = ops.decode_groups(qd, md.decode_pos, md.decode_block_table(),
-                                                  md.decode_chunks, summ, self.cfg, self.sinks,
-                                                  self.local, self.groups)
+            rows, token_ok, _ = ops.decode_groups(
+                qd,
+                md.decode_pos,
+                md.decode_block_table(),
+                md.decode_chunks,
+                summ,
+                self.cfg,
+                self.sinks,
+                self.local,
+                self.groups,
+            )
             rows, bank_data = self._through_bank(pool, rows, token_ok)
             if md.decode_prefix:  # rows [0, R): attention writes out[:R] in its dtype
-                ops.attend_groups(qd, pool, rows, token_ok, self.scale, self.n_shared,
-                                  out=out[: md.num_decodes], bank=bank_data)
+                ops.attend_groups(
+                    qd,
+                    pool,
+                    rows,
+                    token_ok,
+                    self.scale,
+                    self.n_shared,
+                    out=out[: md.num_decodes],
+                    bank=bank_data,
+                )
             else:
                 out[md.decode_rows] = ops.attend_groups(
-                    qd, pool, rows, token_ok, self.scale, self.n_shared,
-                    bank=bank_data).to(out.dtype)
+                    qd, pool, rows, token_ok, self.scale, self.n_shared, bank=bank_data
+                ).to(out.dtype)
         if md.prefill_reqs:
             self._prefill(q, pool, summ, md, out)
 
     def _dense_decode(self, q, pool, summ, md, out: torch.Tensor) -> None:
         for row, r in md.decode_pairs:  # host lists: no device sync
-            out[row:row + 1] = self.attend_prefix(q, pool, summ, md, r, row, 1, count=False)
+            out[row : row + 1] = self.attend_prefix(q, pool, summ, md, r, row, 1, count=False)
 
     def _prefill_kernels(self, q, pool, summ, md, out: torch.Tensor) -> None:
         """All queries of a request at once (ops/cuda_prefill.py)."""
-        sc = self.tiers.prefill_scratch(self.max_chunks, self.num_kv_heads, self.head_size,
-                                        pool.dtype, q.device)
+        sc = self.tiers.prefill_scratch(
+            self.max_chunks, self.num_kv_heads, self.head_size, pool.dtype, q.device
+        )
         count = self._count_attention if self.metrics is not None else None
         for r in md.prefill_reqs:
             start, n = md.tok_starts[r], md.q_lens[r]
-            self.ops.prefill(q[start:start + n], md.q_starts[r], pool, summ, md.block_table[r],
-                             self.cfg, self.sinks, self.local, self.groups, self.scale,
-                             out[start:start + n], sc, count=count)
+            self.ops.prefill(
+                q[start : start + n],
+                md.q_starts[r],
+                pool,
+                summ,
+                md.block_table[r],
+                self.cfg,
+                self.sinks,
+                self.local,
+                self.groups,
+                self.scale,
+                out[start : start + n],
+                sc,
+                count=count,
+            )
 
     def _prefill_torch(self, q, pool, summ, md, out: torch.Tensor) -> None:
         for r in md.prefill_reqs:
             start, n = md.tok_starts[r], md.q_lens[r]
-            out[start:start + n] = self.attend_prefix(q, pool, summ, md, r, start, n)
+            out[start : start + n] = self.attend_prefix(q, pool, summ, md, r, start, n)
 
     # ------------------------------------------------------------------ prefill
-    def attend_prefix(self, q, pool, summ, md, r: int, row: int, n: int,
-                      count: bool = True) -> torch.Tensor:
+    def attend_prefix(
+        self, q, pool, summ, md, r: int, row: int, n: int, count: bool = True
+    ) -> torch.Tensor:
         """Queries rows [row, row+n) of request r, one chunk of queries at a time (the torch
         path: CPU, and CUDA inputs the kernels do not cover; see ops/cuda_prefill.py).
 
@@ -128,13 +179,13 @@ class HGALayer:
         while first < S:
             last = min(S, (first // CHUNK_SIZE + 1) * CHUNK_SIZE)  # queries of one chunk
             pos = torch.arange(first, last, device=q.device)
-            qb = q[row + first - q_start: row + last - q_start]
+            qb = q[row + first - q_start : row + last - q_start]
             keys, mask = self._block_keys(qb, pos, chunk_sum, group_sum)
-            out[first - q_start: last - q_start] = self.ops.attend_masked(
-                qb, k[keys], v[keys], mask, self.scale).to(q.dtype)
+            out[first - q_start : last - q_start] = self.ops.attend_masked(
+                qb, k[keys], v[keys], mask, self.scale
+            ).to(q.dtype)
             if count:
-                self._count_attention(mask.sum(), pos,
-                                      keys.numel() * k[0].numel() * 2 * k.itemsize)
+                self._count_attention(mask.sum(), pos, keys.numel() * k[0].numel() * 2 * k.itemsize)
             first = last
         return out
 
@@ -144,9 +195,11 @@ class HGALayer:
         dev = qb.device
         c = int(pos[0]) // C
         F, L = self.cfg.sink_chunks, self.cfg.local_chunks
-        window = [torch.arange(min(F, c) * C, device=dev),
-                  torch.arange(min(c, max(F, c - L)) * C, c * C, device=dev),
-                  torch.arange(c * C, int(pos[-1]) + 1, device=dev)]
+        window = [
+            torch.arange(min(F, c) * C, device=dev),
+            torch.arange(min(c, max(F, c - L)) * C, c * C, device=dev),
+            torch.arange(c * C, int(pos[-1]) + 1, device=dev),
+        ]
         if self.dense:
             window = [torch.arange(int(pos[-1]) + 1, device=dev)]
         win = torch.cat(window)
@@ -155,8 +208,9 @@ class HGALayer:
         if self.dense or c <= F + L:
             return win, win_ok
         var = chunk_sum[:, :c] if self.cfg.group_score == "mean_std" else None
-        _, ids, ok = routing.route(qb, pos, chunk_sum[:, :c], group_sum[:, :c], self.cfg,
-                                   group_var=var)
+        _, ids, ok = routing.route(
+            qb, pos, chunk_sum[:, :c], group_sum[:, :c], self.cfg, group_var=var
+        )
         union = torch.unique(ids[ok])  # sorted group ids any query of the chunk opened
         member = torch.zeros(*ids.shape[:2], union.numel() + 1, dtype=torch.bool, device=dev)
         slot = torch.where(ok, torch.searchsorted(union, ids), union.numel())
@@ -173,17 +227,33 @@ class HGALayer:
         with Gt = (F + L + 1) * 4 + the routed width: sinks, local window, own chunk
         (causal), then the routed groups (ops.decode_groups).
         """
-        return self.ops.decode_groups(md.decode_queries(q), md.decode_pos,
-                                      md.decode_block_table(), md.decode_chunks, summ, self.cfg,
-                                      self.sinks, self.local, self.groups)
+        return self.ops.decode_groups(
+            md.decode_queries(q),
+            md.decode_pos,
+            md.decode_block_table(),
+            md.decode_chunks,
+            summ,
+            self.cfg,
+            self.sinks,
+            self.local,
+            self.groups,
+        )
 
     def decode(self, q, pool, summ, md, out: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the decode rows (what forward does for them): float32 [R, Hq, D],
         or written into out (any float dtype, e.g. out[:R] of the step's output)."""
         rows, token_ok, _ = self.decode_groups(q, summ, md)
         rows, bank_data = self._through_bank(pool, rows, token_ok)
-        return self.ops.attend_groups(md.decode_queries(q), pool, rows, token_ok, self.scale,
-                                      self.n_shared, out=out, bank=bank_data)
+        return self.ops.attend_groups(
+            md.decode_queries(q),
+            pool,
+            rows,
+            token_ok,
+            self.scale,
+            self.n_shared,
+            out=out,
+            bank=bank_data,
+        )
 
     def _through_bank(self, pool, rows, token_ok) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(rows, bank data): sinks, closed local chunks and routed chunks go through the

@@ -46,11 +46,11 @@ class HGAAttentionBackend(AttentionBackend):
         return "HGA"
 
     @staticmethod
-    def get_impl_cls() -> type["HGAAttentionImpl"]:
+    def get_impl_cls() -> type[HGAAttentionImpl]:
         return HGAAttentionImpl
 
     @staticmethod
-    def get_builder_cls() -> type["HGAMetadataBuilder"]:
+    def get_builder_cls() -> type[HGAMetadataBuilder]:
         return HGAMetadataBuilder
 
     @staticmethod

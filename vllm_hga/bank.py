@@ -6,9 +6,9 @@ step (sinks and local window always, routed chunks largely), so the chunks a ste
 lists touch are copied into a small device-resident bank and later steps read them from
 there.
 
-Layout: ``data [bank_chunks (+1 spare), H_kv, 2, 64, D]`` in the pool's dtype (one slot = one block's
-K and V of all KV heads, same layout as a pool block, so a group row inside a slot has the
-same offset as inside its block).  Tables (int64, each with one spare "dummy" entry at the
+Layout: ``data [bank_chunks (+1 spare), H_kv, 2, 64, D]`` in the pool's dtype (one slot =
+one block's K and V of all KV heads, same layout as a pool block, so a group row inside a slot has
+the same offset as inside its block).  Tables (int64, each with one spare "dummy" entry at the
 end that absorbs writes of padding, so every update is a fixed-shape scatter):
 
 * ``slot_of_block [num_blocks + 1]``: bank slot of a pool block, -1 when not resident;
@@ -56,13 +56,21 @@ def _cuda_ops():
 
 
 class DeviceBank:
-    def __init__(self, chunks: int, num_kv_heads: int, head_size: int, dtype: torch.dtype,
-                 device: torch.device | str):
+    def __init__(
+        self,
+        chunks: int,
+        num_kv_heads: int,
+        head_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         self.capacity = int(chunks)
         if not 1 <= self.capacity <= BANK_MAX_CHUNKS:
-            raise ValueError(f"device bank of {self.capacity} chunks: 1..{BANK_MAX_CHUNKS} per "
-                             f"layer (the CUDA admission kernel keeps one byte per slot in "
-                             f"shared memory); lower bank_chunks")
+            raise ValueError(
+                f"device bank of {self.capacity} chunks: 1..{BANK_MAX_CHUNKS} per "
+                f"layer (the CUDA admission kernel keeps one byte per slot in "
+                f"shared memory); lower bank_chunks"
+            )
         self.num_kv_heads, self.head_size = num_kv_heads, head_size
         self.device = torch.device(device)
         # fused CUDA admission where the extension has it, decided once here (tests set it
@@ -72,8 +80,9 @@ class DeviceBank:
         # zeros, not empty: the attention kernels never weight a slot they do not need, but
         # the torch path multiplies masked values by 0 (0 * NaN = NaN would poison it)
         # one spare slot at the end: the target of padding in fixed-shape copies
-        self.data = torch.zeros(cap + 1, num_kv_heads, 2, CHUNK_SIZE, head_size,
-                                dtype=dtype, device=dev)
+        self.data = torch.zeros(
+            cap + 1, num_kv_heads, 2, CHUNK_SIZE, head_size, dtype=dtype, device=dev
+        )
         self.block_of_slot = torch.full((cap + 1,), -1, dtype=torch.long, device=dev)
         self.last_use = torch.full((cap + 1,), -1, dtype=torch.long, device=dev)
         self.slot_of_block: torch.Tensor | None = None
@@ -99,13 +108,16 @@ class DeviceBank:
     @property
     def counters(self) -> torch.Tensor:
         """int64 [3] device view: total hits, misses, chunks admitted (copied in)."""
-        return self.meta[HITS:ADMITTED + 1]
+        return self.meta[HITS : ADMITTED + 1]
 
     def stats(self) -> dict[str, int]:
         """Totals since construction under the metric names (synchronises the device)."""
         hits, misses, admitted = self.counters.tolist()
-        return {"bank_hits": hits, "bank_misses": misses,
-                "bank_bytes_fetched": admitted * self.chunk_bytes}
+        return {
+            "bank_hits": hits,
+            "bank_misses": misses,
+            "bank_bytes_fetched": admitted * self.chunk_bytes,
+        }
 
     @property
     def nbytes(self) -> int:
@@ -122,8 +134,10 @@ class DeviceBank:
         if self.slot_of_block is not None and nb == self.num_blocks:
             return
         if pool.dtype != self.data.dtype or tuple(pool.shape[1:]) != tuple(self.data.shape[1:]):
-            raise ValueError(f"bank {tuple(self.data.shape)} {self.data.dtype} does not match "
-                             f"pool {tuple(pool.shape)} {pool.dtype}")
+            raise ValueError(
+                f"bank {tuple(self.data.shape)} {self.data.dtype} does not match "
+                f"pool {tuple(pool.shape)} {pool.dtype}"
+            )
         dev = self.device
         self.num_blocks = nb
         self.slot_of_block = torch.full((nb + 1,), -1, dtype=torch.long, device=dev)
@@ -139,10 +153,17 @@ class DeviceBank:
         return self.kernels
 
     def _tables(self) -> dict:
-        return {"slot_of_block": self.slot_of_block, "block_of_slot": self.block_of_slot,
-                "last_use": self.last_use, "order": self.order, "miss_bits": self._miss_bits,
-                "miss_summary": self._miss_summary, "meta": self.meta,
-                "fill_blocks": self.fill_blocks, "fill_slots": self.fill_slots}
+        return {
+            "slot_of_block": self.slot_of_block,
+            "block_of_slot": self.block_of_slot,
+            "last_use": self.last_use,
+            "order": self.order,
+            "miss_bits": self._miss_bits,
+            "miss_summary": self._miss_summary,
+            "meta": self.meta,
+            "fill_blocks": self.fill_blocks,
+            "fill_slots": self.fill_slots,
+        }
 
     # ------------------------------------------------------------------ writes
     def invalidate(self, slots: torch.Tensor) -> None:
@@ -152,8 +173,9 @@ class DeviceBank:
         if slots.device != self.device:
             slots = slots.to(self.device)
         if self._use_kernels():
-            _cuda_ops().bank_invalidate(slots, self.slot_of_block, self.block_of_slot,
-                                        self.last_use)
+            _cuda_ops().bank_invalidate(
+                slots, self.slot_of_block, self.block_of_slot, self.last_use
+            )
             return
         nb = self.num_blocks
         slots = slots.to(torch.long)
@@ -165,8 +187,14 @@ class DeviceBank:
         self.last_use.index_fill_(0, held, -1)  # evicted first
 
     # ------------------------------------------------------------------ decode
-    def admit(self, pool: torch.Tensor, rows: torch.Tensor, token_ok: torch.Tensor,
-              own_cols: tuple[int, int], metrics=None) -> torch.Tensor:
+    def admit(
+        self,
+        pool: torch.Tensor,
+        rows: torch.Tensor,
+        token_ok: torch.Tensor,
+        own_cols: tuple[int, int],
+        metrics=None,
+    ) -> torch.Tensor:
         """Admit the chunks of a decode step's group lists; return the encoded rows.
 
         rows [R, Hq, Gt] pool K rows ((block*H + kv_head)*2)*M + group, token_ok
@@ -186,8 +214,18 @@ class DeviceBank:
         enc = torch.empty_like(rows)
         sinks = self._metric_sinks(metrics)
         fill = cuda_ops.bank_fill_covered(pool, self.data)
-        cuda_ops.bank_admit(pool, self.data, rows, token_ok, (a, b) if b > a else (0, 0),
-                            self._tables(), enc, sinks, self.chunk_bytes, fill)
+        cuda_ops.bank_admit(
+            pool,
+            self.data,
+            rows,
+            token_ok,
+            (a, b) if b > a else (0, 0),
+            self._tables(),
+            enc,
+            sinks,
+            self.chunk_bytes,
+            fill,
+        )
         if not fill:  # fixed-shape copy of the fill list; padding lands in the spare slot
             dst = torch.where(self.fill_slots >= 0, self.fill_slots, self.capacity)
             self.data[dst] = pool[self.fill_blocks.clamp(min=0)].to(self.device)
@@ -199,8 +237,10 @@ class DeviceBank:
         if metrics is None:
             return []
         if self._sinks[0] is not metrics:
-            self._sinks = (metrics, [metrics.accumulator(name, self.device)
-                                     for name in METRIC_NAMES])
+            self._sinks = (
+                metrics,
+                [metrics.accumulator(name, self.device) for name in METRIC_NAMES],
+            )
         return self._sinks[1]
 
     def _admit_torch(self, pool, rows, token_ok, own_cols, metrics) -> torch.Tensor:
@@ -240,8 +280,8 @@ class DeviceBank:
         self._fill(pool, admit, slot)
         n_miss, n_admit = miss.sum(), admit.sum()
         last = torch.stack([n_hit, n_miss, n_admit])
-        self.meta[HITS:ADMITTED + 1] += last
-        self.meta[LAST_HITS:LAST_MISSES + 1] = last[:2]
+        self.meta[HITS : ADMITTED + 1] += last
+        self.meta[LAST_HITS : LAST_MISSES + 1] = last[:2]
         self.meta.narrow(0, FILLS, 1).copy_(n_admit.view(1))
         if self.device.type == "cuda":  # keep the kernels' LRU order valid (stable sort)
             order = torch.sort(self.last_use[:cap], stable=True).indices.to(torch.int32)

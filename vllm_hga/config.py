@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 CHUNK_SIZE = 64  # tokens per chunk; one chunk is one vLLM KV block
 GROUP_SIZE = 16  # tokens per group; 4 groups per chunk
@@ -117,62 +118,101 @@ class HGAConfig:
             if not ok:
                 raise HGAConfigError(f"hga config: {msg}")
 
-        need(self.chunk_size == CHUNK_SIZE,
-             f"chunk_size must be {CHUNK_SIZE} (one chunk is one vLLM block); "
-             f"got {self.chunk_size}")
-        need(self.group_size == GROUP_SIZE,
-             f"group_size must be {GROUP_SIZE}; got {self.group_size}")
+        need(
+            self.chunk_size == CHUNK_SIZE,
+            f"chunk_size must be {CHUNK_SIZE} (one chunk is one vLLM block); got {self.chunk_size}",
+        )
+        need(
+            self.group_size == GROUP_SIZE, f"group_size must be {GROUP_SIZE}; got {self.group_size}"
+        )
         for name in ("sink_chunks", "local_chunks"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0; got {v!r}")
         if self.bank_chunks is None:
             object.__setattr__(self, "bank_chunks", "auto")
-        need(self.bank_chunks == "auto" or (isinstance(self.bank_chunks, int)
-                                            and not isinstance(self.bank_chunks, bool)
-                                            and 0 <= self.bank_chunks <= BANK_MAX_CHUNKS),
-             f"bank_chunks must be \"auto\" or an integer in [0, {BANK_MAX_CHUNKS}] (0 = no device bank; "
-             f"the CUDA admission kernel holds at most {BANK_MAX_CHUNKS} slots per layer); "
-             f"got {self.bank_chunks!r}")
-        need(self.bank_max_chunks is None or (isinstance(self.bank_max_chunks, int)
-                                              and not isinstance(self.bank_max_chunks, bool)
-                                              and 0 <= self.bank_max_chunks <= BANK_MAX_CHUNKS),
-             f"bank_max_chunks (the cap of bank_chunks \"auto\") must be an integer in "
-             f"[0, {BANK_MAX_CHUNKS}]; got {self.bank_max_chunks!r}")
-        need(isinstance(self.cuda_graphs, bool),
-             f"cuda_graphs must be true or false; got {self.cuda_graphs!r}")
+        need(
+            self.bank_chunks == "auto"
+            or (
+                isinstance(self.bank_chunks, int)
+                and not isinstance(self.bank_chunks, bool)
+                and 0 <= self.bank_chunks <= BANK_MAX_CHUNKS
+            ),
+            f'bank_chunks must be "auto" or an integer in [0, {BANK_MAX_CHUNKS}] '
+            "(0 = no device bank; "
+            f"the CUDA admission kernel holds at most {BANK_MAX_CHUNKS} slots per layer); "
+            f"got {self.bank_chunks!r}",
+        )
+        need(
+            self.bank_max_chunks is None
+            or (
+                isinstance(self.bank_max_chunks, int)
+                and not isinstance(self.bank_max_chunks, bool)
+                and 0 <= self.bank_max_chunks <= BANK_MAX_CHUNKS
+            ),
+            f'bank_max_chunks (the cap of bank_chunks "auto") must be an integer in '
+            f"[0, {BANK_MAX_CHUNKS}]; got {self.bank_max_chunks!r}",
+        )
+        need(
+            isinstance(self.cuda_graphs, bool),
+            f"cuda_graphs must be true or false; got {self.cuda_graphs!r}",
+        )
         for name in ("topk_chunks", "topk_groups", "groups_per_query"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1; got {v!r}")
-        need(self.sink_chunks + self.local_chunks >= 1,
-             "sink_chunks + local_chunks must be >= 1 so every query keeps some context")
-        need(self.groups_per_query <= self.topk_groups,
-             f"groups_per_query ({self.groups_per_query}) cannot exceed topk_groups "
-             f"({self.topk_groups}): a query only sees opened groups")
+        need(
+            self.sink_chunks + self.local_chunks >= 1,
+            "sink_chunks + local_chunks must be >= 1 so every query keeps some context",
+        )
+        need(
+            self.groups_per_query <= self.topk_groups,
+            f"groups_per_query ({self.groups_per_query}) cannot exceed topk_groups "
+            f"({self.topk_groups}): a query only sees opened groups",
+        )
         groups_in_kept = self.topk_chunks * self.groups_per_chunk
-        need(self.topk_groups <= groups_in_kept,
-             f"topk_groups ({self.topk_groups}) exceeds the {groups_in_kept} groups inside "
-             f"topk_chunks={self.topk_chunks} chunks; raise topk_chunks or lower topk_groups")
-        need(isinstance(self.rope_threshold, (int, float)) and self.rope_threshold >= 0,
-             f"rope_threshold must be a number >= 0 (radians); got {self.rope_threshold!r}")
-        need(self.chunk_score in ("summary", "max_group"),
-             f"chunk_score must be 'summary' or 'max_group'; got {self.chunk_score!r}")
-        need(self.group_score in GROUP_SCORES,
-             f"group_score must be one of {list(GROUP_SCORES)}; got {self.group_score!r}")
-        need(isinstance(self.score_alpha, (int, float)) and self.score_alpha >= 0,
-             f"score_alpha must be a number >= 0; got {self.score_alpha!r}")
-        need(self.group_score == "mean" or self.chunk_score == "max_group",
-             f"group_score {self.group_score!r} stores other rows where the chunk summary "
-             "was; set chunk_score: max_group with it")
-        need(self.rope_style in (None, "neox", "gptj"),
-             f"rope_style must be 'neox' or 'gptj'; got {self.rope_style!r}")
-        need(all(isinstance(i, int) and i >= 0 for i in self.dense_layers),
-             f"dense_layers must be layer indices >= 0; got {self.dense_layers!r}")
+        need(
+            self.topk_groups <= groups_in_kept,
+            f"topk_groups ({self.topk_groups}) exceeds the {groups_in_kept} groups inside "
+            f"topk_chunks={self.topk_chunks} chunks; raise topk_chunks or lower topk_groups",
+        )
+        need(
+            isinstance(self.rope_threshold, (int, float)) and self.rope_threshold >= 0,
+            f"rope_threshold must be a number >= 0 (radians); got {self.rope_threshold!r}",
+        )
+        need(
+            self.chunk_score in ("summary", "max_group"),
+            f"chunk_score must be 'summary' or 'max_group'; got {self.chunk_score!r}",
+        )
+        need(
+            self.group_score in GROUP_SCORES,
+            f"group_score must be one of {list(GROUP_SCORES)}; got {self.group_score!r}",
+        )
+        need(
+            isinstance(self.score_alpha, (int, float)) and self.score_alpha >= 0,
+            f"score_alpha must be a number >= 0; got {self.score_alpha!r}",
+        )
+        need(
+            self.group_score == "mean" or self.chunk_score == "max_group",
+            f"group_score {self.group_score!r} stores other rows where the chunk summary "
+            "was; set chunk_score: max_group with it",
+        )
+        need(
+            self.rope_style in (None, "neox", "gptj"),
+            f"rope_style must be 'neox' or 'gptj'; got {self.rope_style!r}",
+        )
+        need(
+            all(isinstance(i, int) and i >= 0 for i in self.dense_layers),
+            f"dense_layers must be layer indices >= 0; got {self.dense_layers!r}",
+        )
         for name in ("host_kv_bytes", "disk_kv_bytes"):
             v = getattr(self, name)
-            need(v is None or (isinstance(v, int) and v > 0),
-                 f"{name} must be a positive number of bytes; got {v!r}")
-        need((self.disk_dir is None) == (self.disk_kv_bytes is None),
-             "disk_dir and disk_kv_bytes go together: set both to enable the NVMe tier")
+            need(
+                v is None or (isinstance(v, int) and v > 0),
+                f"{name} must be a positive number of bytes; got {v!r}",
+            )
+        need(
+            (self.disk_dir is None) == (self.disk_kv_bytes is None),
+            "disk_dir and disk_kv_bytes go together: set both to enable the NVMe tier",
+        )
 
     # ------------------------------------------------------------------ derived
     @property
@@ -200,7 +240,7 @@ class HGAConfig:
 
     # ------------------------------------------------------------------ builders
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> "HGAConfig":
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> HGAConfig:
         """The config of an hga mapping (over its preset, if it names one)."""
         values = dict(values or {})
         merged: dict[str, Any] = {}
@@ -213,7 +253,8 @@ class HGAConfig:
         unknown = sorted(set(merged) - known)
         if unknown:
             raise HGAConfigError(
-                f"hga config: unknown key(s) {unknown}; known keys: {sorted(known)}")
+                f"hga config: unknown key(s) {unknown}; known keys: {sorted(known)}"
+            )
         for key in ("host_kv_bytes", "disk_kv_bytes"):
             merged[key] = _parse_bytes(merged.get(key), key)
         if "dense_layers" in merged:
@@ -221,7 +262,7 @@ class HGAConfig:
         return cls(**merged)
 
     @classmethod
-    def from_vllm_config(cls, vllm_config: Any) -> "HGAConfig":
+    def from_vllm_config(cls, vllm_config: Any) -> HGAConfig:
         extra = getattr(vllm_config, "additional_config", None) or {}
         return cls.from_mapping(extra.get("hga"))
 
@@ -259,4 +300,5 @@ def _parse_bytes(value: Any, key: str) -> int | None:
         return int(text)
     except ValueError:
         raise HGAConfigError(
-            f"hga config: {key}={value!r} is not a size; write e.g. 8GiB or 536870912") from None
+            f"hga config: {key}={value!r} is not a size; write e.g. 8GiB or 536870912"
+        ) from None

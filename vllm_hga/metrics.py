@@ -31,18 +31,23 @@ SERIES = {
     "summary_bytes_written": ("bytes of chunk/group summaries written", "counter"),
     "host_pool_bytes": ("bytes allocated for full K/V in host RAM", "gauge"),
     "disk_pool_bytes": ("bytes allocated for full K/V in files (NVMe tier)", "gauge"),
-    "bank_hits": ("chunks a decode step needed that were in the device bank (per layer)",
-                  "counter"),
-    "bank_misses": ("chunks a decode step needed that were not in the device bank",
-                    "counter"),
-    "bank_bytes_fetched": ("bytes of K/V copied from the host pool into the device bank",
-                           "counter"),
+    "bank_hits": (
+        "chunks a decode step needed that were in the device bank (per layer)",
+        "counter",
+    ),
+    "bank_misses": ("chunks a decode step needed that were not in the device bank", "counter"),
+    "bank_bytes_fetched": (
+        "bytes of K/V copied from the host pool into the device bank",
+        "counter",
+    ),
     "bank_bytes": ("bytes allocated for the device bank (all layers)", "gauge"),
 }
 
 
 class WorkerMetrics:
-    """Per-engine accumulators (owned by tiers.EngineTiers).  ``add`` takes device tensors or ints; no host sync."""
+    """Per-engine accumulators (owned by tiers.EngineTiers).
+
+    ``add`` takes device tensors or ints; no host sync."""
 
     def __init__(self) -> None:
         self._device: dict[str, torch.Tensor] = {}
@@ -94,10 +99,15 @@ class WorkerMetrics:
         init_logger("vllm.hga").info(
             "HGA: density %.2f%%, %.1f KiB K/V read per step, host pool %.2f GiB, "
             "disk pool %.2f GiB, device bank %.2f GiB (hit rate %.1f%%, %.1f KiB fetched per "
-            "step)", 100 * density(d), d["kv_bytes_read"] / steps / 1024,
-            totals["host_pool_bytes"] / 2**30, totals["disk_pool_bytes"] / 2**30,
-            totals["bank_bytes"] / 2**30, 100 * bank_hit_rate(d),
-            d["bank_bytes_fetched"] / steps / 1024)
+            "step)",
+            100 * density(d),
+            d["kv_bytes_read"] / steps / 1024,
+            totals["host_pool_bytes"] / 2**30,
+            totals["disk_pool_bytes"] / 2**30,
+            totals["bank_bytes"] / 2**30,
+            100 * bank_hit_rate(d),
+            d["bank_bytes_fetched"] / steps / 1024,
+        )
         self._logged, self._last_log = totals, now
 
 
@@ -144,11 +154,14 @@ class _Collector:
         for name, (doc, kind) in SERIES.items():
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             yield family(f"vllm_hga_{name}", doc, value=totals[name])
-        yield GaugeMetricFamily("vllm_hga_density", "keys_attended / dense_pairs",
-                                value=density(totals))
-        yield GaugeMetricFamily("vllm_hga_bank_hit_rate",
-                                "bank_hits / (bank_hits + bank_misses), since start",
-                                value=bank_hit_rate(totals))
+        yield GaugeMetricFamily(
+            "vllm_hga_density", "keys_attended / dense_pairs", value=density(totals)
+        )
+        yield GaugeMetricFamily(
+            "vllm_hga_bank_hit_rate",
+            "bank_hits / (bank_hits + bank_misses), since start",
+            value=bank_hit_rate(totals),
+        )
 
 
 _registered = False

@@ -33,16 +33,20 @@ GROUPS = CHUNK_SIZE // GROUP_SIZE
 class DecodeBuffers:
     """Inputs of the fixed-shape decode step at fixed addresses (what a CUDA graph reads),
     for up to max_reqs rows; owned by the metadata builder, rewritten by every plan."""
+
     pos: torch.Tensor  # [max_reqs] int64 position of each row's query (-1: padding)
     closing: torch.Tensor  # [max_reqs] int64 block whose chunk closes this step, else -1
     max_chunks: int  # chunks of a max_model_len request: the routing width
 
     @classmethod
-    def allocate(cls, max_reqs: int, max_model_len: int,
-                 device: torch.device | str) -> "DecodeBuffers":
-        return cls(torch.zeros(max_reqs, dtype=torch.long, device=device),
-                   torch.full((max_reqs,), -1, dtype=torch.long, device=device),
-                   -(-max_model_len // CHUNK_SIZE))
+    def allocate(
+        cls, max_reqs: int, max_model_len: int, device: torch.device | str
+    ) -> DecodeBuffers:
+        return cls(
+            torch.zeros(max_reqs, dtype=torch.long, device=device),
+            torch.full((max_reqs,), -1, dtype=torch.long, device=device),
+            -(-max_model_len // CHUNK_SIZE),
+        )
 
 
 @dataclass
@@ -78,10 +82,16 @@ class HGAMetadata:
         return [self.q_starts[r] for _, r in self.decode_pairs]
 
     @classmethod
-    def plan(cls, query_start_loc: list[int], seq_lens: list[int], block_table: torch.Tensor,
-             slot_mapping: torch.Tensor, num_actual_tokens: int,
-             buffers: DecodeBuffers | None = None,
-             seq_lens_dev: torch.Tensor | None = None) -> "HGAMetadata":
+    def plan(
+        cls,
+        query_start_loc: list[int],
+        seq_lens: list[int],
+        block_table: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        num_actual_tokens: int,
+        buffers: DecodeBuffers | None = None,
+        seq_lens_dev: torch.Tensor | None = None,
+    ) -> HGAMetadata:
         """Plan one step for all layers from host-side lengths (no device reads).
 
         With `buffers`, a batch of single-token requests (padding included) gets the fixed
@@ -96,10 +106,16 @@ class HGAMetadata:
             decode = _fixed_decode(seq_lens, q_lens, block_table, buffers, seq_lens_dev)
         else:
             decode = _variable_decode(qsl, seq_lens, q_starts, q_lens, decodes, block_table)
-        return cls(num_actual_tokens=num_actual_tokens, slot_mapping=slot_mapping,
-                   block_table=block_table, q_starts=q_starts, q_lens=q_lens,
-                   tok_starts=qsl[:num_reqs], decode_pairs=[(qsl[r], r) for r in decodes],
-                   **decode)
+        return cls(
+            num_actual_tokens=num_actual_tokens,
+            slot_mapping=slot_mapping,
+            block_table=block_table,
+            q_starts=q_starts,
+            q_lens=q_lens,
+            tok_starts=qsl[:num_reqs],
+            decode_pairs=[(qsl[r], r) for r in decodes],
+            **decode,
+        )
 
 
 def single_token_batch(q_lens: list[int], num_actual_tokens: int) -> bool:
@@ -126,16 +142,21 @@ def _variable_decode(qsl, seq_lens, q_starts, q_lens, decodes, block_table) -> d
         closing = torch.empty(0, dtype=torch.long, device=dev)
     return dict(
         prefill_reqs=[r for r in range(len(seq_lens)) if q_lens[r] > 1],
-        num_decodes=len(decodes), decode_prefix=prefix,
+        num_decodes=len(decodes),
+        decode_prefix=prefix,
         decode_rows=None if prefix else _idx([qsl[r] for r in decodes], dev),
         decode_reqs=None if prefix else _idx(decodes, dev),
         decode_pos=_idx([q_starts[r] for r in decodes], dev),
         decode_chunks=1 + max((q_starts[r] // CHUNK_SIZE for r in decodes), default=-1),
-        closing_blocks=closing, num_closing=len(closing_r), fixed=False)
+        closing_blocks=closing,
+        num_closing=len(closing_r),
+        fixed=False,
+    )
 
 
-def _fixed_decode(seq_lens, q_lens, block_table, buffers: DecodeBuffers,
-                  seq_lens_dev: torch.Tensor | None) -> dict:
+def _fixed_decode(
+    seq_lens, q_lens, block_table, buffers: DecodeBuffers, seq_lens_dev: torch.Tensor | None
+) -> dict:
     """Positions and closing blocks of N single-token rows, written into `buffers` by a
     few device ops (outside any graph: build() runs before the replay)."""
     N = len(seq_lens)
@@ -150,10 +171,18 @@ def _fixed_decode(seq_lens, q_lens, block_table, buffers: DecodeBuffers,
     closes = (seq % CHUNK_SIZE == 0) & (seq > 0)  # the row's query is its chunk's last token
     closing.masked_fill_(~closes, -1)
     n_closing = sum(1 for s, n in zip(seq_lens, q_lens) if n == 1 and s % CHUNK_SIZE == 0)
-    return dict(prefill_reqs=[], num_decodes=N, decode_prefix=True, decode_rows=None,
-                decode_reqs=None, decode_pos=pos,
-                decode_chunks=min(buffers.max_chunks, block_table.shape[1]),
-                closing_blocks=closing, num_closing=n_closing, fixed=True)
+    return dict(
+        prefill_reqs=[],
+        num_decodes=N,
+        decode_prefix=True,
+        decode_rows=None,
+        decode_reqs=None,
+        decode_pos=pos,
+        decode_chunks=min(buffers.max_chunks, block_table.shape[1]),
+        closing_blocks=closing,
+        num_closing=n_closing,
+        fixed=True,
+    )
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -166,12 +195,20 @@ def _keys_before_own_chunk(c: int, cfg: HGAConfig) -> int:
 def routed_decode_keys(positions: list[int], cfg: HGAConfig) -> int:
     """Sum of routing.keys_seen over the positions (one query head each), cached by chunk:
     a step of N decode rows costs N dictionary look-ups on the host."""
-    return sum(_keys_before_own_chunk(p // CHUNK_SIZE, cfg) + p % CHUNK_SIZE + 1
-               for p in positions)
+    return sum(_keys_before_own_chunk(p // CHUNK_SIZE, cfg) + p % CHUNK_SIZE + 1 for p in positions)
 
 
-def count_step(metrics, md: HGAMetadata, cfg: HGAConfig, layers: int, dense_layers: int,
-               num_heads: int, num_kv_heads: int, head_size: int, itemsize: int) -> None:
+def count_step(
+    metrics,
+    md: HGAMetadata,
+    cfg: HGAConfig,
+    layers: int,
+    dense_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    itemsize: int,
+) -> None:
     """Add one step's host-countable metrics for `layers` layers (`dense_layers` of them
     dense): query tokens, summary bytes, and density / K/V bytes of the decode rows.
 
@@ -187,10 +224,14 @@ def count_step(metrics, md: HGAMetadata, cfg: HGAConfig, layers: int, dense_laye
     routed = layers - dense_layers
     kv_token = head_size * 2 * itemsize  # K and V of one key of one head
     metrics.add("query_tokens", layers * sum(md.q_lens))
-    metrics.add("summary_bytes_written",
-                layers * md.num_closing * num_kv_heads * (1 + GROUPS) * head_size * 4)
+    metrics.add(
+        "summary_bytes_written",
+        layers * md.num_closing * num_kv_heads * (1 + GROUPS) * head_size * 4,
+    )
     metrics.add("keys_attended", num_heads * (routed * routed_keys + dense_layers * dense_keys))
     metrics.add("dense_pairs", num_heads * layers * dense_keys)
     # as the layers counted it: routed lists per query head, dense prefixes per KV head
-    metrics.add("kv_bytes_read", kv_token * (routed * num_heads * routed_keys
-                                             + dense_layers * num_kv_heads * dense_keys))
+    metrics.add(
+        "kv_bytes_read",
+        kv_token * (routed * num_heads * routed_keys + dense_layers * num_kv_heads * dense_keys),
+    )

@@ -23,12 +23,14 @@ class HGAPlatformMixin:
             backend = selected_backend.get_class()
             capability = cls.get_device_capability() if cls.device_type == "cuda" else None
             reasons = backend.validate_configuration(
-                device_capability=capability, **attn_selector_config._asdict())
+                device_capability=capability, **attn_selector_config._asdict()
+            )
             if reasons:
                 raise ValueError("HGA backend cannot run this layer: " + "; ".join(reasons))
             return selected_backend.get_path()
         return super().get_attn_backend_cls(  # type: ignore[misc]
-            selected_backend, attn_selector_config, num_heads)
+            selected_backend, attn_selector_config, num_heads
+        )
 
 
 def _cpu_platform():

@@ -34,8 +34,13 @@ class RopeSpec:
             raise ValueError("inv_freq must hold rotary_dim // 2 frequencies")
 
     @classmethod
-    def default(cls, head_size: int, theta: float = 10000.0, rotary_dim: int | None = None,
-                neox_style: bool = True) -> "RopeSpec":
+    def default(
+        cls,
+        head_size: int,
+        theta: float = 10000.0,
+        rotary_dim: int | None = None,
+        neox_style: bool = True,
+    ) -> RopeSpec:
         rd = rotary_dim or head_size
         freqs = tuple(theta ** (-(2.0 * i) / rd) for i in range(rd // 2))
         return cls(head_size, rd, neox_style, freqs)
@@ -58,8 +63,9 @@ class RopeSpec:
         return rotate(x, positions.to(torch.float64), self)
 
 
-def rotate(x: torch.Tensor, angles_pos: torch.Tensor, spec: RopeSpec,
-           pair_mask: torch.Tensor | None = None) -> torch.Tensor:
+def rotate(
+    x: torch.Tensor, angles_pos: torch.Tensor, spec: RopeSpec, pair_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rotate rotary pairs of x [T, H, D] by angle pos[T] * f_i, only where pair_mask.
 
     Computed in float64 and cast back, so relative rotations stay exact to rounding.
@@ -92,5 +98,4 @@ def spec_from_vllm_rope(rope: torch.nn.Module, head_size: int) -> RopeSpec:
     freqs = torch.atan2(sin1, cos1)
     if torch.any(freqs <= 0) or torch.any(freqs > math.pi):
         raise ValueError("unexpected RoPE cache: frequencies outside (0, pi]")
-    return RopeSpec(head_size, rotary_dim, bool(rope.is_neox_style),
-                    tuple(float(v) for v in freqs))
+    return RopeSpec(head_size, rotary_dim, bool(rope.is_neox_style), tuple(float(v) for v in freqs))

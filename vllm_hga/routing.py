@@ -33,8 +33,9 @@ def keys_seen(p: int, cfg: HGAConfig) -> int:
     return (sinks + local) * C + (p - c * C + 1) + routed_groups(c, cfg) * cfg.group_size
 
 
-def window_masks(pos: torch.Tensor, n_chunks: int,
-                 cfg: HGAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def window_masks(
+    pos: torch.Tensor, n_chunks: int, cfg: HGAConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(fixed, pool), both bool [N, n_chunks], for queries at positions pos [N].
 
     fixed = sinks + local window (always visible); pool = chunks routing chooses from.
@@ -48,10 +49,15 @@ def window_masks(pos: torch.Tensor, n_chunks: int,
     return sinks | local, pool
 
 
-def route(q: torch.Tensor, pos: torch.Tensor, chunk_sum: torch.Tensor, group_sum: torch.Tensor,
-          cfg: HGAConfig, groups_per_query: int | None = None,
-          group_var: torch.Tensor | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def route(
+    q: torch.Tensor,
+    pos: torch.Tensor,
+    chunk_sum: torch.Tensor,
+    group_sum: torch.Tensor,
+    cfg: HGAConfig,
+    groups_per_query: int | None = None,
+    group_var: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Route queries q [N, Hq, D] at positions pos [N].
 
     chunk_sum [B, n, Hkv, D] and group_sum [B, n, M, Hkv, D] are the summaries of chunk
@@ -88,8 +94,10 @@ def route(q: torch.Tensor, pos: torch.Tensor, chunk_sum: torch.Tensor, group_sum
         group_scores = torch.einsum(f"nkrd,{b}jmkd->nkrjm", qd, group_sum).reshape(N, Hq, n, M)
     if cfg.group_score == "mean_std":
         if group_var is None:
-            raise ValueError("group_score 'mean_std' needs group_var (the key variance "
-                             "summaries); this caller does not provide them")
+            raise ValueError(
+                "group_score 'mean_std' needs group_var (the key variance "
+                "summaries); this caller does not provide them"
+            )
         var = group_var[0] if shared else group_var
         spread = torch.einsum(f"nkrd,{b}jkd->nkrj", qd * qd, var.to(qd.dtype))
         spread = spread.clamp(min=0).sqrt().reshape(N, Hq, n, 1)
@@ -115,12 +123,13 @@ def route(q: torch.Tensor, pos: torch.Tensor, chunk_sum: torch.Tensor, group_sum
     return fixed, open_ids, open_ok
 
 
-def _sketch_scores(qd: torch.Tensor, grid: torch.Tensor, codes: torch.Tensor,
-                   b: str) -> torch.Tensor:
+def _sketch_scores(
+    qd: torch.Tensor, grid: torch.Tensor, codes: torch.Tensor, b: str
+) -> torch.Tensor:
     """[N, Hkv, rep, n, M]: log sum_t exp(q . k_hat_t / sqrt(D)) over each group's 16 keys
     (``reference.group_scores``), k_hat decoded from the sketch pages."""
     N, Hkv, rep, D = qd.shape
-    qs = qd.float() * D ** -0.5
+    qs = qd.float() * D**-0.5
     if b:  # per-row pages (decode): q . k_hat_t = q . lo + (q * step) . code_t per chunk,
         # without building k_hat (1.4-4.6x faster on CPU at 1 to 64 rows, 2026-11-28)
         lo, step = sketch_grid_of(grid)  # [N, n, Hkv, D]
@@ -147,8 +156,14 @@ def group_mask(open_ids: torch.Tensor, open_ok: torch.Tensor, n_groups: int) -> 
     return mask.scatter_(-1, ids, True)[..., :n_groups]
 
 
-def token_mask(pos: torch.Tensor, fixed: torch.Tensor, open_ids: torch.Tensor,
-               open_ok: torch.Tensor, n_keys: int, cfg: HGAConfig) -> torch.Tensor:
+def token_mask(
+    pos: torch.Tensor,
+    fixed: torch.Tensor,
+    open_ids: torch.Tensor,
+    open_ok: torch.Tensor,
+    n_keys: int,
+    cfg: HGAConfig,
+) -> torch.Tensor:
     """Bool [N, Hq, n_keys] over keys 0..n_keys-1 of one request, own chunk causal."""
     C, gs = cfg.chunk_size, cfg.group_size
     routed = group_mask(open_ids, open_ok, fixed.shape[1] * cfg.groups_per_chunk)

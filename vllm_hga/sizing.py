@@ -26,9 +26,16 @@ def chunks_needed(max_model_len: int, max_num_seqs: int) -> int:
     return max_num_seqs * -(-max_model_len // CHUNK_SIZE)
 
 
-def bank_chunks_for(free_bytes: int, num_layers: int, num_kv_heads: int, head_size: int,
-                    dtype_bytes: int, max_model_len: int, max_num_seqs: int,
-                    cap: int | None = None) -> int:
+def bank_chunks_for(
+    free_bytes: int,
+    num_layers: int,
+    num_kv_heads: int,
+    head_size: int,
+    dtype_bytes: int,
+    max_model_len: int,
+    max_num_seqs: int,
+    cap: int | None = None,
+) -> int:
     """Chunks per layer an automatic bank gets from `free_bytes` shared by `num_layers`."""
     if num_layers <= 0 or free_bytes <= 0:
         return 0
@@ -40,15 +47,22 @@ def bank_chunks_for(free_bytes: int, num_layers: int, num_kv_heads: int, head_si
     return max(0, min(fit, limit))
 
 
-def check_explicit_bank_fits(chunks: int, free_bytes: int, num_layers: int, num_kv_heads: int,
-                             head_size: int, dtype_bytes: int) -> None:
+def check_explicit_bank_fits(
+    chunks: int,
+    free_bytes: int,
+    num_layers: int,
+    num_kv_heads: int,
+    head_size: int,
+    dtype_bytes: int,
+) -> None:
     """Raise a clear error when an explicit `bank_chunks` does not fit in `free_bytes`."""
     need = num_layers * (chunks + 1) * chunk_bytes(num_kv_heads, head_size, dtype_bytes)
     if chunks > 0 and need > free_bytes:
         raise HGAConfigError(
             f"hga config: bank_chunks={chunks} needs {need / 2**30:.2f} GiB of device memory "
             f"for {num_layers} layers but only {free_bytes / 2**30:.2f} GiB are free. "
-            "Set bank_chunks lower, or to \"auto\" to size it from free memory.")
+            'Set bank_chunks lower, or to "auto" to size it from free memory.'
+        )
 
 
 def auto_bank_budget(free_bytes: int, total_bytes: int, gpu_memory_utilization: float) -> int:

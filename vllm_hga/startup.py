@@ -19,10 +19,16 @@ SUPPORTED_KV_DTYPES = ("auto", "bfloat16", "float16", "float32")
 # RoPE variants that are a plain per-position rotation (HGA's summaries rely on it).
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "ntk", None)
 # Architectures whose vLLM model rotates keys NeoX style (rotate-half pairs).
-NEOX_ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
-    "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-})
+NEOX_ARCHITECTURES = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+    }
+)
 
 
 def rope_is_neox(vllm_config, cfg: HGAConfig) -> bool | None:
@@ -45,15 +51,24 @@ def unsupported_features(vllm_config) -> list[str]:
     cache = vllm_config.cache_config
     hf = model.hf_text_config
     if model.use_mla:
-        reasons.append("the model uses MLA (latent attention); HGA routes GQA/MHA keys. "
-                       "Serve this model with vLLM's own MLA backends.")
+        reasons.append(
+            "the model uses MLA (latent attention); HGA routes GQA/MHA keys. "
+            "Serve this model with vLLM's own MLA backends."
+        )
     if model.is_encoder_decoder:
-        reasons.append("encoder-decoder / cross attention is not supported; HGA is for "
-                       "decoder-only causal models.")
-    if model.get_sliding_window() is not None or getattr(hf, "layer_types", None) and any(
-            "sliding" in str(t) or "chunked" in str(t) for t in hf.layer_types):
-        reasons.append("the model has sliding-window or local-attention layers; HGA replaces "
-                       "full causal attention only. Use a full-attention model.")
+        reasons.append(
+            "encoder-decoder / cross attention is not supported; HGA is for "
+            "decoder-only causal models."
+        )
+    if (
+        model.get_sliding_window() is not None
+        or getattr(hf, "layer_types", None)
+        and any("sliding" in str(t) or "chunked" in str(t) for t in hf.layer_types)
+    ):
+        reasons.append(
+            "the model has sliding-window or local-attention layers; HGA replaces "
+            "full causal attention only. Use a full-attention model."
+        )
     if getattr(hf, "attention_chunk_size", None):
         reasons.append("the model uses chunked local attention; not supported by HGA.")
     if model.uses_alibi:
@@ -62,25 +77,34 @@ def unsupported_features(vllm_config) -> list[str]:
         if getattr(hf, key, None):
             reasons.append("attention logit soft-capping is not supported by HGA.")
     if str(cache.cache_dtype) not in SUPPORTED_KV_DTYPES:
-        reasons.append(f"--kv-cache-dtype {cache.cache_dtype} is not supported; HGA keeps "
-                       "K/V in the model dtype. Drop --kv-cache-dtype (or use 'auto').")
+        reasons.append(
+            f"--kv-cache-dtype {cache.cache_dtype} is not supported; HGA keeps "
+            "K/V in the model dtype. Drop --kv-cache-dtype (or use 'auto')."
+        )
     rope = _rope_parameters(hf)
     rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        reasons.append(f"RoPE type {rope_type!r} is not supported (supported: "
-                       f"{[t for t in SUPPORTED_ROPE_TYPES if t]}).")
+        reasons.append(
+            f"RoPE type {rope_type!r} is not supported (supported: "
+            f"{[t for t in SUPPORTED_ROPE_TYPES if t]})."
+        )
     if getattr(hf, "dual_chunk_attention_config", None):
         reasons.append("dual-chunk attention is not supported with HGA.")
     if vllm_config.speculative_config is not None:
-        reasons.append("speculative decoding is not supported with HGA yet; drop "
-                       "--speculative-config.")
+        reasons.append(
+            "speculative decoding is not supported with HGA yet; drop --speculative-config."
+        )
     par = vllm_config.parallel_config
-    if getattr(par, "decode_context_parallel_size", 1) > 1 or getattr(
-            par, "prefill_context_parallel_size", 1) > 1:
+    if (
+        getattr(par, "decode_context_parallel_size", 1) > 1
+        or getattr(par, "prefill_context_parallel_size", 1) > 1
+    ):
         reasons.append("context parallelism (DCP/PCP) is not supported with HGA.")
     if vllm_config.kv_transfer_config is not None:
-        reasons.append("KV connectors / disaggregated prefill are not supported with HGA: "
-                       "HGA's device pages hold summaries, not K/V.")
+        reasons.append(
+            "KV connectors / disaggregated prefill are not supported with HGA: "
+            "HGA's device pages hold summaries, not K/V."
+        )
     return reasons
 
 
@@ -121,15 +145,19 @@ def plan_capacity(vllm_config, cfg: HGAConfig) -> Capacity:
         check_disk_dir(cfg.disk_dir, budget)
         available = None
     else:
-        budget = cfg.host_kv_bytes or vllm_config.cache_config.kv_cache_memory_bytes \
+        budget = (
+            cfg.host_kv_bytes
+            or vllm_config.cache_config.kv_cache_memory_bytes
             or _default_host_budget()
+        )
         available = _available_host_bytes()
     if available is not None and budget > available:
         raise HGAConfigError(
             f"hga: the host K/V budget is {budget / 2**30:.2f} GiB but only "
             f"{available / 2**30:.2f} GiB of RAM is available. Set a smaller "
-            "--additional-config '{\"hga\": {\"host_kv_bytes\": \"4GiB\"}}' (or "
-            "VLLM_CPU_KVCACHE_SPACE / --kv-cache-memory-bytes), or free memory.")
+            '--additional-config \'{"hga": {"host_kv_bytes": "4GiB"}}\' (or '
+            "VLLM_CPU_KVCACHE_SPACE / --kv-cache-memory-bytes), or free memory."
+        )
     num_blocks = budget // host_block
     needed = -(-model.max_model_len // CHUNK_SIZE) + 1  # one request of max length
     if num_blocks < needed:
@@ -138,7 +166,8 @@ def plan_capacity(vllm_config, cfg: HGAConfig) -> Capacity:
             f"({num_blocks * CHUNK_SIZE} tokens) but one request of --max-model-len "
             f"{model.max_model_len} needs {needed} blocks "
             f"({needed * host_block / 2**30:.2f} GiB). Raise host_kv_bytes or lower "
-            "--max-model-len.")
+            "--max-model-len."
+        )
     return Capacity(host_block, device_block, budget, int(num_blocks))
 
 
@@ -147,21 +176,25 @@ def check_disk_dir(directory: str, budget: int) -> None:
     import shutil
     import tempfile
 
-    fix = ("Set --additional-config '{\"hga\": {\"disk_dir\": \"/path/on/nvme\", "
-           "\"disk_kv_bytes\": \"64GiB\"}}' to a writable directory with room.")
+    fix = (
+        'Set --additional-config \'{"hga": {"disk_dir": "/path/on/nvme", '
+        '"disk_kv_bytes": "64GiB"}}\' to a writable directory with room.'
+    )
     if not os.path.isdir(directory):
         raise HGAConfigError(f"hga: disk_dir {directory!r} does not exist. {fix}")
     try:
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as e:
-        raise HGAConfigError(f"hga: disk_dir {directory!r} is not writable ({e.strerror}). "
-                             f"{fix}") from None
+        raise HGAConfigError(
+            f"hga: disk_dir {directory!r} is not writable ({e.strerror}). {fix}"
+        ) from None
     free = shutil.disk_usage(directory).free
     if free < budget:
         raise HGAConfigError(
             f"hga: disk_dir {directory!r} has {free / 2**30:.2f} GiB free but disk_kv_bytes "
-            f"asks for {budget / 2**30:.2f} GiB. Lower disk_kv_bytes or free space.")
+            f"asks for {budget / 2**30:.2f} GiB. Lower disk_kv_bytes or free space."
+        )
 
 
 def _available_host_bytes() -> int | None:
@@ -182,9 +215,11 @@ def _default_host_budget() -> int:
 def unsupported_tiers(cfg: HGAConfig, device_type: str) -> list[str]:
     """Memory tiers this version cannot serve on this device type (checked at start-up)."""
     if cfg.disk_dir is not None and device_type != "cpu":
-        return [f"the NVMe tier (disk_dir) runs on CPU only in this version; on {device_type} "
-                "the K/V pool must be pinned host RAM, which the kernels read directly. Drop "
-                "disk_dir/disk_kv_bytes and size the RAM tier with host_kv_bytes instead."]
+        return [
+            f"the NVMe tier (disk_dir) runs on CPU only in this version; on {device_type} "
+            "the K/V pool must be pinned host RAM, which the kernels read directly. Drop "
+            "disk_dir/disk_kv_bytes and size the RAM tier with host_kv_bytes instead."
+        ]
     return []
 
 
@@ -199,8 +234,9 @@ def configure_engine(vllm_config) -> HGAConfig | None:
         reasons.append(
             f"HGA has not been validated on architecture {archs}; its summaries must know the "
             "model's RoPE pairing. If you know it, set --additional-config "
-            "'{\"hga\": {\"rope_style\": \"neox\"}}' (rotate-half, Llama-like) or \"gptj\" "
-            f"(interleaved). Validated: {sorted(NEOX_ARCHITECTURES)}.")
+            '\'{"hga": {"rope_style": "neox"}}\' (rotate-half, Llama-like) or "gptj" '
+            f"(interleaved). Validated: {sorted(NEOX_ARCHITECTURES)}."
+        )
     device_type = str(getattr(vllm_config.device_config, "device_type", "cpu") or "cpu")
     reasons += unsupported_tiers(cfg, device_type)
     if reasons:
@@ -209,7 +245,8 @@ def configure_engine(vllm_config) -> HGAConfig | None:
     if cache.user_specified_block_size and cache.block_size != CHUNK_SIZE:
         raise HGAConfigError(
             f"HGA needs --block-size {CHUNK_SIZE} (one chunk is one KV block); got "
-            f"{cache.block_size}. Drop --block-size or set it to {CHUNK_SIZE}.")
+            f"{cache.block_size}. Drop --block-size or set it to {CHUNK_SIZE}."
+        )
     cache.block_size = CHUNK_SIZE
     cap = plan_capacity(vllm_config, cfg)
     if cache.num_gpu_blocks_override is None or cache.num_gpu_blocks_override > cap.num_blocks:
@@ -223,12 +260,20 @@ def configure_engine(vllm_config) -> HGAConfig | None:
     logger.info(
         "HGA: %s; %s K/V pool %.2f GiB for %d blocks = %d tokens = %d contexts of %d "
         "(%d B/token full K/V, %d B/token device summaries); device bank %.2f GiB "
-        "(%s chunks = %s tokens per layer)", _describe(cfg),
-        "disk" if cfg.disk_dir else "host", cap.host_budget_bytes / 2**30, blocks,
-        blocks * CHUNK_SIZE, blocks // per_request, vllm_config.model_config.max_model_len,
-        cap.host_bytes_per_block // CHUNK_SIZE, cap.device_bytes_per_block // CHUNK_SIZE,
-        bank_bytes / 2**30, "auto" if bank < 0 else bank,
-        "sized from free device memory" if bank < 0 else bank * CHUNK_SIZE)
+        "(%s chunks = %s tokens per layer)",
+        _describe(cfg),
+        "disk" if cfg.disk_dir else "host",
+        cap.host_budget_bytes / 2**30,
+        blocks,
+        blocks * CHUNK_SIZE,
+        blocks // per_request,
+        vllm_config.model_config.max_model_len,
+        cap.host_bytes_per_block // CHUNK_SIZE,
+        cap.device_bytes_per_block // CHUNK_SIZE,
+        bank_bytes / 2**30,
+        "auto" if bank < 0 else bank,
+        "sized from free device memory" if bank < 0 else bank * CHUNK_SIZE,
+    )
     from .metrics import setup_in_api_process
 
     setup_in_api_process()
@@ -236,6 +281,8 @@ def configure_engine(vllm_config) -> HGAConfig | None:
 
 
 def _describe(cfg: HGAConfig) -> str:
-    return (f"F={cfg.sink_chunks} L={cfg.local_chunks} K_c={cfg.topk_chunks} "
-            f"K_g={cfg.topk_groups} groups/query={cfg.groups_per_query} "
-            f"chunk_score={cfg.chunk_score} group_score={cfg.group_score}")
+    return (
+        f"F={cfg.sink_chunks} L={cfg.local_chunks} K_c={cfg.topk_chunks} "
+        f"K_g={cfg.topk_groups} groups/query={cfg.groups_per_query} "
+        f"chunk_score={cfg.chunk_score} group_score={cfg.group_score}"
+    )

@@ -39,16 +39,24 @@ class HostKVPool:
     sized vLLM's block count from; a layer that would take the pool past it raises.
     """
 
-    def __init__(self, disk_dir: str | None = None, budget_bytes: int | None = None,
-                 metrics=None) -> None:
+    def __init__(
+        self, disk_dir: str | None = None, budget_bytes: int | None = None, metrics=None
+    ) -> None:
         self.disk_dir = disk_dir
         self.budget_bytes = budget_bytes
         self.metrics = metrics  # a metrics.WorkerMetrics, or None
         self._layers: dict[str, torch.Tensor] = {}
         self._host: dict[str, torch.Tensor] = {}  # pinned backing tensors on CUDA
 
-    def layer(self, name: str, num_blocks: int, num_kv_heads: int, head_size: int,
-              dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def layer(
+        self,
+        name: str,
+        num_blocks: int,
+        num_kv_heads: int,
+        head_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> torch.Tensor:
         pool = self._layers.get(name)
         shape = (num_blocks, num_kv_heads, 2, CHUNK_SIZE, head_size)
         if pool is None or tuple(pool.shape) != shape or pool.dtype != dtype:
@@ -84,15 +92,18 @@ class HostKVPool:
         want = self.nbytes() + _nbytes(shape, dtype)
         if want > self.budget_bytes:
             knob = "disk_kv_bytes" if self.disk_dir else "host_kv_bytes"
-            raise MemoryError(f"hga: layer {name} takes the K/V pool to {want / 2**30:.2f} GiB, "
-                              f"over {knob} = {self.budget_bytes / 2**30:.2f} GiB that vLLM's "
-                              f"block count was sized from; raise {knob} or lower the block "
-                              "count (num_gpu_blocks_override)")
+            raise MemoryError(
+                f"hga: layer {name} takes the K/V pool to {want / 2**30:.2f} GiB, "
+                f"over {knob} = {self.budget_bytes / 2**30:.2f} GiB that vLLM's "
+                f"block count was sized from; raise {knob} or lower the block "
+                "count (num_gpu_blocks_override)"
+            )
 
     def _report(self) -> None:
         if self.metrics is not None:
-            self.metrics.set("disk_pool_bytes" if self.disk_dir else "host_pool_bytes",
-                             self.nbytes())
+            self.metrics.set(
+                "disk_pool_bytes" if self.disk_dir else "host_pool_bytes", self.nbytes()
+            )
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self._layers.values())
@@ -112,8 +123,7 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return numel * torch.empty((), dtype=dtype).element_size()
 
 
-def map_file(directory: str, name: str, shape: tuple[int, ...],
-             dtype: torch.dtype) -> torch.Tensor:
+def map_file(directory: str, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A tensor backed by a new, preallocated, already-unlinked file in `directory`."""
     nbytes = _nbytes(shape, dtype)
     numel = nbytes // torch.empty((), dtype=dtype).element_size()
@@ -123,9 +133,12 @@ def map_file(directory: str, name: str, shape: tuple[int, ...],
         try:
             os.posix_fallocate(fd, 0, nbytes)
         except OSError as e:
-            raise OSError(e.errno, f"hga: cannot reserve {nbytes / 2**30:.2f} GiB in "
-                          f"{directory} for the NVMe tier ({e.strerror}); free space or "
-                          "lower disk_kv_bytes") from None
+            raise OSError(
+                e.errno,
+                f"hga: cannot reserve {nbytes / 2**30:.2f} GiB in "
+                f"{directory} for the NVMe tier ({e.strerror}); free space or "
+                "lower disk_kv_bytes",
+            ) from None
         tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype)
     finally:
         os.close(fd)

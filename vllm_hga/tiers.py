@@ -28,8 +28,11 @@ class EngineTiers:
     def __init__(self, cfg: HGAConfig) -> None:
         self.cfg = cfg
         self.metrics = WorkerMetrics()
-        self.pool = HostKVPool(cfg.disk_dir, budget_bytes=cfg.disk_kv_bytes if cfg.disk_dir
-                               else cfg.host_kv_bytes, metrics=self.metrics)
+        self.pool = HostKVPool(
+            cfg.disk_dir,
+            budget_bytes=cfg.disk_kv_bytes if cfg.disk_dir else cfg.host_kv_bytes,
+            metrics=self.metrics,
+        )
         self.banks: dict[str, DeviceBank] = {}
         self.scratches: dict[tuple, Scratch] = {}
         self.closed = False
@@ -38,29 +41,55 @@ class EngineTiers:
 
     def _check_open(self) -> None:
         if self.closed:
-            raise RuntimeError("hga: this engine's memory tiers were shut down; a new engine "
-                               "gets its own (tiers_for)")
+            raise RuntimeError(
+                "hga: this engine's memory tiers were shut down; a new engine "
+                "gets its own (tiers_for)"
+            )
 
-    def layer_pool(self, name: str, num_blocks: int, num_kv_heads: int, head_size: int,
-                   dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def layer_pool(
+        self,
+        name: str,
+        num_blocks: int,
+        num_kv_heads: int,
+        head_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> torch.Tensor:
         """Layer `name`'s full K/V [num_blocks, H_kv, 2, 64, D] in the host tier."""
         self._check_open()
         return self.pool.layer(name, num_blocks, num_kv_heads, head_size, dtype, device)
 
-    def device_bank(self, name: str, chunks: int, num_kv_heads: int, head_size: int,
-                    dtype: torch.dtype, device: torch.device) -> DeviceBank:
+    def device_bank(
+        self,
+        name: str,
+        chunks: int,
+        num_kv_heads: int,
+        head_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> DeviceBank:
         """Layer `name`'s device bank (bank.py).  The backend asks for it on vLLM's
         memory-profiling forward already, so the profiler counts it as model memory."""
         self._check_open()
         bank = self.banks.get(name)
-        if bank is None or bank.data.dtype != dtype or bank.capacity != chunks \
-                or bank.device != torch.device(device):
+        if (
+            bank is None
+            or bank.data.dtype != dtype
+            or bank.capacity != chunks
+            or bank.device != torch.device(device)
+        ):
             bank = self.banks[name] = DeviceBank(chunks, num_kv_heads, head_size, dtype, device)
             self.metrics.set("bank_bytes", sum(b.nbytes for b in self.banks.values()))
         return bank
 
-    def prefill_scratch(self, max_chunks: int, num_kv_heads: int, head_size: int,
-                        dtype: torch.dtype, device: torch.device) -> Scratch:
+    def prefill_scratch(
+        self,
+        max_chunks: int,
+        num_kv_heads: int,
+        head_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Scratch:
         """The CUDA prefill scratch of this shape, shared by all layers (grown if asked for
         more chunks; the smaller one is freed first)."""
         self._check_open()
@@ -73,8 +102,11 @@ class EngineTiers:
         return sc
 
     def nbytes(self) -> dict[str, int]:
-        return {"pool": self.pool.nbytes(), "banks": sum(b.nbytes for b in self.banks.values()),
-                "scratch": sum(s.nbytes() for s in self.scratches.values())}
+        return {
+            "pool": self.pool.nbytes(),
+            "banks": sum(b.nbytes for b in self.banks.values()),
+            "scratch": sum(s.nbytes() for s in self.scratches.values()),
+        }
 
     def shutdown(self) -> None:
         """Drop every tier: pinned host memory goes back, NVMe mappings are unmapped (their

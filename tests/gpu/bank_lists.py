@@ -18,9 +18,22 @@ CHUNK, M = 64, 4
 
 
 class DecodeLists:
-    def __init__(self, nb: int, R: int, Hq: int, Hkv: int, sinks: int = 1, local: int = 2,
-                 topk: int = 8, groups: int = 12, lengths=(300, 4000), seed: int = 0,
-                 device="cpu", drift: float = 0.15, max_decode: int | None = None):
+    def __init__(
+        self,
+        nb: int,
+        R: int,
+        Hq: int,
+        Hkv: int,
+        sinks: int = 1,
+        local: int = 2,
+        topk: int = 8,
+        groups: int = 12,
+        lengths=(300, 4000),
+        seed: int = 0,
+        device="cpu",
+        drift: float = 0.15,
+        max_decode: int | None = None,
+    ):
         self.rng = random.Random(seed)
         self.nb, self.R, self.Hq, self.Hkv = nb, R, Hq, Hkv
         self.F, self.L, self.topk, self.groups = sinks, local, topk, groups

@@ -58,8 +58,20 @@ def test_fused_admission_matches_torch(cap, heads, uva):
     Hq, Hkv = heads
     nb, D, dtype = 3000, 64, torch.bfloat16
     host, pool = make_pool(nb, Hkv, D, dtype, uva, seed=cap)
-    lists = DecodeLists(nb, R=5, Hq=Hq, Hkv=Hkv, sinks=1, local=2, topk=8, groups=12,
-                        lengths=(200, 5000), seed=cap + Hq, device=DEV, max_decode=60)
+    lists = DecodeLists(
+        nb,
+        R=5,
+        Hq=Hq,
+        Hkv=Hkv,
+        sinks=1,
+        local=2,
+        topk=8,
+        groups=12,
+        lengths=(200, 5000),
+        seed=cap + Hq,
+        device=DEV,
+        max_decode=60,
+    )
     ref, fused = bank_pair(cap, Hkv, D, dtype, pool)
     s = run_steps(lists, ref, fused, pool, host, steps=80)
     assert s["hits"] > 0 and s["misses"] > 0
@@ -76,8 +88,20 @@ def test_fused_admission_large_shapes(cap):
     nb, Hkv, D = 1_200_000, 4, 128
     one = torch.randn(1, Hkv, 2, CHUNK_SIZE, D, device=DEV).to(torch.bfloat16)
     pool = one.expand(nb, -1, -1, -1, -1)
-    lists = DecodeLists(nb, R=48, Hq=32, Hkv=Hkv, sinks=1, local=2, topk=22, groups=44,
-                        lengths=(2000, 40000), seed=cap, device=DEV, max_decode=400)
+    lists = DecodeLists(
+        nb,
+        R=48,
+        Hq=32,
+        Hkv=Hkv,
+        sinks=1,
+        local=2,
+        topk=22,
+        groups=44,
+        lengths=(2000, 40000),
+        seed=cap,
+        device=DEV,
+        max_decode=400,
+    )
     ref, fused = bank_pair(cap, Hkv, D, torch.bfloat16, pool)
     s = run_steps(lists, ref, fused, pool, None, steps=12)
     assert s["misses"] > 0 and s["hits"] > 0
@@ -88,8 +112,20 @@ def test_fused_admission_large_shapes(cap):
 def test_fused_admission_max_capacity():
     cap, nb, Hkv, D = BANK_MAX_CHUNKS, 40_000, 1, 8
     host, pool = make_pool(nb, Hkv, D, torch.float16, uva=False)
-    lists = DecodeLists(nb, R=24, Hq=4, Hkv=Hkv, sinks=1, local=2, topk=30, groups=60,
-                        lengths=(3000, 60000), seed=5, device=DEV, max_decode=30)
+    lists = DecodeLists(
+        nb,
+        R=24,
+        Hq=4,
+        Hkv=Hkv,
+        sinks=1,
+        local=2,
+        topk=30,
+        groups=60,
+        lengths=(3000, 60000),
+        seed=5,
+        device=DEV,
+        max_decode=30,
+    )
     ref, fused = bank_pair(cap, Hkv, D, torch.float16, pool)
     run_steps(lists, ref, fused, pool, host, steps=30)
     with pytest.raises(ValueError, match="bank_chunks"):
@@ -107,15 +143,21 @@ def test_invalidate_matches_torch():
     g = torch.Generator(device=DEV).manual_seed(0)
     for dtype in (torch.int64, torch.int32):
         pick = resident[torch.randperm(resident.numel(), generator=g, device=DEV)[:5]]
-        slots = torch.cat([pick * CHUNK_SIZE + 7, pick * CHUNK_SIZE + 63,  # duplicates
-                           torch.tensor([-1, -1, 3 * CHUNK_SIZE], device=DEV)])
+        slots = torch.cat(
+            [
+                pick * CHUNK_SIZE + 7,
+                pick * CHUNK_SIZE + 63,  # duplicates
+                torch.tensor([-1, -1, 3 * CHUNK_SIZE], device=DEV),
+            ]
+        )
         ref.invalidate(slots)
         fused.invalidate(slots.to(dtype))
         assert_same(ref, fused, host, order=False)
         assert bool((fused.slot_of_block[pick] == -1).all())
     rows, ok, _ = lists.step()  # admission after invalidation still agrees
-    assert torch.equal(ref.admit(pool, rows, ok, lists.own_cols),
-                       fused.admit(pool, rows, ok, lists.own_cols))
+    assert torch.equal(
+        ref.admit(pool, rows, ok, lists.own_cols), fused.admit(pool, rows, ok, lists.own_cols)
+    )
     assert_same(ref, fused, host)
 
 
@@ -123,8 +165,7 @@ def _kernels_in(fn) -> list[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return [e.name for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def test_launches_no_sync_and_metrics():
@@ -132,8 +173,9 @@ def test_launches_no_sync_and_metrics():
     host sync; metrics totals equal the torch path's per-step adds."""
     nb, Hkv, D, cap = 4000, 4, 128, 256
     host, pool = make_pool(nb, Hkv, D, torch.bfloat16, uva=True)
-    lists = DecodeLists(nb, R=8, Hq=32, Hkv=Hkv, lengths=(500, 6000), seed=7, device=DEV,
-                        max_decode=40)
+    lists = DecodeLists(
+        nb, R=8, Hq=32, Hkv=Hkv, lengths=(500, 6000), seed=7, device=DEV, max_decode=40
+    )
     ref, fused = bank_pair(cap, Hkv, D, torch.bfloat16, pool)
     m_ref, m_fused = WorkerMetrics(), WorkerMetrics()
     for i in range(25):
@@ -143,8 +185,7 @@ def test_launches_no_sync_and_metrics():
         torch.cuda.synchronize()
         if i == 5:
             inv = _kernels_in(lambda s=slots: fused.invalidate(s))
-            adm = _kernels_in(lambda r=rows, o=ok: fused.admit(pool, r, o, lists.own_cols,
-                                                               m_fused))
+            adm = _kernels_in(lambda r=rows, o=ok: fused.admit(pool, r, o, lists.own_cols, m_fused))
             print(f"\ninvalidate kernels: {inv}\nadmit kernels: {adm}")
             assert len(inv) == 1 and len(adm) <= 3, (inv, adm)
             enc = None
@@ -169,8 +210,9 @@ def test_cuda_graph_replay_matches_eager():
     mapping padded with -1): same tables, rows and metrics as the eager torch path."""
     nb, Hkv, D, cap, T = 3000, 2, 64, 48, 16384
     host, pool = make_pool(nb, Hkv, D, torch.bfloat16, uva=True)
-    lists = DecodeLists(nb, R=6, Hq=8, Hkv=Hkv, lengths=(300, 3000), seed=11, device=DEV,
-                        max_decode=50)
+    lists = DecodeLists(
+        nb, R=6, Hq=8, Hkv=Hkv, lengths=(300, 3000), seed=11, device=DEV, max_decode=50
+    )
     ref, fused = bank_pair(cap, Hkv, D, torch.bfloat16, pool)
     m_ref, m_fused = WorkerMetrics(), WorkerMetrics()
 
@@ -217,8 +259,20 @@ def test_admission_time(R):
     torch path, steady state (same lists every step: all hits) and drifting lists."""
     nb, Hq, Hkv, D = 60_000, 32, 4, 128
     _, pool = make_pool(nb, Hkv, D, torch.bfloat16, uva=True)
-    lists = DecodeLists(nb, R=R, Hq=Hq, Hkv=Hkv, sinks=1, local=2, topk=22, groups=44,
-                        lengths=(8000, 32000), seed=R, device=DEV, max_decode=1000)
+    lists = DecodeLists(
+        nb,
+        R=R,
+        Hq=Hq,
+        Hkv=Hkv,
+        sinks=1,
+        local=2,
+        topk=22,
+        groups=44,
+        lengths=(8000, 32000),
+        seed=R,
+        device=DEV,
+        max_decode=1000,
+    )
     steps = [lists.step()[:2] for _ in range(10)]
     for cap in (512, 4096):
         for kernels in (True, False):
@@ -239,6 +293,8 @@ def test_admission_time(R):
                 b.record()
                 torch.cuda.synchronize()
                 times[mode] = a.elapsed_time(b) / 20
-            print(f"\nadmit R={R} Hq={Hq} Gt={lists.Gt} cap={cap} "
-                  f"{'fused' if kernels else 'torch'}: {times['same']:.4f} ms/step (same "
-                  f"lists), {times['drift']:.4f} ms/step (cycling 10 steps' lists)")
+            print(
+                f"\nadmit R={R} Hq={Hq} Gt={lists.Gt} cap={cap} "
+                f"{'fused' if kernels else 'torch'}: {times['same']:.4f} ms/step (same "
+                f"lists), {times['drift']:.4f} ms/step (cycling 10 steps' lists)"
+            )

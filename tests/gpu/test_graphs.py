@@ -45,13 +45,22 @@ class Rig:
     """N persistent decode rows over one paged pool, the way vLLM's model runner holds
     them: q/K/V/out, slot mapping, block table and device seq_lens at fixed addresses."""
 
-    def __init__(self, cfg: HGAConfig, N: int, Hq: int, Hkv: int, D: int, uva: bool,
-                 dtype=torch.bfloat16, seed: int = 0):
+    def __init__(
+        self,
+        cfg: HGAConfig,
+        N: int,
+        Hq: int,
+        Hkv: int,
+        D: int,
+        uva: bool,
+        dtype=torch.bfloat16,
+        seed: int = 0,
+    ):
         self.cfg, self.N, self.Hq, self.Hkv, self.D, self.dtype = cfg, N, Hq, Hkv, D, dtype
         self.W = MAX_LEN // CHUNK_SIZE
         self.gen = torch.Generator(device=DEV).manual_seed(seed)
         nb = 1 + 2 * N * self.W  # room for every row twice: rows move to other blocks
-        self.free = (1 + torch.randperm(nb - 1, generator=torch.Generator().manual_seed(seed)))
+        self.free = 1 + torch.randperm(nb - 1, generator=torch.Generator().manual_seed(seed))
         self.free = self.free.tolist()
         pool = torch.full((nb, Hkv, 2, CHUNK_SIZE, D), NAN, dtype=dtype)  # block 0: null
         if uva:
@@ -71,7 +80,7 @@ class Rig:
         self.buffers = DecodeBuffers.allocate(N, MAX_LEN, DEV)
         self.rope = RopeSpec.default(D, 1e6)
         self.rot = torch_ops.SummaryRotation(self.rope, cfg, DEV)
-        self.layer = HGALayer(cfg, self.rope, Hq, Hkv, D, D ** -0.5, MAX_LEN, device=DEV)
+        self.layer = HGALayer(cfg, self.rope, Hq, Hkv, D, D**-0.5, MAX_LEN, device=DEV)
         if cfg.bank_size("cuda"):  # small: the captured admission evicts every step
             self.layer.bank = DeviceBank(cfg.bank_size("cuda"), Hkv, D, dtype, DEV)
         self.qsl, self.seq_list = [], []
@@ -109,9 +118,15 @@ class Rig:
             x.copy_(torch.randn(x.shape, generator=self.gen, device=DEV) * 2)
 
     def plan(self, fixed: bool = True) -> HGAMetadata:
-        return HGAMetadata.plan(self.qsl, self.seq_list, self.bt, self.slots, self.N,
-                                buffers=self.buffers if fixed else None,
-                                seq_lens_dev=self.seq)
+        return HGAMetadata.plan(
+            self.qsl,
+            self.seq_list,
+            self.bt,
+            self.slots,
+            self.N,
+            buffers=self.buffers if fixed else None,
+            seq_lens_dev=self.seq,
+        )
 
     def forward(self, md: HGAMetadata) -> None:
         self.layer.forward(self.q, self.k, self.v, self.pool, self.summ, md, self.out)
@@ -148,8 +163,9 @@ class Rig:
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise-equal values, NaN where the other has NaN (poisoned, never written)."""
-    return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(0),
-                                                                        b.nan_to_num(0))
+    return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(
+        a.nan_to_num(0), b.nan_to_num(0)
+    )
 
 
 def seen_keys(rig: Rig, md: HGAMetadata, n_real: int) -> torch.Tensor:
@@ -157,7 +173,7 @@ def seen_keys(rig: Rig, md: HGAMetadata, n_real: int) -> torch.Tensor:
     whatever their width and order)."""
     _, ok, gid = rig.layer.decode_groups(rig.q, rig.summ, md)
     ok, gid = ok[:n_real], gid[:n_real]
-    keys = (gid.unsqueeze(-1) * GROUP_SIZE + torch.arange(GROUP_SIZE, device=DEV))
+    keys = gid.unsqueeze(-1) * GROUP_SIZE + torch.arange(GROUP_SIZE, device=DEV)
     seen = torch.zeros(n_real, rig.Hq, MAX_LEN + 1, dtype=torch.bool, device=DEV)
     seen.scatter_(-1, torch.where(ok, keys, MAX_LEN).flatten(2), True)
     return seen[..., :MAX_LEN]
@@ -167,12 +183,16 @@ def replay_and_check(rig: Rig, graph, md_cap: HGAMetadata, lengths) -> None:
     rig.set_step(lengths)
     n_real = sum(S is not None for S in lengths)
     # routing of the real rows: the same keys in the fixed (graph) and variable layouts
-    assert torch.equal(seen_keys(rig, rig.plan(), n_real),
-                       seen_keys(rig, rig.plan(fixed=False), n_real))
+    assert torch.equal(
+        seen_keys(rig, rig.plan(), n_real), seen_keys(rig, rig.plan(fixed=False), n_real)
+    )
     before = rig.state()
     md = rig.plan()  # build(): rewrites the buffers the graph reads
-    assert (md.num_decodes, md.decode_chunks, md.closing_blocks.numel()) == \
-        (md_cap.num_decodes, md_cap.decode_chunks, md_cap.closing_blocks.numel())
+    assert (md.num_decodes, md.decode_chunks, md.closing_blocks.numel()) == (
+        md_cap.num_decodes,
+        md_cap.decode_chunks,
+        md_cap.closing_blocks.numel(),
+    )
     assert md.decode_pos.data_ptr() == md_cap.decode_pos.data_ptr()
     assert md.closing_blocks.data_ptr() == md_cap.closing_blocks.data_ptr()
     rig.out.fill_(NAN)
@@ -204,8 +224,14 @@ CONFIGS = {
     "default_no_bank": HGAConfig(bank_chunks=0),
     "default_small_bank": HGAConfig(bank_chunks=24),  # the defaults: group_score sketch
     "mean_std": HGAConfig(group_score="mean_std", bank_chunks=24),
-    "paper": HGAConfig(sink_chunks=2, local_chunks=8, topk_chunks=20, topk_groups=32,
-                       chunk_score="summary", group_score="mean"),
+    "paper": HGAConfig(
+        sink_chunks=2,
+        local_chunks=8,
+        topk_chunks=20,
+        topk_groups=32,
+        chunk_score="summary",
+        group_score="mean",
+    ),
 }
 
 

@@ -27,10 +27,17 @@ def HGAConfig(**kw) -> _HGAConfig:
     """The configs these tests were written for: the paper's budgets and scoring unless a
     test sets a key (the package defaults moved to F1 L2 K_c22 K_g88 with max_group /
     mean_std scoring, docs/QUALITY.md; mean_std kernels are tested with explicit keys)."""
-    for key, value in dict(sink_chunks=2, local_chunks=8, topk_chunks=20, topk_groups=32,
-                           chunk_score="summary", group_score="mean").items():
+    for key, value in dict(
+        sink_chunks=2,
+        local_chunks=8,
+        topk_chunks=20,
+        topk_groups=32,
+        chunk_score="summary",
+        group_score="mean",
+    ).items():
         kw.setdefault(key, value)
     return _HGAConfig(**kw)
+
 
 pytestmark = [
     pytest.mark.gpu,
@@ -40,8 +47,6 @@ pytestmark = [
 DEV = "cuda"
 M = CHUNK_SIZE // GROUP_SIZE
 LENGTHS = (27, 61, 113, 482, 3330, 65_000)
-
-
 
 
 class Batch(PagedBatch):
@@ -126,7 +131,7 @@ def test_write_kv(dtype, uva):
     want = host.clone().to(DEV)
     pool = cuda_ops.uva_view(host.pin_memory()) if uva else host.clone().to(DEV)
     kv = torch.randn(T, 2 * H * D, device=DEV).to(dtype)  # vLLM hands strided views
-    key, value = kv[:, : H * D].view(T, H, D), kv[:, H * D:].view(T, H, D)
+    key, value = kv[:, : H * D].view(T, H, D), kv[:, H * D :].view(T, H, D)
     slots = torch.randperm(nb * CHUNK_SIZE, device=DEV)[:T]
     slots[::7] = -1  # padding
     torch_ops.write_kv(want, key, value, slots)
@@ -168,7 +173,9 @@ def test_summarize_pool_in_place(uva, score):
     summ = torch.full((nb, H, 1 + M, D), float("nan"), device=DEV)
     blocks = torch.tensor([3, 17, 4, 49, 0], device=DEV)
     cuda_ops.summarize_pool(pool, blocks, summ, rot)
-    if score == "sketch":  # bit fields, equal to the CPU definition (tests/gpu/test_sketch_kernels.py)
+    if (
+        score == "sketch"
+    ):  # bit fields, equal to the CPU definition (tests/gpu/test_sketch_kernels.py)
         want = torch_ops.pack_sketch(host[blocks.cpu(), :, 0].transpose(1, 2))
         assert torch.equal(summ[blocks].cpu().view(torch.int32), want.view(torch.int32))
     else:
@@ -182,14 +189,22 @@ def test_summarize_pool_in_place(uva, score):
 # ----------------------------------------------------------------------------- routing
 CONFIGS = {
     "paper": HGAConfig(),
-    "tight": HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=10,
-                       groups_per_query=5),
+    "tight": HGAConfig(
+        sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=10, groups_per_query=5
+    ),
     "wide": HGAConfig(sink_chunks=3, local_chunks=2, topk_chunks=40, topk_groups=64),
     "max_group": HGAConfig(chunk_score="max_group"),
     "mean_std": HGAConfig(chunk_score="max_group", group_score="mean_std"),
-    "mean_std_tight": HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=10,
-                                groups_per_query=5, chunk_score="max_group",
-                                group_score="mean_std", score_alpha=0.5),
+    "mean_std_tight": HGAConfig(
+        sink_chunks=1,
+        local_chunks=0,
+        topk_chunks=3,
+        topk_groups=10,
+        groups_per_query=5,
+        chunk_score="max_group",
+        group_score="mean_std",
+        score_alpha=0.5,
+    ),
 }
 
 
@@ -198,8 +213,17 @@ CONFIGS = {
 @pytest.mark.parametrize("D", [128, 64])
 def test_routing_exact_ties(cfg_name, rep, D):
     """Integer data: every score is exact, ties abound; lists must equal torch's exactly."""
-    b = Batch(LENGTHS, 2 * rep, 2, D, dtype=torch.bfloat16, integer=True, seed=rep + D,
-              cfg=CONFIGS[cfg_name], with_pool=False)
+    b = Batch(
+        LENGTHS,
+        2 * rep,
+        2,
+        D,
+        dtype=torch.bfloat16,
+        integer=True,
+        seed=rep + D,
+        cfg=CONFIGS[cfg_name],
+        with_pool=False,
+    )
     # mean_std adds alpha * sqrt(integer): fp32 vs float64 rounding may flip a rare near-tie
     check_lists(b, b.cuda_groups(), min_match=0.99 if "mean_std" in cfg_name else 1.0)
 
@@ -207,8 +231,16 @@ def test_routing_exact_ties(cfg_name, rep, D):
 @pytest.mark.parametrize("lengths", [LENGTHS, (61, 65), (200_000, 130, 9000)])
 @pytest.mark.parametrize("rep", [1, 3, 8])
 def test_routing_random_mean_std(lengths, rep):
-    b = Batch(lengths, 4 * rep, 4, 128, dtype=torch.bfloat16, seed=len(lengths) + rep,
-              cfg=CONFIGS["mean_std"], with_pool=False)
+    b = Batch(
+        lengths,
+        4 * rep,
+        4,
+        128,
+        dtype=torch.bfloat16,
+        seed=len(lengths) + rep,
+        cfg=CONFIGS["mean_std"],
+        with_pool=False,
+    )
     b.summ[:, :, 0] = b.summ[:, :, 0].abs()  # variances: >= 0 (negative ones clamp to 0)
     check_lists(b, b.cuda_groups(), min_match=0.97)
 
@@ -223,8 +255,7 @@ def test_routing_random(lengths):
 # ----------------------------------------------------------------------------- attention
 def reference_attention(b: Batch, rows, ok):
     """float64 torch attend_groups on the clean pool (masked slots zero there)."""
-    return torch_ops.attend_groups(b.q.double(), b.pool_clean.double(), rows, ok,
-                                   b.D ** -0.5)
+    return torch_ops.attend_groups(b.q.double(), b.pool_clean.double(), rows, ok, b.D**-0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -234,13 +265,19 @@ def test_attend_groups(dtype, rep, D):
     b = Batch(LENGTHS, 2 * rep, 2, D, dtype=dtype, seed=7 * rep + D)
     rows, ok, _ = b.torch_groups()
     ref = reference_attention(b, rows, ok)
-    for kernel, n_shared in (("heads", 0), ("shared", 0), ("shared", b.n_shared), ("auto", 0),
-                             ("auto", b.n_shared), ("split", b.n_shared)):
+    for kernel, n_shared in (
+        ("heads", 0),
+        ("shared", 0),
+        ("shared", b.n_shared),
+        ("auto", 0),
+        ("auto", b.n_shared),
+        ("split", b.n_shared),
+    ):
         out = torch.full(ref.shape, float("nan"), dtype=torch.float32, device=DEV)
-        cuda_ops.attend_groups(b.q, b.pool, rows, ok, D ** -0.5, n_shared, out, kernel)
+        cuda_ops.attend_groups(b.q, b.pool, rows, ok, D**-0.5, n_shared, out, kernel)
         assert rel_err(out, ref) < TOL[torch.float32] * (10 if dtype != torch.float32 else 1)
         typed = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEV)
-        cuda_ops.attend_groups(b.q, b.pool, rows, ok, D ** -0.5, n_shared, typed, kernel)
+        cuda_ops.attend_groups(b.q, b.pool, rows, ok, D**-0.5, n_shared, typed, kernel)
         assert rel_err(typed, ref) < TOL[dtype]
 
 
@@ -265,18 +302,18 @@ def test_attend_gathered_rows():
     src = torch.stack([rows.reshape(-1), rows.reshape(-1) + M], 1).reshape(-1)
     buf = cuda_ops.gather_rows(kv_rows, src)  # [2N, 16, D]: K, V, K, V, ...
     local_rows = (2 * torch.arange(rows.numel(), device=DEV)).view(rows.shape)
-    out = cuda_ops.attend_rows(b.q, buf, local_rows, ok, b.D ** -0.5, b.Hkv, 1)
+    out = cuda_ops.attend_rows(b.q, buf, local_rows, ok, b.D**-0.5, b.Hkv, 1)
     assert rel_err(out, reference_attention(b, rows, ok)) < 2e-4
 
 
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("score", ["mean", "mean_std", "sketch"])
-@pytest.mark.parametrize("rep,lengths", [(8, (27, 61, 113, 482, 3330)), (3, (65_000, 700)),
-                                         (1, (2000,))])
+@pytest.mark.parametrize(
+    "rep,lengths", [(8, (27, 61, 113, 482, 3330)), (3, (65_000, 700)), (1, (2000,))]
+)
 def test_decode_end_to_end(rep, lengths, score):
     """write_kv + summarize_pool + decode (routing + attention) vs reference.hga_attention."""
-    cfg = HGAConfig(group_score=score, chunk_score="summary" if score == "mean"
-                    else "max_group")
+    cfg = HGAConfig(group_score=score, chunk_score="summary" if score == "mean" else "max_group")
     Hkv, D = 2, 128
     Hq = rep * Hkv
     rope = RopeSpec.default(D, 1e6)
@@ -300,19 +337,32 @@ def test_decode_end_to_end(rep, lengths, score):
         qs.append((torch.randn(Hq, D, generator=g) * 2).to(torch.bfloat16))
     q = torch.stack(qs).to(DEV)
     out = torch.full((len(lengths), Hq, D), float("nan"), dtype=torch.bfloat16, device=DEV)
-    layer = HGALayer(cfg, rope, Hq, Hkv, D, D ** -0.5, max(lengths) + 64, device=DEV)
-    cuda_ops.decode(q, b.pos, b.bt, b.n_chunks, pool, summ, cfg, layer.sinks, layer.local,
-                    layer.groups, D ** -0.5, out=out)
-    _, ok, gid = cuda_ops.decode_groups(q, b.pos, b.bt, b.n_chunks, summ, cfg, layer.sinks,
-                                           layer.local, layer.groups)
+    layer = HGALayer(cfg, rope, Hq, Hkv, D, D**-0.5, max(lengths) + 64, device=DEV)
+    cuda_ops.decode(
+        q,
+        b.pos,
+        b.bt,
+        b.n_chunks,
+        pool,
+        summ,
+        cfg,
+        layer.sinks,
+        layer.local,
+        layer.groups,
+        D**-0.5,
+        out=out,
+    )
+    _, ok, gid = cuda_ops.decode_groups(
+        q, b.pos, b.bt, b.n_chunks, summ, cfg, layer.sinks, layer.local, layer.groups
+    )
     same_masks = total = 0
     for r, S in enumerate(lengths):
-        want, mask = reference.hga_attention(q[r: r + 1].cpu().double(), ks[r], vs[r], S - 1,
-                                             rope, cfg,
-                                             dtype=torch.float64)
+        want, mask = reference.hga_attention(
+            q[r : r + 1].cpu().double(), ks[r], vs[r], S - 1, rope, cfg, dtype=torch.float64
+        )
         # our mask from the list: key positions gid*16 + t where token_ok
         mine = torch.zeros(Hq, S, dtype=torch.bool)
-        keys = (gid[r].cpu().unsqueeze(-1) * GROUP_SIZE + torch.arange(GROUP_SIZE))
+        keys = gid[r].cpu().unsqueeze(-1) * GROUP_SIZE + torch.arange(GROUP_SIZE)
         heads = torch.arange(Hq).view(Hq, 1, 1).expand_as(keys)
         sel = ok[r].cpu()
         mine[heads[sel], keys[sel]] = True
@@ -320,8 +370,9 @@ def test_decode_end_to_end(rep, lengths, score):
         same_masks += int(agree.sum())
         total += Hq
         # exact attention under our own mask must match in float64 regardless of routing
-        mine_ref = reference.masked_attention(q[r: r + 1].cpu().double(), ks[r], vs[r],
-                                              mine.unsqueeze(1), D ** -0.5, torch.float64)
+        mine_ref = reference.masked_attention(
+            q[r : r + 1].cpu().double(), ks[r], vs[r], mine.unsqueeze(1), D**-0.5, torch.float64
+        )
         assert rel_err(out[r].cpu(), mine_ref[0]) < TOL[torch.bfloat16]
         if agree.all():
             assert rel_err(out[r].cpu(), want[0]) < TOL[torch.bfloat16]
@@ -362,8 +413,9 @@ def random_bank(b: Batch, frac: float, seed: int):
     g = torch.Generator(device="cpu").manual_seed(seed)
     nb = b.pool.shape[0]
     chunks = max(1, int(frac * nb))
-    bank = torch.full((chunks + 3,) + tuple(b.pool.shape[1:]), float("nan"),
-                      dtype=b.dtype, device=DEV)
+    bank = torch.full(
+        (chunks + 3,) + tuple(b.pool.shape[1:]), float("nan"), dtype=b.dtype, device=DEV
+    )
     blocks = torch.randperm(nb, generator=g)[:chunks].to(DEV)
     slots = torch.randperm(chunks + 3, generator=g)[:chunks].to(DEV)
     pool_dev = b.pool if not b.pool.device.type == "cpu" else b.pool.to(DEV)
@@ -391,11 +443,14 @@ def test_attend_groups_reads_bank(dtype, rep, uva):
     bank, sob = random_bank(b, 0.5, rep)
     enc = encode_rows(b, rows, sob)
     assert (enc < 0).any() and (enc >= 0).any()
-    for kernel, n_shared in (("heads", 0), ("shared", b.n_shared), ("auto", b.n_shared),
-                             ("split", b.n_shared)):
+    for kernel, n_shared in (
+        ("heads", 0),
+        ("shared", b.n_shared),
+        ("auto", b.n_shared),
+        ("split", b.n_shared),
+    ):
         out = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEV)
-        cuda_ops.attend_groups(b.q, b.pool, enc, ok, b.D ** -0.5, n_shared, out, kernel,
-                               bank=bank)
+        cuda_ops.attend_groups(b.q, b.pool, enc, ok, b.D**-0.5, n_shared, out, kernel, bank=bank)
         assert rel_err(out, ref) < TOL[dtype], kernel
     # with the pool's copies of the banked blocks poisoned, the result must not change
     if not uva:
@@ -403,8 +458,7 @@ def test_attend_groups_reads_bank(dtype, rep, uva):
         banked = (enc < 0) & ok.any(-1)
         poisoned = b.pool.clone()
         poisoned[(rows[banked] // H2M).unique()] = float("nan")
-        out = cuda_ops.attend_groups(b.q, poisoned, enc, ok, b.D ** -0.5, b.n_shared,
-                                     bank=bank)
+        out = cuda_ops.attend_groups(b.q, poisoned, enc, ok, b.D**-0.5, b.n_shared, bank=bank)
         assert rel_err(out, ref) < TOL[torch.float32] * 10
 
 
@@ -412,8 +466,7 @@ def test_bank_fill_skips_padding():
     nb, H, D, cap = 40, 3, 128, 9
     pool = torch.randn(nb, H, 2, CHUNK_SIZE, D, device=DEV).to(torch.bfloat16)
     host = pool.cpu().pin_memory()
-    bank = torch.full((cap, H, 2, CHUNK_SIZE, D), float("nan"), dtype=torch.bfloat16,
-                      device=DEV)
+    bank = torch.full((cap, H, 2, CHUNK_SIZE, D), float("nan"), dtype=torch.bfloat16, device=DEV)
     blocks = torch.tensor([5, 39, -1, 0, -1, 17], device=DEV)
     slots = torch.tensor([2, 8, -1, 0, -1, 4], device=DEV)
     cuda_ops.bank_fill(cuda_ops.uva_view(host), bank, blocks, slots)

@@ -23,7 +23,6 @@ from vllm_hga.rope import RopeSpec
 from vllm_hga.tiers import EngineTiers
 
 
-
 def HGAConfig(**kw) -> _HGAConfig:
     """A config as an engine resolves it (group_score "sketch" unless set)."""
     return _HGAConfig.from_mapping(kw)
@@ -41,8 +40,6 @@ M = CHUNK_SIZE // GROUP_SIZE
 NAN = float("nan")
 
 
-
-
 TIERS = EngineTiers(HGAConfig())  # the engine's owner of the prefill scratch, for all tests
 
 
@@ -56,8 +53,18 @@ class Request:
     """One request of S tokens in shuffled blocks of a NaN-poisoned pool, written and
     summarised by the kernels the layer uses (write_kv, summarize_pool)."""
 
-    def __init__(self, S: int, Hq: int, Hkv: int, D: int, dtype, cfg: HGAConfig, seed: int,
-                 uva: bool = False, spare_blocks: int = 5):
+    def __init__(
+        self,
+        S: int,
+        Hq: int,
+        Hkv: int,
+        D: int,
+        dtype,
+        cfg: HGAConfig,
+        seed: int,
+        uva: bool = False,
+        spare_blocks: int = 5,
+    ):
         g = torch.Generator().manual_seed(seed)
         self.S, self.Hq, self.Hkv, self.D, self.dtype, self.cfg = S, Hq, Hkv, D, dtype, cfg
         self.rope = RopeSpec.default(D, 1e6)
@@ -80,22 +87,42 @@ class Request:
         slots = (self.bt[t // CHUNK_SIZE].long() * CHUNK_SIZE + t % CHUNK_SIZE).to(DEV)
         cuda_ops.write_kv(self.pool, self.k.to(DEV), self.v.to(DEV), slots)
         rot = torch_ops.SummaryRotation(self.rope, cfg, DEV)
-        cuda_ops.summarize_pool(self.pool, self.bt[: S // CHUNK_SIZE].long().to(DEV),
-                                self.summ, rot)
+        cuda_ops.summarize_pool(
+            self.pool, self.bt[: S // CHUNK_SIZE].long().to(DEV), self.summ, rot
+        )
         self.bt = self.bt.to(DEV)
-        self.layer = HGALayer(cfg, self.rope, Hq, Hkv, D, D ** -0.5, S + 100, device=DEV,
-                              tiers=TIERS)
+        self.layer = HGALayer(cfg, self.rope, Hq, Hkv, D, D**-0.5, S + 100, device=DEV, tiers=TIERS)
 
-    def prefill(self, q_start: int, max_rows: int = cuda_prefill.MAX_ROWS,
-                out_dtype=None, kernel: str = "auto", impl: str = "rows") -> torch.Tensor:
+    def prefill(
+        self,
+        q_start: int,
+        max_rows: int = cuda_prefill.MAX_ROWS,
+        out_dtype=None,
+        kernel: str = "auto",
+        impl: str = "rows",
+    ) -> torch.Tensor:
         L = self.layer
         q = self.q[q_start:].to(DEV)
         out = torch.full(q.shape, NAN, dtype=out_dtype or self.dtype, device=DEV)
         sc = TIERS.prefill_scratch(L.max_chunks, L.num_kv_heads, L.head_size, self.dtype, DEV)
         poison_scratch()
-        cuda_prefill.prefill(q, q_start, self.pool, self.summ, self.bt, self.cfg, L.sinks,
-                             L.local, L.groups, D_SCALE(self.D), out, sc,
-                             max_rows=max_rows, kernel=kernel, impl=impl)
+        cuda_prefill.prefill(
+            q,
+            q_start,
+            self.pool,
+            self.summ,
+            self.bt,
+            self.cfg,
+            L.sinks,
+            L.local,
+            L.groups,
+            D_SCALE(self.D),
+            out,
+            sc,
+            max_rows=max_rows,
+            kernel=kernel,
+            impl=impl,
+        )
         return out
 
     def lists(self, q_start: int):
@@ -105,9 +132,17 @@ class Request:
         n = self.S - q_start
         pos = torch.arange(q_start, self.S, device=DEV)
         bt = self.bt.unsqueeze(0).expand(n, -1)
-        return cuda_ops.decode_groups(self.q[q_start:].to(DEV), pos, bt,
-                                      (self.S - 1) // CHUNK_SIZE + 1, self.summ, self.cfg,
-                                      L.sinks, L.local, L.groups)
+        return cuda_ops.decode_groups(
+            self.q[q_start:].to(DEV),
+            pos,
+            bt,
+            (self.S - 1) // CHUNK_SIZE + 1,
+            self.summ,
+            self.cfg,
+            L.sinks,
+            L.local,
+            L.groups,
+        )
 
     def mask_of(self, lists) -> torch.Tensor:
         """Bool [Hq, n, S] key visibility of the lists (on the device)."""
@@ -121,7 +156,7 @@ class Request:
 
 
 def D_SCALE(D: int) -> float:
-    return D ** -0.5
+    return D**-0.5
 
 
 IMPLS = ("rows", "tc")
@@ -143,8 +178,13 @@ def check_request(req: Request, q_start: int, outs: dict, windows, min_agree=0.9
         assert cuda_prefill.tc_available(), "csrc/prefill.cu not built: 'tc' would fall back"
     mask = req.mask_of(req.lists(q_start))
     q = req.q[q_start:]
-    exact = reference.masked_attention(q.to(DEV, torch.float64), req.k.to(DEV, torch.float64),
-                                       req.v.to(DEV, torch.float64), mask, req.D ** -0.5)
+    exact = reference.masked_attention(
+        q.to(DEV, torch.float64),
+        req.k.to(DEV, torch.float64),
+        req.v.to(DEV, torch.float64),
+        mask,
+        req.D**-0.5,
+    )
     for impl, out in outs.items():
         err = rel_err(out, exact)
         # "tc" multiplies P and V on tensor cores in the input dtype, so a float32 output
@@ -154,16 +194,17 @@ def check_request(req: Request, q_start: int, outs: dict, windows, min_agree=0.9
     mask = mask.cpu()
     agree = total = 0
     for a, b in windows:  # absolute positions [a, b), a >= q_start
-        want, ref_mask = reference.hga_attention(req.q[a:b].double(), req.k[:b], req.v[:b], a,
-                                                 req.rope, req.cfg)
-        mine = mask[:, a - q_start: b - q_start, :b]
+        want, ref_mask = reference.hga_attention(
+            req.q[a:b].double(), req.k[:b], req.v[:b], a, req.rope, req.cfg
+        )
+        mine = mask[:, a - q_start : b - q_start, :b]
         same = (mine == ref_mask).all(-1)  # [Hq, T]
         agree += int(same.sum())
         total += same.numel()
         rows = same.all(0)  # queries whose every head routes like the reference
         if rows.any():
             for impl, out in outs.items():
-                got = out[a - q_start: b - q_start].cpu()[rows]
+                got = out[a - q_start : b - q_start].cpu()[rows]
                 err = rel_err(got, want[rows])
                 assert err < impl_tol(impl, req.dtype, out.dtype), f"{impl} vs reference: {err}"
     # fp32 summaries vs the reference's float64 ones may flip a rare near-tie
@@ -188,13 +229,25 @@ def test_prefill_matches_reference(impl, case, rep, dtype):
     check_request(req, q_start, {impl: req.prefill(q_start, impl=impl)}, windows)
 
 
-@pytest.mark.parametrize("cfg", [
-    HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=10, groups_per_query=5),
-    HGAConfig(sink_chunks=0, local_chunks=2, topk_chunks=7, topk_groups=12,
-              chunk_score="max_group"),
-    HGAConfig(sink_chunks=1, local_chunks=2, topk_chunks=8, topk_groups=20,
-              chunk_score="max_group", group_score="mean_std", score_alpha=3.0),
-], ids=["no-local", "no-sink-max-group", "mean-std"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        HGAConfig(sink_chunks=1, local_chunks=0, topk_chunks=3, topk_groups=10, groups_per_query=5),
+        HGAConfig(
+            sink_chunks=0, local_chunks=2, topk_chunks=7, topk_groups=12, chunk_score="max_group"
+        ),
+        HGAConfig(
+            sink_chunks=1,
+            local_chunks=2,
+            topk_chunks=8,
+            topk_groups=20,
+            chunk_score="max_group",
+            group_score="mean_std",
+            score_alpha=3.0,
+        ),
+    ],
+    ids=["no-local", "no-sink-max-group", "mean-std"],
+)
 @pytest.mark.parametrize("D", [64, 256])
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"impl_{i}")
 def test_prefill_configs_and_head_sizes(impl, cfg, D):
@@ -222,8 +275,9 @@ def test_prefill_slices_and_pool_memory(impl, uva):
 def test_fp32_falls_back_to_rows():
     """float32 has no tensor-core kernel: impl "tc" must still give the exact result."""
     req = Request(1500, 8, 2, 64, torch.float32, HGAConfig(), seed=4)
-    check_request(req, 0, {"rows": req.prefill(0), "tc->rows": req.prefill(0, impl="tc")},
-                  [(1400, 1500)])
+    check_request(
+        req, 0, {"rows": req.prefill(0), "tc->rows": req.prefill(0, impl="tc")}, [(1400, 1500)]
+    )
 
 
 def test_scratch_shared_and_sized_once():
@@ -254,8 +308,12 @@ def test_layer_forward_matches_torch_path(uva, impl, monkeypatch):
         bt[r, :n] = torch.tensor(perm[:n], dtype=torch.int32)
         perm = perm[n:]
     qs = [(torch.randn(S, Hq, D, generator=g) * 2).to(dtype) for S in lengths]
-    ks = [rope.apply(torch.randn(S, Hkv, D, generator=g, dtype=torch.float64),
-                     torch.arange(S)).to(dtype) for S in lengths]
+    ks = [
+        rope.apply(torch.randn(S, Hkv, D, generator=g, dtype=torch.float64), torch.arange(S)).to(
+            dtype
+        )
+        for S in lengths
+    ]
     vs = [torch.randn(S, Hkv, D, generator=g).to(dtype) for S in lengths]
     sides = {}
     for side in ("cpu", "cuda"):
@@ -266,11 +324,10 @@ def test_layer_forward_matches_torch_path(uva, impl, monkeypatch):
         else:
             pool = torch.full((nb, Hkv, 2, CHUNK_SIZE, D), NAN, dtype=dtype, device=dev)
         summ = torch.full((nb, Hkv, 1 + M, D), NAN, device=dev)
-        layer = HGALayer(cfg, rope, Hq, Hkv, D, D ** -0.5, 8192, device=dev, tiers=TIERS)
+        layer = HGALayer(cfg, rope, Hq, Hkv, D, D**-0.5, 8192, device=dev, tiers=TIERS)
         sides[side] = (pool, summ, layer, dev)
     # steps: request -> (first position, tokens)
-    steps = [{0: (0, 1500), 1: (0, 500)},
-             {0: (1500, 600), 1: (500, 1), 2: (0, 777)}]
+    steps = [{0: (0, 1500), 1: (0, 500)}, {0: (1500, 600), 1: (500, 1), 2: (0, 777)}]
     poison_scratch()
     for sched in steps:
         reqs = sorted(sched)
@@ -282,9 +339,9 @@ def test_layer_forward_matches_torch_path(uva, impl, monkeypatch):
             seq.append(a + n)
             slots.append(bt[r, pos // CHUNK_SIZE].long() * CHUNK_SIZE + pos % CHUNK_SIZE)
         T = qsl[-1]
-        q = torch.cat([qs[r][a:a + n] for r, (a, n) in sorted(sched.items())])
-        k = torch.cat([ks[r][a:a + n] for r, (a, n) in sorted(sched.items())])
-        v = torch.cat([vs[r][a:a + n] for r, (a, n) in sorted(sched.items())])
+        q = torch.cat([qs[r][a : a + n] for r, (a, n) in sorted(sched.items())])
+        k = torch.cat([ks[r][a : a + n] for r, (a, n) in sorted(sched.items())])
+        v = torch.cat([vs[r][a : a + n] for r, (a, n) in sorted(sched.items())])
         outs = {}
         for side, (pool, summ, layer, dev) in sides.items():
             md = plan(qsl, seq, bt[reqs].to(dev), torch.cat(slots).to(dev), T)
@@ -293,8 +350,9 @@ def test_layer_forward_matches_torch_path(uva, impl, monkeypatch):
             outs[side] = out.cpu()
         assert not torch.isnan(outs["cuda"]).any(), "NaN in the CUDA layer's output"
         assert not torch.isnan(outs["cpu"]).any()
-        err = ((outs["cuda"].double() - outs["cpu"].double()).norm(dim=-1)
-               / outs["cpu"].double().norm(dim=-1).clamp_min(1e-30))  # [T, Hq]
+        err = (outs["cuda"].double() - outs["cpu"].double()).norm(dim=-1) / outs[
+            "cpu"
+        ].double().norm(dim=-1).clamp_min(1e-30)  # [T, Hq]
         # fp32 routing in a different summation order may flip a rare near-tie
         close = (err < 3 * TOL[dtype]).double().mean().item()
         assert close >= 0.97, f"only {close:.4f} of (query, head) match the torch path"

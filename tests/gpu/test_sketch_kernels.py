@@ -25,8 +25,9 @@ DEV = "cuda"
 M = CHUNK_SIZE // GROUP_SIZE
 
 
-def random_keys(nb: int, H: int, D: int, dtype: torch.dtype, seed: int,
-                wild: bool = True) -> torch.Tensor:
+def random_keys(
+    nb: int, H: int, D: int, dtype: torch.dtype, seed: int, wild: bool = True
+) -> torch.Tensor:
     """[nb, 64, H, D] keys with per-channel scales; wild: a constant channel and one past
     the float16 range (clamped by the grid)."""
     g = torch.Generator().manual_seed(seed)
@@ -88,8 +89,9 @@ def make_routing_case(lengths, Hq, Hkv, D, seed):
 
 def torch_routes(q, pos, bt, n_chunks, pages, cfg):
     rows = pages[bt[:, :n_chunks].long()]  # [R, n, Hkv, 5, D]
-    _, open_ids, open_ok = routing.route(q, pos.clamp(min=0), rows[:, :, :, 0],
-                                         rows[:, :, :, 1:].transpose(2, 3), cfg)
+    _, open_ids, open_ok = routing.route(
+        q, pos.clamp(min=0), rows[:, :, :, 0], rows[:, :, :, 1:].transpose(2, 3), cfg
+    )
     return open_ids, open_ok
 
 
@@ -99,7 +101,7 @@ def sketch_group_scores(q, pos, bt, n_chunks, pages) -> torch.Tensor:
     k_hat = torch_ops.unpack_sketch(rows[:, :, :, 0], rows[:, :, :, 1:]).double()
     R, Hq, D = q.shape
     Hkv = pages.shape[1]
-    qd = q.double().view(R, Hkv, Hq // Hkv, D) * D ** -0.5
+    qd = q.double().view(R, Hkv, Hq // Hkv, D) * D**-0.5
     t = torch.einsum("rkhd,rnkmtd->rkhnmt", qd, k_hat).logsumexp(-1)
     return t.reshape(R, Hq, n_chunks * M)
 
@@ -114,8 +116,9 @@ def test_sketch_decode_groups_match_torch(rep, D, local):
     assert cfg.group_score == "sketch"
     q, pos, bt, n_chunks, pages = make_routing_case(lengths, Hkv * rep, Hkv, D, seed=rep + D)
     sinks = cfg.sink_chunks
-    _, token_ok, gid = cuda_ops.decode_groups(q, pos, bt, n_chunks, pages, cfg, sinks,
-                                              local, cfg.groups_per_query)
+    _, token_ok, gid = cuda_ops.decode_groups(
+        q, pos, bt, n_chunks, pages, cfg, sinks, local, cfg.groups_per_query
+    )
     nfix = (sinks + local + 1) * M
     open_ids, open_ok = torch_routes(q, pos, bt, n_chunks, pages, cfg)
     oracle = sketch_group_scores(q, pos, bt, n_chunks, pages)

@@ -61,14 +61,17 @@ def _rot_tables(rot: torch_ops.SummaryRotation, device: torch.device, head_size:
         for p, (a, b) in enumerate(zip(rot.a.tolist(), rot.b.tolist())):
             partner[a], partner[b] = b, a
             code[a], code[b] = 2 * p, 2 * p + 1
-        cache[key] = (rot.cos.to(device, torch.float32).contiguous(),
-                      rot.sin.to(device, torch.float32).contiguous(),
-                      torch.stack([partner, code]).to(device))
+        cache[key] = (
+            rot.cos.to(device, torch.float32).contiguous(),
+            rot.sin.to(device, torch.float32).contiguous(),
+            torch.stack([partner, code]).to(device),
+        )
     return cache[key]
 
 
-def _route_splits(n_pool: int, R: int, Hkv: int, rep: int, D: int, sms: int,
-                  scores_per_chunk: int = 1) -> tuple[int, int]:
+def _route_splits(
+    n_pool: int, R: int, Hkv: int, rep: int, D: int, sms: int, scores_per_chunk: int = 1
+) -> tuple[int, int]:
     """(splits, chunks per split) for route_chunks: ~4 blocks per SM, >= 128 chunks each
     (one unrolled pass of its warps); a slice's scores of all heads of the KV head must
     fit in shared memory.  scores_per_chunk: floats kept per chunk and head (5 for
@@ -91,12 +94,14 @@ class CudaOps(torch_ops.TorchOps):
     kernels = True
 
     @staticmethod
-    def write_kv(pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 slots: torch.Tensor) -> None:
+    def write_kv(
+        pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
+    ) -> None:
         """torch_ops.write_kv without the host sync of its padding filter (slots < 0 skipped)."""
         T = key.shape[0]
-        _ops().write_kv(pool, key.to(pool.dtype), value.to(pool.dtype),
-                        slots[:T].to(torch.long).contiguous())
+        _ops().write_kv(
+            pool, key.to(pool.dtype), value.to(pool.dtype), slots[:T].to(torch.long).contiguous()
+        )
 
     @staticmethod
     def summarize_blocks(k: torch.Tensor, rot: torch_ops.SummaryRotation) -> torch.Tensor:
@@ -111,8 +116,9 @@ class CudaOps(torch_ops.TorchOps):
         return out
 
     @staticmethod
-    def summarize_pool(pool: torch.Tensor, blocks: torch.Tensor, summ: torch.Tensor,
-                       rot: torch_ops.SummaryRotation) -> None:
+    def summarize_pool(
+        pool: torch.Tensor, blocks: torch.Tensor, summ: torch.Tensor, rot: torch_ops.SummaryRotation
+    ) -> None:
         """summ[blocks] = summaries of the pool's chunks `blocks`, read in place (no gather).
         Entries < 0 are skipped: the fixed-width closing list of a CUDA-graph step (plan.py).
 
@@ -122,19 +128,35 @@ class CudaOps(torch_ops.TorchOps):
             return
         keys = pool[:, :, 0].transpose(1, 2)  # [nb, 64, H, D] view
         if rot.sketch and summ.dtype != torch.float32:
-            raise ValueError("sketch pages are float32 bit fields; this summary tensor is "
-                             f"{summ.dtype} (use float32 pages with group_score 'sketch')")
+            raise ValueError(
+                "sketch pages are float32 bit fields; this summary tensor is "
+                f"{summ.dtype} (use float32 pages with group_score 'sketch')"
+            )
         blocks = blocks.to(torch.long).contiguous()
         if rot.sketch:
             _ops().sketch_pages(keys, blocks, summ, blocks)
             return
-        _ops().summarize(keys, blocks, summ, blocks,
-                         *_rot_tables(rot, pool.device, pool.shape[-1]), int(rot.variance))
+        _ops().summarize(
+            keys,
+            blocks,
+            summ,
+            blocks,
+            *_rot_tables(rot, pool.device, pool.shape[-1]),
+            int(rot.variance),
+        )
 
     @staticmethod
-    def decode_groups(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor,
-                      n_chunks: int, summ: torch.Tensor, cfg: HGAConfig, sinks: int, local: int,
-                      groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode_groups(
+        q: torch.Tensor,
+        pos: torch.Tensor,
+        block_table: torch.Tensor,
+        n_chunks: int,
+        summ: torch.Tensor,
+        cfg: HGAConfig,
+        sinks: int,
+        local: int,
+        groups: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """torch_ops.decode_groups on the GPU: (rows [R, Hq, Gt], token_ok [R, Hq, Gt, 16], gid).
 
         n_chunks = 1 + the largest own-chunk index (md.decode_chunks); summ float32.
@@ -159,34 +181,90 @@ class CudaOps(torch_ops.TorchOps):
         pos = pos.to(torch.long).contiguous()
         n_pool = n_chunks - 1 - L - F  # pool chunks of the longest row: [F, c - L)
         sketch = cfg.group_score == "sketch"
-        S, split_len = (0, 1) if n_pool <= 0 else _route_splits(
-            n_pool, R, Hkv, Hq // Hkv, D, _sms(q), 1 + GROUPS if sketch else 1)
+        S, split_len = (
+            (0, 1)
+            if n_pool <= 0
+            else _route_splits(n_pool, R, Hkv, Hq // Hkv, D, _sms(q), 1 + GROUPS if sketch else 1)
+        )
         cand_s = torch.empty(R, Hq, S, Kc, dtype=torch.float32, device=dev)
         cand_i = torch.empty(R, Hq, S, Kc, dtype=torch.int32, device=dev)
         if sketch:  # config guarantees chunk_score max_group with sketch pages
             cand_g = torch.empty(R, Hq, S, Kc, GROUPS, dtype=torch.float32, device=dev)
             if S:
-                _ops().route_chunks_sketch(q, pos, bt, summ, F, L, split_len, cand_s, cand_i,
-                                           cand_g)
-            _ops().route_groups(q, pos, bt, summ, cand_s, cand_i, n_chunks, F, L, sinks, local,
-                                0, 0.0, rows, token_ok, gid, cand_g)
+                _ops().route_chunks_sketch(
+                    q, pos, bt, summ, F, L, split_len, cand_s, cand_i, cand_g
+                )
+            _ops().route_groups(
+                q,
+                pos,
+                bt,
+                summ,
+                cand_s,
+                cand_i,
+                n_chunks,
+                F,
+                L,
+                sinks,
+                local,
+                0,
+                0.0,
+                rows,
+                token_ok,
+                gid,
+                cand_g,
+            )
             return rows, token_ok, gid
         # group_score "mean_std": row 0 of a page is the chunk's key variance; every group
         # score gets + score_alpha * sqrt(q^2 . var) (config guarantees chunk_score max_group)
         spread = int(cfg.group_score == "mean_std")
         alpha = float(cfg.score_alpha)
         if S:
-            _ops().route_chunks(q, pos, bt, summ, F, L, int(cfg.chunk_score == "max_group"),
-                                spread, alpha, split_len, cand_s, cand_i)
-        _ops().route_groups(q, pos, bt, summ, cand_s, cand_i, n_chunks, F, L, sinks, local,
-                            spread, alpha, rows, token_ok, gid)
+            _ops().route_chunks(
+                q,
+                pos,
+                bt,
+                summ,
+                F,
+                L,
+                int(cfg.chunk_score == "max_group"),
+                spread,
+                alpha,
+                split_len,
+                cand_s,
+                cand_i,
+            )
+        _ops().route_groups(
+            q,
+            pos,
+            bt,
+            summ,
+            cand_s,
+            cand_i,
+            n_chunks,
+            F,
+            L,
+            sinks,
+            local,
+            spread,
+            alpha,
+            rows,
+            token_ok,
+            gid,
+        )
         return rows, token_ok, gid
 
     @staticmethod
-    def attend_groups(q: torch.Tensor, pool: torch.Tensor, group_rows: torch.Tensor,
-                      token_ok: torch.Tensor, scale: float, n_shared: int = 0,
-                      out: torch.Tensor | None = None, kernel: str = "auto",
-                      bank: torch.Tensor | None = None) -> torch.Tensor:
+    def attend_groups(
+        q: torch.Tensor,
+        pool: torch.Tensor,
+        group_rows: torch.Tensor,
+        token_ok: torch.Tensor,
+        scale: float,
+        n_shared: int = 0,
+        out: torch.Tensor | None = None,
+        kernel: str = "auto",
+        bank: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """torch_ops.attend_groups reading K/V from the pool (contiguous, q's dtype), and
         from the device bank (bank.py, same block layout) for rows encoded < 0.
 
@@ -206,44 +284,101 @@ class CudaOps(torch_ops.TorchOps):
         if token_ok.data_ptr() % 16:
             token_ok = token_ok.clone()
         bank_rows = None if bank is None else bank.view(-1, GROUP_SIZE, D)
-        _ops().attend_groups(q if q.stride(-1) == 1 else q.contiguous(),
-                             pool.view(nb * H * 2 * (C // GROUP_SIZE), GROUP_SIZE, D),
-                             group_rows.to(torch.long).contiguous(), token_ok, bank_rows, H,
-                             C // GROUP_SIZE, n_shared, float(scale), KERNEL_MODES[kernel], out)
+        _ops().attend_groups(
+            q if q.stride(-1) == 1 else q.contiguous(),
+            pool.view(nb * H * 2 * (C // GROUP_SIZE), GROUP_SIZE, D),
+            group_rows.to(torch.long).contiguous(),
+            token_ok,
+            bank_rows,
+            H,
+            C // GROUP_SIZE,
+            n_shared,
+            float(scale),
+            KERNEL_MODES[kernel],
+            out,
+        )
         return out
 
-    def decode(self, q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor,
-               n_chunks: int, pool: torch.Tensor, summ: torch.Tensor, cfg: HGAConfig,
-               sinks: int, local: int, groups: int, scale: float,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        q: torch.Tensor,
+        pos: torch.Tensor,
+        block_table: torch.Tensor,
+        n_chunks: int,
+        pool: torch.Tensor,
+        summ: torch.Tensor,
+        cfg: HGAConfig,
+        sinks: int,
+        local: int,
+        groups: int,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Routing + sparse attention of decode queries q [R, Hq, D] (benchmarks)."""
-        rows, token_ok, _ = self.decode_groups(q, pos, block_table, n_chunks, summ, cfg, sinks,
-                                               local, groups)
-        return self.attend_groups(q, pool, rows, token_ok, scale, (sinks + local + 1) * GROUPS,
-                                  out)
+        rows, token_ok, _ = self.decode_groups(
+            q, pos, block_table, n_chunks, summ, cfg, sinks, local, groups
+        )
+        return self.attend_groups(q, pool, rows, token_ok, scale, (sinks + local + 1) * GROUPS, out)
 
     @staticmethod
-    def prefill(q: torch.Tensor, q_start: int, pool: torch.Tensor, summ: torch.Tensor,
-                block_row: torch.Tensor, cfg: HGAConfig, sinks: int, local: int, groups: int,
-                scale: float, out: torch.Tensor, scratch, count=None) -> None:
+    def prefill(
+        q: torch.Tensor,
+        q_start: int,
+        pool: torch.Tensor,
+        summ: torch.Tensor,
+        block_row: torch.Tensor,
+        cfg: HGAConfig,
+        sinks: int,
+        local: int,
+        groups: int,
+        scale: float,
+        out: torch.Tensor,
+        scratch,
+        count=None,
+    ) -> None:
         """One request's prefill on the GPU (ops/cuda_prefill.py; scratch from tiers.py)."""
         from . import cuda_prefill
 
-        cuda_prefill.prefill(q, q_start, pool, summ, block_row, cfg, sinks, local, groups,
-                             scale, out, scratch, count=count)
+        cuda_prefill.prefill(
+            q,
+            q_start,
+            pool,
+            summ,
+            block_row,
+            cfg,
+            sinks,
+            local,
+            groups,
+            scale,
+            out,
+            scratch,
+            count=count,
+        )
 
 
 # the kernels as plain functions, for benchmarks and kernel tests (inputs must suit them)
 KERNELS = CudaOps()
-write_kv, summarize_blocks, summarize_pool = (KERNELS.write_kv, KERNELS.summarize_blocks,
-                                              KERNELS.summarize_pool)
+write_kv, summarize_blocks, summarize_pool = (
+    KERNELS.write_kv,
+    KERNELS.summarize_blocks,
+    KERNELS.summarize_pool,
+)
 decode_groups, attend_groups, decode = KERNELS.decode_groups, KERNELS.attend_groups, KERNELS.decode
 
 
-def attend_rows(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor,
-                token_ok: torch.Tensor, scale: float, num_kv_heads: int, v_offset: int,
-                n_shared: int = 0, out: torch.Tensor | None = None,
-                kernel: str = "auto", bank_rows: torch.Tensor | None = None) -> torch.Tensor:
+def attend_rows(
+    q: torch.Tensor,
+    kv_rows: torch.Tensor,
+    rows: torch.Tensor,
+    token_ok: torch.Tensor,
+    scale: float,
+    num_kv_heads: int,
+    v_offset: int,
+    n_shared: int = 0,
+    out: torch.Tensor | None = None,
+    kernel: str = "auto",
+    bank_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Decode attention of q [R, Hq, D] over the 16-token rows `rows` [R, Hq, G] of
     kv_rows [*, 16, D] (V row = K row + v_offset), where token_ok [R, Hq, G, 16].
 
@@ -266,26 +401,43 @@ def attend_rows(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor,
     token_ok = token_ok.contiguous()
     if token_ok.data_ptr() % 16:
         token_ok = token_ok.clone()
-    _ops().attend_groups(q if q.stride(-1) == 1 else q.contiguous(), kv_rows,
-                         rows.to(torch.long).contiguous(), token_ok, bank_rows, num_kv_heads,
-                         v_offset, n_shared, float(scale), KERNEL_MODES[kernel], out)
+    _ops().attend_groups(
+        q if q.stride(-1) == 1 else q.contiguous(),
+        kv_rows,
+        rows.to(torch.long).contiguous(),
+        token_ok,
+        bank_rows,
+        num_kv_heads,
+        v_offset,
+        n_shared,
+        float(scale),
+        KERNEL_MODES[kernel],
+        out,
+    )
     return out
-
 
 
 # ----------------------------------------------------------------------------- device bank
 def bank_fill_covered(pool: torch.Tensor, bank: torch.Tensor) -> bool:
-    return (_C is not None and pool.is_cuda and bank.is_cuda and pool.dtype == bank.dtype
-            and pool.is_contiguous() and bank.is_contiguous()
-            and (pool[0].numel() * pool.element_size()) % 16 == 0)
+    return (
+        _C is not None
+        and pool.is_cuda
+        and bank.is_cuda
+        and pool.dtype == bank.dtype
+        and pool.is_contiguous()
+        and bank.is_contiguous()
+        and (pool[0].numel() * pool.element_size()) % 16 == 0
+    )
 
 
-def bank_fill(pool: torch.Tensor, bank: torch.Tensor, blocks: torch.Tensor,
-              slots: torch.Tensor) -> None:
+def bank_fill(
+    pool: torch.Tensor, bank: torch.Tensor, blocks: torch.Tensor, slots: torch.Tensor
+) -> None:
     """bank[slots[i]] = pool[blocks[i]] for entries with slots[i] >= 0 (others: padding,
     skipped on the device; fixed shapes, no host sync)."""
-    _ops().bank_fill(pool, bank, blocks.to(torch.long).contiguous(),
-                     slots.to(torch.long).contiguous())
+    _ops().bank_fill(
+        pool, bank, blocks.to(torch.long).contiguous(), slots.to(torch.long).contiguous()
+    )
 
 
 @functools.cache
@@ -299,24 +451,53 @@ def bank_kernels() -> bool:
         return False
 
 
-def bank_admit(pool: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor,
-               token_ok: torch.Tensor, own_cols: tuple[int, int], tables: dict,
-               enc: torch.Tensor, sinks: list[torch.Tensor], chunk_bytes: int,
-               fill: bool) -> None:
+def bank_admit(
+    pool: torch.Tensor,
+    bank: torch.Tensor,
+    rows: torch.Tensor,
+    token_ok: torch.Tensor,
+    own_cols: tuple[int, int],
+    tables: dict,
+    enc: torch.Tensor,
+    sinks: list[torch.Tensor],
+    chunk_bytes: int,
+    fill: bool,
+) -> None:
     """DeviceBank.admit in three launches (csrc/bank.cu): mark, admit (one CTA), fill +
     encode.  tables: the bank's slot_of_block, block_of_slot, last_use, order, miss_bits,
     miss_summary, meta, fill_blocks, fill_slots (updated in place); enc (like rows) gets
     the encoded rows; sinks: [] or float64 scalars (hits, misses, bytes) to add to.
     fill=False leaves the copy to the caller (fill list in tables)."""
     t = tables
-    _ops().bank_admit(pool, bank, rows, token_ok, int(own_cols[0]), int(own_cols[1]),
-                      t["slot_of_block"], t["block_of_slot"], t["last_use"], t["order"],
-                      t["miss_bits"], t["miss_summary"], t["meta"], t["fill_blocks"],
-                      t["fill_slots"], enc, sinks, int(chunk_bytes), bool(fill))
+    _ops().bank_admit(
+        pool,
+        bank,
+        rows,
+        token_ok,
+        int(own_cols[0]),
+        int(own_cols[1]),
+        t["slot_of_block"],
+        t["block_of_slot"],
+        t["last_use"],
+        t["order"],
+        t["miss_bits"],
+        t["miss_summary"],
+        t["meta"],
+        t["fill_blocks"],
+        t["fill_slots"],
+        enc,
+        sinks,
+        int(chunk_bytes),
+        bool(fill),
+    )
 
 
-def bank_invalidate(slots: torch.Tensor, slot_of_block: torch.Tensor,
-                    block_of_slot: torch.Tensor, last_use: torch.Tensor) -> None:
+def bank_invalidate(
+    slots: torch.Tensor,
+    slot_of_block: torch.Tensor,
+    block_of_slot: torch.Tensor,
+    last_use: torch.Tensor,
+) -> None:
     """DeviceBank.invalidate in one launch: blocks of token slots (int32/int64, < 0 padding)
     leave the bank."""
     if slots.dtype not in (torch.int32, torch.int64):
@@ -330,12 +511,14 @@ def uva_view(host: torch.Tensor) -> torch.Tensor:
     return _ops().uva_view(host)
 
 
-def gather_rows(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None,
-                ) -> torch.Tensor:
+def gather_rows(
+    src: torch.Tensor,
+    idx: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """out[i] = src[idx[i]] by a zero-copy kernel (src may be a UVA view of host memory)."""
     if out is None:
-        out = torch.empty((idx.numel(),) + tuple(src.shape[1:]), dtype=src.dtype,
-                          device=idx.device)
+        out = torch.empty((idx.numel(),) + tuple(src.shape[1:]), dtype=src.dtype, device=idx.device)
     _ops().gather_rows(src, idx.to(torch.long).contiguous(), out)
     return out
 

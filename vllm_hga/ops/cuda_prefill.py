@@ -51,11 +51,9 @@ class Scratch:
     """Device copies of one request's K/V blocks and summary pages, shared by all layers
     (owned by tiers.EngineTiers)."""
 
-    def __init__(self, max_chunks: int, Hkv: int, D: int, dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(self, max_chunks: int, Hkv: int, D: int, dtype: torch.dtype, device: torch.device):
         self.kv = torch.empty(max_chunks, Hkv, 2, CHUNK_SIZE, D, dtype=dtype, device=device)
-        self.summ = torch.empty(max_chunks, Hkv, 1 + GROUPS, D, dtype=torch.float32,
-                                device=device)
+        self.summ = torch.empty(max_chunks, Hkv, 1 + GROUPS, D, dtype=torch.float32, device=device)
         # identity block table: routing row i reads scratch block j for chunk j
         self.ident = torch.arange(max_chunks, dtype=torch.int32, device=device).unsqueeze(0)
 
@@ -67,8 +65,9 @@ class Scratch:
         return self.kv.nbytes + self.summ.nbytes + self.ident.nbytes
 
 
-def gather_request(pool: torch.Tensor, summ: torch.Tensor, blocks: torch.Tensor,
-                   sc: Scratch) -> None:
+def gather_request(
+    pool: torch.Tensor, summ: torch.Tensor, blocks: torch.Tensor, sc: Scratch
+) -> None:
     """sc.kv[:n] = pool[blocks], sc.summ[:n] = summ[blocks] (blocks: int [n] on the device)."""
     n = blocks.numel()
     nb = pool.shape[0]
@@ -88,10 +87,24 @@ def slices(q_start: int, n: int, step: int, aligned: bool):
         a = b
 
 
-def prefill(q: torch.Tensor, q_start: int, pool: torch.Tensor, summ: torch.Tensor,
-            block_row: torch.Tensor, cfg: HGAConfig, sinks: int, local: int, groups: int,
-            scale: float, out: torch.Tensor, sc: Scratch, max_rows: int = MAX_ROWS,
-            kernel: str = "auto", count=None, impl: str = "auto") -> None:
+def prefill(
+    q: torch.Tensor,
+    q_start: int,
+    pool: torch.Tensor,
+    summ: torch.Tensor,
+    block_row: torch.Tensor,
+    cfg: HGAConfig,
+    sinks: int,
+    local: int,
+    groups: int,
+    scale: float,
+    out: torch.Tensor,
+    sc: Scratch,
+    max_rows: int = MAX_ROWS,
+    kernel: str = "auto",
+    count=None,
+    impl: str = "auto",
+) -> None:
     """HGA attention of one request's queries q [n, Hq, D] at positions q_start.. into out.
 
     pool [nb, Hkv, 2, 64, D] and summ [nb, Hkv, 1+M, D] float32 as HGALayer.forward's;
@@ -108,8 +121,10 @@ def prefill(q: torch.Tensor, q_start: int, pool: torch.Tensor, summ: torch.Tenso
     S = q_start + n
     n_chunks = -(-S // CHUNK_SIZE)
     if sc.max_chunks < n_chunks:
-        raise ValueError(f"prefill of {S} tokens needs {n_chunks} scratch chunks, the engine's "
-                         f"scratch has {sc.max_chunks} (sized from max_model_len)")
+        raise ValueError(
+            f"prefill of {S} tokens needs {n_chunks} scratch chunks, the engine's "
+            f"scratch has {sc.max_chunks} (sized from max_model_len)"
+        )
     gather_request(pool, summ, block_row[:n_chunks], sc)
     kv = sc.kv[:n_chunks]
     n_shared = (sinks + local + 1) * GROUPS
@@ -117,20 +132,36 @@ def prefill(q: torch.Tensor, q_start: int, pool: torch.Tensor, summ: torch.Tenso
     if impl == "auto":
         impl = "tc" if S <= TC_MAX_TOKENS else "rows"
     routed = min(groups, min(cfg.topk_chunks, n_chunks) * GROUPS)  # decode_groups' width
-    tc = (impl == "tc" and tc_available() and q.dtype in (torch.float16, torch.bfloat16)
-          and routed <= MAX_ROUTED_TC)
+    tc = (
+        impl == "tc"
+        and tc_available()
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and routed <= MAX_ROUTED_TC
+    )
     step = max(CHUNK_SIZE if tc else 1, min(max_rows, 65535))
     for a, b in slices(q_start, n, step, tc):
         pos = torch.arange(q_start + a, q_start + b, device=q.device)
         nc = (q_start + b - 1) // CHUNK_SIZE + 1  # 1 + the slice's largest own chunk
         bt = sc.ident[:, :nc].expand(b - a, nc)
         qs = q[a:b]
-        rows, ok, gid = cuda_ops.KERNELS.decode_groups(qs, pos, bt, nc, sc.summ, cfg, sinks, local,
-                                               groups)
+        rows, ok, gid = cuda_ops.KERNELS.decode_groups(
+            qs, pos, bt, nc, sc.summ, cfg, sinks, local, groups
+        )
         if tc:
             o = out[a:b] if out.dtype == q.dtype else torch.empty_like(qs)
-            torch.ops.vllm_hga.prefill_attend(qs, q_start + a, kv, gid, ok, n_shared, S,
-                                              cfg.sink_chunks, cfg.local_chunks, float(scale), o)
+            torch.ops.vllm_hga.prefill_attend(
+                qs,
+                q_start + a,
+                kv,
+                gid,
+                ok,
+                n_shared,
+                S,
+                cfg.sink_chunks,
+                cfg.local_chunks,
+                float(scale),
+                o,
+            )
             if out.dtype != q.dtype:
                 out[a:b].copy_(o)
         else:

@@ -15,8 +15,13 @@ from .cuda_ops import CudaOps
 from .torch_ops import TorchOps
 
 
-def kernel_blockers(cfg: HGAConfig, device: torch.device | str, dtype: torch.dtype | None,
-                    head_size: int, built: bool | None = None) -> list[str]:
+def kernel_blockers(
+    cfg: HGAConfig,
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+    head_size: int,
+    built: bool | None = None,
+) -> list[str]:
     """Why the CUDA kernels cannot run this layer (empty: they can).
 
     dtype None: the model dtype is not known to the caller (tests); it is then not checked.
@@ -41,8 +46,9 @@ def kernel_blockers(cfg: HGAConfig, device: torch.device | str, dtype: torch.dty
     return reasons
 
 
-def ops_for(cfg: HGAConfig, device: torch.device | str, dtype: torch.dtype | None,
-            head_size: int) -> TorchOps:  # CudaOps is a TorchOps
+def ops_for(
+    cfg: HGAConfig, device: torch.device | str, dtype: torch.dtype | None, head_size: int
+) -> TorchOps:  # CudaOps is a TorchOps
     """CudaOps where the kernels serve this layer, else TorchOps (same methods)."""
     if kernel_blockers(cfg, device, dtype, head_size):
         return TorchOps()

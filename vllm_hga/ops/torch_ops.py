@@ -35,10 +35,12 @@ class SummaryRotation:
         chunk_delta = (C - 1) // 2 - t
         group_delta = (t // gs) * gs + (gs - 1) // 2 - t
         # kept in float64 (tiny) so float64 test runs stay exact; cast on use
-        self.cos = torch.stack([torch.cos(chunk_delta[:, None] * f),
-                                torch.cos(group_delta[:, None] * f)]).to(device)
-        self.sin = torch.stack([torch.sin(chunk_delta[:, None] * f),
-                                torch.sin(group_delta[:, None] * f)]).to(device)
+        self.cos = torch.stack(
+            [torch.cos(chunk_delta[:, None] * f), torch.cos(group_delta[:, None] * f)]
+        ).to(device)
+        self.sin = torch.stack(
+            [torch.sin(chunk_delta[:, None] * f), torch.sin(group_delta[:, None] * f)]
+        ).to(device)
         a, b = rope.pair_index()
         self.a, self.b = a.to(device), b.to(device)
         self.groups = cfg.groups_per_chunk
@@ -135,8 +137,9 @@ def unpack_sketch(grid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return lo.unsqueeze(-2).unsqueeze(-2) + sketch_codes_of(rows) * step.unsqueeze(-2).unsqueeze(-2)
 
 
-def write_kv(pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             slots: torch.Tensor) -> None:
+def write_kv(
+    pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
+) -> None:
     """Write key/value [T, H, D] of token slots [T] (block*64 + offset; <0 = padding)."""
     C = pool.shape[3]
     keep = slots >= 0
@@ -154,8 +157,9 @@ def gather_tokens(pool: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor
     return pool[blocks, :, 0, offs], pool[blocks, :, 1, offs]
 
 
-def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                  scale: float) -> torch.Tensor:
+def attend_masked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Exact attention of q [T, Hq, D] over k, v [S, Hkv, D] where mask [T, Hq, S].
 
     Half-precision inputs go to torch's fused CPU/GPU kernel as they are (it accumulates
@@ -164,15 +168,24 @@ def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     Hq = q.shape[1]
     bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, NEG_INF)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-        v.transpose(0, 1).unsqueeze(0), attn_mask=bias.transpose(0, 1).unsqueeze(0),
-        scale=scale, enable_gqa=Hq != k.shape[1])
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        attn_mask=bias.transpose(0, 1).unsqueeze(0),
+        scale=scale,
+        enable_gqa=Hq != k.shape[1],
+    )
     return out[0].transpose(0, 1)
 
 
-def attend_groups(q: torch.Tensor, pool: torch.Tensor, group_rows: torch.Tensor,
-                  token_ok: torch.Tensor, scale: float,
-                  bank: torch.Tensor | None = None) -> torch.Tensor:
+def attend_groups(
+    q: torch.Tensor,
+    pool: torch.Tensor,
+    group_rows: torch.Tensor,
+    token_ok: torch.Tensor,
+    scale: float,
+    bank: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Decode attention over gathered 16-token groups.
 
     q [R, Hq, D]; group_rows [R, Hq, G] are K rows of the pool viewed as
@@ -210,22 +223,33 @@ def attend_groups(q: torch.Tensor, pool: torch.Tensor, group_rows: torch.Tensor,
     return torch.einsum("rhgt,rhgtd->rhd", probs, v)
 
 
-def summarize_pool(pool: torch.Tensor, blocks: torch.Tensor, summ: torch.Tensor,
-                   rot: SummaryRotation) -> None:
+def summarize_pool(
+    pool: torch.Tensor, blocks: torch.Tensor, summ: torch.Tensor, rot: SummaryRotation
+) -> None:
     """summ[blocks] = summaries of the pool's chunks `blocks` (entries < 0 skipped)."""
     if blocks.numel() == 0:
         return
     keys = pool[:, :, 0].transpose(1, 2)  # [nb, 64, H, D] view
     blocks = blocks[blocks >= 0]  # host sync: the torch path is not graph-safe anyway
     if rot.sketch and summ.dtype != torch.float32:
-        raise ValueError("sketch pages are float32 bit fields; this summary tensor is "
-                         f"{summ.dtype} (use float32 pages with group_score 'sketch')")
+        raise ValueError(
+            "sketch pages are float32 bit fields; this summary tensor is "
+            f"{summ.dtype} (use float32 pages with group_score 'sketch')"
+        )
     summ[blocks] = summarize_blocks(keys[blocks], rot).to(summ.dtype)
 
 
-def decode_groups(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor, n_chunks: int,
-                  summ: torch.Tensor, cfg: HGAConfig, sinks: int, local: int,
-                  groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def decode_groups(
+    q: torch.Tensor,
+    pos: torch.Tensor,
+    block_table: torch.Tensor,
+    n_chunks: int,
+    summ: torch.Tensor,
+    cfg: HGAConfig,
+    sinks: int,
+    local: int,
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per decode row and query head, the fixed-width list of 16-token groups it sees.
 
     q [R, Hq, D] decode queries at positions pos [R]; block_table [R, >= n_chunks];
@@ -243,15 +267,21 @@ def decode_groups(q: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor,
     bt = block_table[:, :n_chunks].long()  # [R, n]
     pages = summ[bt]  # [R, n, H, 1+M, D]
     var = pages[:, :, :, 0] if cfg.group_score == "mean_std" else None
-    _, open_g, open_ok = routing.route(q, pos, pages[:, :, :, 0],
-                                       pages[:, :, :, 1:].transpose(2, 3), cfg, groups,
-                                       group_var=var)
+    _, open_g, open_ok = routing.route(
+        q, pos, pages[:, :, :, 0], pages[:, :, :, 1:].transpose(2, 3), cfg, groups, group_var=var
+    )
     c = (pos // C).unsqueeze(1)  # [R, 1]
     sink_j = torch.arange(sinks, device=dev).unsqueeze(0).expand(R, -1)
     local_j = c - local + torch.arange(local, device=dev).unsqueeze(0)
     whole_j = torch.cat([sink_j, local_j, c], dim=1)  # chunks seen whole
-    whole_ok = torch.cat([sink_j < c, (local_j >= cfg.sink_chunks) & (local_j >= 0),
-                          torch.ones_like(c, dtype=torch.bool)], dim=1)
+    whole_ok = torch.cat(
+        [
+            sink_j < c,
+            (local_j >= cfg.sink_chunks) & (local_j >= 0),
+            torch.ones_like(c, dtype=torch.bool),
+        ],
+        dim=1,
+    )
     whole_g = whole_j.clamp(min=0).unsqueeze(-1) * M + torch.arange(M, device=dev)
     whole_g = whole_g.reshape(R, 1, -1).expand(R, Hq, -1)
     whole_ok = whole_ok.repeat_interleave(M, dim=1).unsqueeze(1).expand(R, Hq, -1)
@@ -284,14 +314,31 @@ class TorchOps:
         summarize_pool(pool, blocks, summ, rot)
 
     @staticmethod
-    def decode_groups(q, pos, block_table, n_chunks: int, summ, cfg: HGAConfig, sinks: int,
-                      local: int, groups: int):
+    def decode_groups(
+        q,
+        pos,
+        block_table,
+        n_chunks: int,
+        summ,
+        cfg: HGAConfig,
+        sinks: int,
+        local: int,
+        groups: int,
+    ):
         return decode_groups(q, pos, block_table, n_chunks, summ, cfg, sinks, local, groups)
 
     @staticmethod
-    def attend_groups(q, pool, group_rows, token_ok, scale: float, n_shared: int = 0,
-                      out: torch.Tensor | None = None, kernel: str = "auto",
-                      bank: torch.Tensor | None = None) -> torch.Tensor:
+    def attend_groups(
+        q,
+        pool,
+        group_rows,
+        token_ok,
+        scale: float,
+        n_shared: int = 0,
+        out: torch.Tensor | None = None,
+        kernel: str = "auto",
+        bank: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """n_shared and kernel only steer the CUDA kernels; the result is the same."""
         res = attend_groups(q, pool, group_rows, token_ok, scale, bank)
         return res if out is None else out.copy_(res)
