@@ -131,7 +131,7 @@ def _sketch_scores(
     N, Hkv, rep, D = qd.shape
     qs = qd.float() * D**-0.5
     if b:  # per-row pages (decode): q . k_hat_t = q . lo + (q * step) . code_t per chunk,
-        # without building k_hat (1.4-4.6x faster on CPU at 1 to 64 rows, 2026-11-28)
+        # without building k_hat (a [N, n, Hkv, 64, D] tensor per step)
         lo, step = sketch_grid_of(grid)  # [N, n, Hkv, D]
         c = sketch_codes_of(codes.transpose(-3, -2))  # [N, n, Hkv, M, 16, D]
         n, M = c.shape[-5], c.shape[-3]

@@ -35,10 +35,8 @@ from . import cuda_ops
 GROUPS = CHUNK_SIZE // GROUP_SIZE
 MAX_ROWS = 4096  # queries per routing/attention launch (<= 65535 grid rows)
 MAX_ROUTED_TC = 64  # csrc/prefill.cu kMaxRouted
-# "auto": "tc" for requests of up to TC_MAX_TOKENS tokens, "rows" above.  Measured on an
-# H200 (docs/BENCHMARKS.md, one layer of Qwen3-30B-A3B shape, random data): tc 13.4 vs
-# rows 26.0 ms at 8K, 99 vs 114 ms at 32K, 633 vs 572 ms at 128K (routing, shared by
-# both, is 5 / 29 / 230 ms of that).
+# "auto": "tc" for requests of up to TC_MAX_TOKENS tokens, "rows" above, where the
+# one-layer prefill table of docs/BENCHMARKS.md §3 puts the crossover.
 DEFAULT_IMPL = "auto"
 TC_MAX_TOKENS = 65536
 
