@@ -146,6 +146,25 @@ __device__ __forceinline__ void warp_argmax(float& best, int& best_i, int& aux) 
   }
 }
 
+// One round of a slice's warp top-k: the best entry of row[0, len) (every lane gets it;
+// index INT_MAX when none is left), then marks it taken (NaN never wins `better`).
+__device__ __forceinline__ void warp_take_best(float* row, int len, int lane, float& best,
+                                               int& bj) {
+  best = -INFINITY;
+  bj = INT_MAX;
+  int unused = 0;
+  for (int j = lane; j < len; j += 32) {
+    const float v = row[j];
+    if (better(v, j, best, bj)) {
+      best = v;
+      bj = j;
+    }
+  }
+  warp_argmax(best, bj, unused);
+  if (bj != INT_MAX && lane == bj % 32) row[bj] = NAN;
+  __syncwarp();
+}
+
 inline int num_sms() {
   static int n = [] {
     int dev = 0, v = 0;

@@ -153,23 +153,14 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
     float* row = sc + h * split_len;
     const int64_t out = ((int64_t(r) * Hq + kvh * rep + h) * S + s) * Kc;
     for (int k = 0; k < Kc; ++k) {
-      float best = -INFINITY;
-      int bj = INT_MAX, unused = 0;
-      for (int j = lane; j < len; j += 32) {
-        const float v = row[j];
-        if (better(v, j, best, bj)) {
-          best = v;
-          bj = j;
-        }
-      }
-      warp_argmax(best, bj, unused);
+      float best;
+      int bj;
+      warp_take_best(row, len, lane, best, bj);
       const bool found = bj != INT_MAX;
       if (lane == 0) {
         cand_s[out + k] = found ? best : -INFINITY;
         cand_i[out + k] = found ? int(lo + bj) : -1;
       }
-      if (found && lane == bj % 32) row[bj] = NAN;
-      __syncwarp();
     }
   }
 }

@@ -280,16 +280,9 @@ __global__ void __launch_bounds__(kSketchWarps * 32)
     float* row = sc + h * split_len;
     const int64_t out = ((int64_t(r) * Hq + kvh * rep + h) * S + s) * Kc;
     for (int kk = 0; kk < Kc; ++kk) {
-      float best = -INFINITY;
-      int bj = INT_MAX, unused = 0;
-      for (int j = lane; j < len; j += 32) {
-        const float v = row[j];
-        if (better(v, j, best, bj)) {
-          best = v;
-          bj = j;
-        }
-      }
-      warp_argmax(best, bj, unused);
+      float best;
+      int bj;
+      warp_take_best(row, len, lane, best, bj);
       const bool found = bj != INT_MAX;
       if (lane < kGroups)
         cand_g[(out + kk) * kGroups + lane] =
@@ -298,8 +291,6 @@ __global__ void __launch_bounds__(kSketchWarps * 32)
         cand_s[out + kk] = found ? best : -INFINITY;
         cand_i[out + kk] = found ? int(lo + bj) : -1;
       }
-      if (found && lane == bj % 32) row[bj] = NAN;
-      __syncwarp();
     }
   }
 }
