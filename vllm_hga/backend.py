@@ -129,8 +129,8 @@ class HGAMetadataBuilder(AttentionMetadataBuilder[HGAMetadata]):
         # vLLM moves single-token decodes to the front of the batch: decode rows are then
         # [0, R), read and written in place (no index gather / scatter / cast per layer)
         self._init_reorder_batch_threshold(1)
-        self.cfg = HGAConfig.from_vllm_config(vllm_config)
-        self.metrics = tiers_for(vllm_config).metrics
+        tiers = tiers_for(vllm_config)
+        self.cfg, self.metrics = tiers.cfg, tiers.metrics
         self.buffers = self._graph_buffers(vllm_config, kv_cache_spec, device)
         self.count_args = self._count_args(vllm_config, kv_cache_spec, layer_names)
 
@@ -257,8 +257,8 @@ class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
         from .startup import rope_is_neox
 
         vllm_config = get_current_vllm_config()
-        self.cfg = HGAConfig.from_vllm_config(vllm_config)
         self.tiers = tiers_for(vllm_config)  # the engine's memory (tiers.py)
+        self.cfg = self.tiers.cfg
         self.vllm_config = vllm_config  # bank_chunks "auto" is sized from it at forward time
         self.rope = model_rope_spec(
             vllm_config, head_size, bool(rope_is_neox(vllm_config, self.cfg))
@@ -327,57 +327,15 @@ class HGAAttentionImpl(AttentionImpl[HGAMetadata]):
             dtype=query.dtype,
             tiers=self.tiers,
         )
-        chunks = self.cfg.bank_size(key.device.type)
-        if chunks < 0 and not dense:
-            chunks = _auto_bank_chunks(
-                self.vllm_config,
-                self.cfg,
-                self.tiers,
-                self.num_kv_heads,
-                self.head_size,
-                key.element_size(),
-                key.device,
+        chunks = (
+            0
+            if dense
+            else self.tiers.bank_chunks(
+                self.vllm_config, self.num_kv_heads, self.head_size, key.element_size(), key.device
             )
-        if chunks and not dense:
+        )
+        if chunks:
             hga.bank = self.tiers.device_bank(
                 layer.layer_name, chunks, self.num_kv_heads, self.head_size, key.dtype, key.device
             )
         return hga
-
-
-def _auto_bank_chunks(
-    vc, cfg, tiers, num_kv_heads: int, head_size: int, dtype_bytes: int, device: torch.device
-) -> int:
-    """Chunks per layer of bank_chunks "auto", decided once per worker on the first layer's
-    profiling forward (before any bank is allocated), from the memory free on the device."""
-    key = (num_kv_heads, head_size, dtype_bytes, str(device))
-    if key not in tiers.auto_bank_chunks:
-        from vllm.logger import init_logger
-
-        from .sizing import auto_bank_budget, bank_chunks_for
-
-        free, total = torch.cuda.mem_get_info(device)
-        budget = auto_bank_budget(free, total, vc.cache_config.gpu_memory_utilization)
-        layers = vc.model_config.get_num_layers(vc.parallel_config) - len(cfg.dense_layers)
-        chunks = bank_chunks_for(
-            budget,
-            layers,
-            num_kv_heads,
-            head_size,
-            dtype_bytes,
-            vc.model_config.max_model_len,
-            vc.scheduler_config.max_num_seqs,
-            cfg.bank_max_chunks,
-        )
-        tiers.auto_bank_chunks[key] = chunks
-        init_logger(__name__).info(
-            "HGA: device working set %.2f GiB = %d chunks = %d tokens per layer "
-            "(%d layers, bank_chunks auto from %.2f GiB free); the host holds the "
-            "full history",
-            layers * (chunks + 1) * 2 * 64 * num_kv_heads * head_size * dtype_bytes / 2**30,
-            chunks,
-            chunks * 64,
-            layers,
-            free / 2**30,
-        )
-    return tiers.auto_bank_chunks[key]

@@ -25,9 +25,6 @@ from typing import Any
 
 CHUNK_SIZE = 64  # tokens per chunk; one chunk is one vLLM KV block
 GROUP_SIZE = 16  # tokens per group; 4 groups per chunk
-# Device bank chunks per layer on CUDA when bank_chunks is not set: 512 chunks of a layer
-# with 4 KV heads of 128 dims in bf16 are 64 MiB (3 GiB over 48 layers).
-DEFAULT_CUDA_BANK_CHUNKS = 512
 # Largest device bank per layer (bank_chunks): the CUDA admission kernel keeps one byte per
 # slot in shared memory (csrc/bank.cu kBankMaxSlots).  32768 chunks are 4 GiB per layer
 # at 4 KV heads x 128 dims in bf16.

@@ -2,8 +2,8 @@
 
 With ``bank_chunks: auto`` the bank takes the device memory a dense engine would have given
 its KV cache, so a context that dense attention could hold never crosses PCIe at decode.
-Pure functions here; the worker calls them once, on the profiling forward that allocates
-the first bank, before any bank memory is taken.
+Pure functions here; ``tiers.EngineTiers.bank_chunks`` calls them once, on the profiling
+forward that allocates the first bank, before any bank memory is taken.
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ import weakref
 import torch
 
 from .bank import DeviceBank
-from .config import HGAConfig
+from .config import CHUNK_SIZE, HGAConfig
 from .metrics import WorkerMetrics
 from .ops.cuda_prefill import Scratch
+from .sizing import auto_bank_budget, bank_chunks_for, chunk_bytes
 from .store import HostKVPool
 
 
@@ -36,8 +37,7 @@ class EngineTiers:
         self.banks: dict[str, DeviceBank] = {}
         self.scratches: dict[tuple, Scratch] = {}
         self.closed = False
-        # bank_chunks "auto": chunks per layer, decided once from free device memory
-        self.auto_bank_chunks: dict[tuple, int] = {}
+        self._auto_bank_chunks: dict[tuple, int] = {}  # bank_chunks "auto", per layer shape
 
     def _check_open(self) -> None:
         if self.closed:
@@ -58,6 +58,52 @@ class EngineTiers:
         """Layer `name`'s full K/V [num_blocks, H_kv, 2, 64, D] in the host tier."""
         self._check_open()
         return self.pool.layer(name, num_blocks, num_kv_heads, head_size, dtype, device)
+
+    def bank_chunks(
+        self, vllm_config, num_kv_heads: int, head_size: int, dtype_bytes: int, device
+    ) -> int:
+        """Chunks per layer of the device bank: the explicit ``bank_chunks``, or for "auto"
+        what the memory free on the device holds, decided once on the first layer's
+        profiling forward (before any bank is allocated) and logged with the split."""
+        chunks = self.cfg.bank_size(torch.device(device).type)
+        if chunks >= 0:
+            return chunks
+        key = (num_kv_heads, head_size, dtype_bytes, str(device))
+        if key not in self._auto_bank_chunks:
+            self._auto_bank_chunks[key] = self._size_auto_bank(
+                vllm_config, num_kv_heads, head_size, dtype_bytes, device
+            )
+        return self._auto_bank_chunks[key]
+
+    def _size_auto_bank(
+        self, vc, num_kv_heads: int, head_size: int, dtype_bytes: int, device
+    ) -> int:
+        from vllm.logger import init_logger
+
+        free, total = torch.cuda.mem_get_info(device)
+        budget = auto_bank_budget(free, total, vc.cache_config.gpu_memory_utilization)
+        layers = vc.model_config.get_num_layers(vc.parallel_config) - len(self.cfg.dense_layers)
+        chunks = bank_chunks_for(
+            budget,
+            layers,
+            num_kv_heads,
+            head_size,
+            dtype_bytes,
+            vc.model_config.max_model_len,
+            vc.scheduler_config.max_num_seqs,
+            self.cfg.bank_max_chunks,
+        )
+        init_logger(__name__).info(
+            "HGA: device working set %.2f GiB = %d chunks = %d tokens per layer "
+            "(%d layers, bank_chunks auto from %.2f GiB free); the host holds the "
+            "full history",
+            layers * (chunks + 1) * chunk_bytes(num_kv_heads, head_size, dtype_bytes) / 2**30,
+            chunks,
+            chunks * CHUNK_SIZE,
+            layers,
+            free / 2**30,
+        )
+        return chunks
 
     def device_bank(
         self,

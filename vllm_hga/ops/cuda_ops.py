@@ -127,11 +127,7 @@ class CudaOps(torch_ops.TorchOps):
         if blocks.numel() == 0:
             return
         keys = pool[:, :, 0].transpose(1, 2)  # [nb, 64, H, D] view
-        if rot.sketch and summ.dtype != torch.float32:
-            raise ValueError(
-                "sketch pages are float32 bit fields; this summary tensor is "
-                f"{summ.dtype} (use float32 pages with group_score 'sketch')"
-            )
+        torch_ops.check_sketch_pages(rot, summ)
         blocks = blocks.to(torch.long).contiguous()
         if rot.sketch:
             _ops().sketch_pages(keys, blocks, summ, blocks)
@@ -188,37 +184,18 @@ class CudaOps(torch_ops.TorchOps):
         )
         cand_s = torch.empty(R, Hq, S, Kc, dtype=torch.float32, device=dev)
         cand_i = torch.empty(R, Hq, S, Kc, dtype=torch.int32, device=dev)
-        if sketch:  # config guarantees chunk_score max_group with sketch pages
-            cand_g = torch.empty(R, Hq, S, Kc, GROUPS, dtype=torch.float32, device=dev)
-            if S:
-                _ops().route_chunks_sketch(
-                    q, pos, bt, summ, F, L, split_len, cand_s, cand_i, cand_g
-                )
-            _ops().route_groups(
-                q,
-                pos,
-                bt,
-                summ,
-                cand_s,
-                cand_i,
-                n_chunks,
-                F,
-                L,
-                sinks,
-                local,
-                0,
-                0.0,
-                rows,
-                token_ok,
-                gid,
-                cand_g,
-            )
-            return rows, token_ok, gid
         # group_score "mean_std": row 0 of a page is the chunk's key variance; every group
         # score gets + score_alpha * sqrt(q^2 . var) (config guarantees chunk_score max_group)
         spread = int(cfg.group_score == "mean_std")
-        alpha = float(cfg.score_alpha)
-        if S:
+        alpha = 0.0 if sketch else float(cfg.score_alpha)
+        # sketch (config guarantees chunk_score max_group): the chunk pass keeps each
+        # candidate's 4 group scores, so route_groups reads no page again
+        cand_g = None
+        if sketch:
+            cand_g = torch.empty(R, Hq, S, Kc, GROUPS, dtype=torch.float32, device=dev)
+        if S and sketch:
+            _ops().route_chunks_sketch(q, pos, bt, summ, F, L, split_len, cand_s, cand_i, cand_g)
+        elif S:
             _ops().route_chunks(
                 q,
                 pos,
@@ -250,6 +227,7 @@ class CudaOps(torch_ops.TorchOps):
             rows,
             token_ok,
             gid,
+            cand_g,
         )
         return rows, token_ok, gid
 

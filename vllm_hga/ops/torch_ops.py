@@ -223,6 +223,14 @@ def attend_groups(
     return torch.einsum("rhgt,rhgtd->rhd", probs, v)
 
 
+def check_sketch_pages(rot: SummaryRotation, summ: torch.Tensor) -> None:
+    if rot.sketch and summ.dtype != torch.float32:
+        raise ValueError(
+            "sketch pages are float32 bit fields; this summary tensor is "
+            f"{summ.dtype} (use float32 pages with group_score 'sketch')"
+        )
+
+
 def summarize_pool(
     pool: torch.Tensor, blocks: torch.Tensor, summ: torch.Tensor, rot: SummaryRotation
 ) -> None:
@@ -231,11 +239,7 @@ def summarize_pool(
         return
     keys = pool[:, :, 0].transpose(1, 2)  # [nb, 64, H, D] view
     blocks = blocks[blocks >= 0]  # host sync: the torch path is not graph-safe anyway
-    if rot.sketch and summ.dtype != torch.float32:
-        raise ValueError(
-            "sketch pages are float32 bit fields; this summary tensor is "
-            f"{summ.dtype} (use float32 pages with group_score 'sketch')"
-        )
+    check_sketch_pages(rot, summ)
     summ[blocks] = summarize_blocks(keys[blocks], rot).to(summ.dtype)
 
 
