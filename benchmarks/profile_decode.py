@@ -4,6 +4,7 @@
 * the full decode step of HGALayer.forward (write_kv + summaries + routing + attention),
   eager as the engine runs it (variable layout), eager in the fixed layout, and replayed
   from a CUDA graph of the fixed layout (what vLLM's full decode graphs run; plan.py);
+* the default step with sketch routing on CUDA cores instead of tensor cores;
 * dense SDPA at the same context.
 
 Qwen3-30B-A3B attention shape (32 query / 4 KV heads, D=128, bf16), pool in pinned host
@@ -61,7 +62,7 @@ def forward_steps(cfg, S: int, batch: int, max_model_len: int) -> dict:
     bt = torch.zeros(batch, max(W, b.bt.shape[1]), dtype=torch.int32, device="cuda")
     bt[:, : b.bt.shape[1]] = b.bt
     layer = HGALayer(cfg, b.layer.rope, 32, 4, 128, 128**-0.5, max_model_len, device="cuda")
-    if cfg.bank_size("cuda"):  # the same query every step: the bank hits after step one
+    if cfg.bank_size("cuda") > 0:  # the same query every step: the bank hits after step one
         from vllm_hga.bank import DeviceBank
 
         layer.bank = DeviceBank(cfg.bank_size("cuda"), 4, 128, b.dtype, "cuda")
@@ -94,11 +95,18 @@ def main() -> None:
     from vllm_hga.bank import DeviceBank
     from vllm_hga.config import HGAConfig
     from vllm_hga.metrics import WorkerMetrics
+    from vllm_hga.ops import cuda_ops
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--bank-chunks", type=int, default=512)
+    ap.add_argument(
+        "--bank-chunks",
+        type=int,
+        default=0,
+        help="device bank chunks per layer (0: the whole context, as bank_chunks auto gives "
+        "one request on a large card)",
+    )
     ap.add_argument(
         "--max-model-len",
         type=int,
@@ -107,13 +115,21 @@ def main() -> None:
     )
     ap.add_argument("--json")
     args = ap.parse_args()
-    rows, slowest = [], None
+    rows, slowest, kernel_fns = [], None, {}
     for S in args.contexts:
-        step_configs = {**CONFIGS, "default+bank": {"bank_chunks": args.bank_chunks}}
-        for name, keys in step_configs.items():
-            for mode, fn in forward_steps(
+        bank_chunks = args.bank_chunks or -(-S // 64) + 8
+        bank = {"bank_chunks": bank_chunks}
+        # (name, config, sketch routing on tensor cores)
+        step_configs = [(name, keys, True) for name, keys in CONFIGS.items()]
+        step_configs += [("default+bank", bank, True), ("default+bank/cuda_cores", bank, False)]
+        for name, keys, tensor_cores in step_configs:
+            cuda_ops.SKETCH_TENSOR_CORES = tensor_cores  # read at launch and at graph capture
+            fns = forward_steps(
                 HGAConfig.from_mapping(keys), S, args.batch, max(args.max_model_len, S + 64)
-            ).items():
+            )
+            if name == "default+bank":
+                kernel_fns[S] = fns["eager_fixed"]
+            for mode, fn in fns.items():
                 row = {
                     "context": S,
                     "batch": args.batch,
@@ -124,6 +140,7 @@ def main() -> None:
                 }
                 rows.append(row)
                 print("RESULT", json.dumps(row), flush=True)
+        cuda_ops.SKETCH_TENSOR_CORES = True
         for name, keys in CONFIGS.items():
             for bank_on in (False, True):
                 cfg = HGAConfig.from_mapping(keys)
@@ -131,7 +148,7 @@ def main() -> None:
                 layer = b.layer
                 layer.metrics = WorkerMetrics()
                 if bank_on:
-                    layer.bank = DeviceBank(args.bank_chunks, 4, 128, b.dtype, "cuda")
+                    layer.bank = DeviceBank(bank_chunks, 4, 128, b.dtype, "cuda")
                     layer.bank.bind(b.pool)
                 fn = lambda: layer.decode(b.q, b.pool, b.summ, b.md)  # noqa: E731
                 ms = step_ms(fn)
@@ -168,6 +185,13 @@ def main() -> None:
             fn()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    for S, fn in kernel_fns.items():  # where the default step's device time goes
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+        print(f"kernels of the default step with the bank, context {S} (10 steps)")
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

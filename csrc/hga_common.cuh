@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <cstdint>
 
 namespace hga {
@@ -131,19 +132,26 @@ __device__ __forceinline__ bool better(float s, int i, float best, int best_i) {
   return s > best || (s == best && i < best_i);
 }
 
+// Scores as unsigned keys whose order is `better`'s score order: NaN lowest (it never wins),
+// -0 as +0 (they tie in float compares).
+__device__ __forceinline__ unsigned order_key(float s) {
+  if (s != s) return 0u;
+  const unsigned u = s == 0.f ? 0u : __float_as_uint(s);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
 // Warp-wide argmax of (score, index) pairs, ties to the lower index; every lane gets it.
+// Two warp reductions (redux.sync) instead of five shuffle rounds: top-k loops run this
+// once per kept entry, so its latency is the routing kernels' critical path.
 __device__ __forceinline__ void warp_argmax(float& best, int& best_i, int& aux) {
-#pragma unroll
-  for (int o = 16; o >= 1; o >>= 1) {
-    float s = __shfl_xor_sync(0xffffffffu, best, o);
-    int i = __shfl_xor_sync(0xffffffffu, best_i, o);
-    int a = __shfl_xor_sync(0xffffffffu, aux, o);
-    if (better(s, i, best, best_i)) {
-      best = s;
-      best_i = i;
-      aux = a;
-    }
-  }
+  const unsigned key = order_key(best);
+  const unsigned top = __reduce_max_sync(0xffffffffu, key);
+  const int idx = __reduce_min_sync(0xffffffffu, key == top ? best_i : INT_MAX);
+  const unsigned won = __ballot_sync(0xffffffffu, key == top && best_i == idx);
+  const int src = __ffs(won) - 1;
+  best = __shfl_sync(0xffffffffu, best, src);
+  aux = __shfl_sync(0xffffffffu, aux, src);
+  best_i = idx;
 }
 
 // One round of a slice's warp top-k: the best entry of row[0, len) (every lane gets it;

@@ -45,7 +45,7 @@ TORCH_LIBRARY(vllm_hga, m) {
   m.def(
       "route_chunks_sketch(Tensor q, Tensor pos, Tensor block_table, Tensor pages,"
       " int sink_chunks, int local_chunks, int split_len, Tensor(a!) cand_score,"
-      " Tensor(a!) cand_idx, Tensor(a!) cand_group) -> ()");
+      " Tensor(a!) cand_idx, Tensor(a!) cand_group, int tensor_cores=1) -> ()");
   m.def(
       "attend_groups(Tensor q, Tensor kv_rows, Tensor rows, Tensor token_ok, Tensor? bank_rows,"
       " int num_kv_heads, int v_offset, int n_shared, float scale, int mode, Tensor(a!) out) -> "

@@ -330,30 +330,22 @@ __global__ void __launch_bounds__(32)
       }
     }
   }
-  for (int e = lane; e < ng; e += 32) sel[e] = 0;
   __syncwarp();
 
-  // 3. top-G groups (ties to the lower group id)
+  // 3. top-G groups (ties to the lower group id): a group is kept when fewer than G
+  // others beat it.  Score keys (NaN lowest) and distinct group ids make this a total
+  // order, so exactly min(G, ng) are kept; the ng compares per entry are independent,
+  // unlike a warp reduction per kept group.
   const int ns = min(G, ng);
-  if (ns == ng) {
-    for (int e = lane; e < ng; e += 32) sel[e] = 1;
-  } else {
-    for (int k = 0; k < ns; ++k) {
-      float best = -INFINITY;
-      int bg = INT_MAX, be = -1;
-      for (int e = lane; e < ng; e += 32)
-        if (better(gs[e], gids[e], best, bg)) {
-          best = gs[e];
-          bg = gids[e];
-          be = e;
-        }
-      warp_argmax(best, bg, be);
-      if (lane == 0 && be >= 0) {
-        sel[be] = 1;
-        gs[be] = NAN;
+  for (int e = lane; e < ng; e += 32) {
+    const unsigned key = order_key(gs[e]);
+    int beaten_by = 0;
+    if (ns < ng)
+      for (int e2 = 0; e2 < ng; ++e2) {
+        const unsigned k2 = order_key(gs[e2]);
+        beaten_by += k2 > key || (k2 == key && gids[e2] < gids[e]);
       }
-      __syncwarp();
-    }
+    sel[e] = beaten_by < ns;
   }
   __syncwarp();
 

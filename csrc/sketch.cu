@@ -13,7 +13,9 @@
 // all query heads of the KV head, a group score is the logsumexp of its 16 key scores
 // (scaled by 1/sqrt(D), routing._sketch_scores) and the chunk score the best group score
 // (chunk_score "max_group", which config requires with sketch).  Each candidate also keeps
-// its 4 group scores (cand_group), so route_groups does not decode the pages again.
+// its 4 group scores (cand_group), so route_groups does not decode the pages again.  The
+// key scores run on tensor cores (sketch_chunk_scores_tc) or, with tensor_cores=0, on
+// CUDA cores (sketch_chunk_scores); both are kept so benchmarks can compare them.
 
 #include "hga_common.cuh"
 
@@ -188,7 +190,163 @@ __device__ __forceinline__ void sketch_chunk_scores(const uint32_t (&wa)[D / 16]
   }
 }
 
-template <typename T, int D>
+// One warp's scores of one sketch chunk on CUDA cores, written to sc / gsc (slot j).
+template <int D>
+__device__ __forceinline__ void sketch_chunk_scores_cuda_cores(
+    const float* page, int64_t s_sr, const float* lo_s, const float* step_s, const float* q_s,
+    int rep, int lane, bool forced, int split_len, int j, float* sc, float* gsc) {
+  const int ia = lane % kGroup;  // key index inside its group
+  uint32_t wa[D / 16], wb[D / 16];
+  const uint4* ra =
+      reinterpret_cast<const uint4*>(page + (1 + lane / kGroup) * s_sr) + ia * (D / 64);
+  const uint4* rb =
+      reinterpret_cast<const uint4*>(page + (3 + lane / kGroup) * s_sr) + ia * (D / 64);
+#pragma unroll
+  for (int v = 0; v < D / 64; ++v) {
+    const uint4 a = ra[v], b = rb[v];
+    wa[4 * v] = a.x;
+    wa[4 * v + 1] = a.y;
+    wa[4 * v + 2] = a.z;
+    wa[4 * v + 3] = a.w;
+    wb[4 * v] = b.x;
+    wb[4 * v + 1] = b.y;
+    wb[4 * v + 2] = b.z;
+    wb[4 * v + 3] = b.w;
+  }
+  __syncwarp();
+  for (int h0 = 0; h0 < rep; h0 += 8) {
+    float ga[8], gb[8];
+    sketch_chunk_scores<D>(wa, wb, lo_s, step_s, q_s, h0, rep - h0, ga, gb);
+#pragma unroll
+    for (int hh = 0; hh < 8; ++hh) {
+      const int h = h0 + hh;
+      if (h >= rep) break;  // uniform across the warp
+      // lanes 0 and 16 hold groups (0, 2) and (1, 3)
+      const float other_a = __shfl_xor_sync(0xffffffffu, ga[hh], 16);
+      const float other_b = __shfl_xor_sync(0xffffffffu, gb[hh], 16);
+      if (lane == 0) {
+        float* g = gsc + (int64_t(h) * split_len + j) * kGroups;
+        g[0] = ga[hh];
+        g[1] = other_a;
+        g[2] = gb[hh];
+        g[3] = other_b;
+        const float best = fmaxf(fmaxf(ga[hh], other_a), fmaxf(gb[hh], other_b));
+        sc[h * split_len + j] = forced ? INFINITY : best;
+      }
+    }
+  }
+}
+
+// The same scores on tensor cores.  A chunk's key scores for 8 query heads are one
+// [64 keys x D] x [D x 8 heads] product: q . k_hat = q . lo + sum_d (q_d step_d) code_d, the
+// codes (0..3) exact in bf16 as the A operand, B = q * step split into bf16 hi + lo parts
+// (two mma.sync m16n8k16 per k-step, ~16 significant bits: float32 routing up to near-ties)
+// and q . lo in float32.  Within a k-step the dims are permuted (both operands alike) so
+// that one shift and mask of a code word give a lane its A elements:
+//   k = 2c, 2c+1, 2c+8, 2c+9  <->  dims 16w + c, +8, +4, +12   (c = lane % 4).
+// Fragment layout (PTX m16n8k16): A rows are keys g = lane / 4 and g + 8 of a group, B
+// column and C columns are heads; C row g holds heads 2c, 2c+1.
+__device__ __forceinline__ void mma_bf16_16816(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0,
+                                               uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two 2-bit codes at bits 0-1 and 16-17 of x as exact bf16x2 values (128 + code - 128).
+__device__ __forceinline__ uint32_t codes_bf16x2(uint32_t x) {
+  const uint32_t v = (x & 0x00030003u) | 0x43004300u;
+  __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&v);
+  h = __hsub2(h, __floats2bfloat162_rn(128.f, 128.f));
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// (a, b) as bf16x2 hi and lo parts: a = hi.x + lo.x up to ~2^-17 relative.
+__device__ __forceinline__ void split_bf16x2(float a, float b, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  const float2 hf = __bfloat1622float2(h);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(a - hf.x, b - hf.y);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
+}
+
+// Group scores of one sketch chunk for heads h0..h0+7 (q_s rows of stride D + 4, zero
+// past the KV head's heads): gm[m][e] is head h0 + 2c + e's score of group m, valid in
+// every lane (lanes of equal c agree).
+template <int D>
+__device__ __forceinline__ void sketch_chunk_scores_tc(const float* page, int64_t s_sr,
+                                                       const float* lo_s, const float* step_s,
+                                                       const float* q_s, int h0, int lane,
+                                                       float (&gm)[kGroups][2]) {
+  constexpr int kW = D / 16;  // code words per key
+  const int g = lane / 4, c = lane % 4;
+  const float* qrow = q_s + (h0 + g) * (D + 4);
+  uint32_t bh[kW][2], bl[kW][2];
+  float qlo = 0.f;
+#pragma unroll
+  for (int w = 0; w < kW; ++w) {
+    const int d = 16 * w + c;
+    float x[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int di = d + (i == 1 ? 8 : i == 2 ? 4 : i == 3 ? 12 : 0);
+      x[i] = qrow[di] * step_s[di];
+      qlo = fmaf(qrow[di], lo_s[di], qlo);
+    }
+    split_bf16x2(x[0], x[1], bh[w][0], bl[w][0]);
+    split_bf16x2(x[2], x[3], bh[w][1], bl[w][1]);
+  }
+  qlo += __shfl_xor_sync(0xffffffffu, qlo, 1);
+  qlo += __shfl_xor_sync(0xffffffffu, qlo, 2);  // head h0 + g's q . lo in lanes 4g..4g+3
+  const float qlo_a = __shfl_sync(0xffffffffu, qlo, 8 * c);
+  const float qlo_b = __shfl_sync(0xffffffffu, qlo, 8 * c + 4);
+#pragma unroll
+  for (int m = 0; m < kGroups; ++m) {
+    uint32_t wk[2][kW];  // code words of keys g and g + 8 of group m
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const uint4* src =
+          reinterpret_cast<const uint4*>(page + (1 + m) * s_sr) + (g + 8 * half) * (kW / 4);
+#pragma unroll
+      for (int v = 0; v < kW / 4; ++v) {
+        const uint4 u = src[v];
+        wk[half][4 * v] = u.x;
+        wk[half][4 * v + 1] = u.y;
+        wk[half][4 * v + 2] = u.z;
+        wk[half][4 * v + 3] = u.w;
+      }
+    }
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int w = 0; w < kW; ++w) {
+      const uint32_t xa = wk[0][w] >> (2 * c), xb = wk[1][w] >> (2 * c);
+      const uint32_t a[4] = {codes_bf16x2(xa), codes_bf16x2(xb), codes_bf16x2(xa >> 8),
+                             codes_bf16x2(xb >> 8)};
+      mma_bf16_16816(acc, a, bh[w][0], bh[w][1]);
+      mma_bf16_16816(acc, a, bl[w][0], bl[w][1]);
+    }
+    // logsumexp over the group's 16 keys: rows g and g + 8 of the 8 lanes of equal c
+    float mx0 = fmaxf(acc[0], acc[2]), mx1 = fmaxf(acc[1], acc[3]);
+#pragma unroll
+    for (int o = 4; o <= 16; o <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
+    }
+    float s0 = __expf(acc[0] - mx0) + __expf(acc[2] - mx0);
+    float s1 = __expf(acc[1] - mx1) + __expf(acc[3] - mx1);
+#pragma unroll
+    for (int o = 4; o <= 16; o <<= 1) {
+      s0 += __shfl_xor_sync(0xffffffffu, s0, o);
+      s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+    }
+    gm[m][0] = mx0 + __logf(s0) + qlo_a;
+    gm[m][1] = mx1 + __logf(s1) + qlo_b;
+  }
+}
+
+template <typename T, int D, bool kTensorCores>
 __global__ void __launch_bounds__(kSketchWarps * 32)
     route_chunks_sketch_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
                                const int64_t* __restrict__ pos, const int* __restrict__ bt,
@@ -196,9 +354,13 @@ __global__ void __launch_bounds__(kSketchWarps * 32)
                                int64_t s_sh, int64_t s_sr, int Hq, int rep, int F, int L, int Kc,
                                int S, int split_len, float scale, float* __restrict__ cand_s,
                                int* __restrict__ cand_i, float* __restrict__ cand_g) {
+  // q_s: [rep][D] pre-scaled by 1/sqrt(D); tensor cores: [rep rounded up to 8][D + 4],
+  // zero past rep and D (the padding keeps the lanes' B loads off each other's banks)
+  constexpr int QS = kTensorCores ? D + 4 : D;
+  const int q_rows = kTensorCores ? (rep + 7) / 8 * 8 : rep;
   extern __shared__ float smem[];
-  float* q_s = smem;                          // [rep][D], pre-scaled by 1/sqrt(D)
-  float* grid_s = q_s + rep * D;              // [warps][2][D] the chunk's lo, step
+  float* q_s = smem;
+  float* grid_s = q_s + q_rows * QS;          // [warps][2][D] the chunk's lo, step
   float* sc = grid_s + kSketchWarps * 2 * D;  // [rep][split_len] chunk scores
   float* gsc = sc + rep * split_len;          // [rep][split_len][4] group scores
   const int s = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z;
@@ -218,58 +380,46 @@ __global__ void __launch_bounds__(kSketchWarps * 32)
     }
     return;
   }
-  for (int i = threadIdx.x; i < rep * D; i += blockDim.x)
-    q_s[i] = to_float(q[r * q_sr + (kvh * rep + i / D) * q_sh + i % D]) * scale;
+  for (int i = threadIdx.x; i < q_rows * QS; i += blockDim.x) {
+    const int h = i / QS, d = i % QS;
+    q_s[i] = h < rep && d < D ? to_float(q[r * q_sr + (kvh * rep + h) * q_sh + d]) * scale : 0.f;
+  }
   __syncthreads();
 
   float* lo_s = grid_s + warp * 2 * D;
   float* step_s = lo_s + D;
-  const int ia = lane % kGroup;  // key index inside its group
   for (int j = warp; j < len; j += kSketchWarps) {
     const float* page = pages + int64_t(bt[r * bt_sr + lo + j]) * s_sb + kvh * s_sh;
     // grid row: D words = 2D float16 (lo then step)
     const unsigned short* g16 = reinterpret_cast<const unsigned short*>(page);
     for (int e = lane; e < 2 * D; e += 32) lo_s[e] = half_bits_to_float(g16[e]);
-    uint32_t wa[D / 16], wb[D / 16];
-    const uint4* ra =
-        reinterpret_cast<const uint4*>(page + (1 + lane / kGroup) * s_sr) + ia * (D / 64);
-    const uint4* rb =
-        reinterpret_cast<const uint4*>(page + (3 + lane / kGroup) * s_sr) + ia * (D / 64);
-#pragma unroll
-    for (int v = 0; v < D / 64; ++v) {
-      const uint4 a = ra[v], b = rb[v];
-      wa[4 * v] = a.x;
-      wa[4 * v + 1] = a.y;
-      wa[4 * v + 2] = a.z;
-      wa[4 * v + 3] = a.w;
-      wb[4 * v] = b.x;
-      wb[4 * v + 1] = b.y;
-      wb[4 * v + 2] = b.z;
-      wb[4 * v + 3] = b.w;
-    }
-    __syncwarp();
     // L == 0: the preceding chunk is in the pool and always kept (routing.py)
     const bool forced = L == 0 && lo + j == c - 1;
-    for (int h0 = 0; h0 < rep; h0 += 8) {
-      float ga[8], gb[8];
-      sketch_chunk_scores<D>(wa, wb, lo_s, step_s, q_s, h0, rep - h0, ga, gb);
+    if constexpr (kTensorCores) {
+      __syncwarp();
+      for (int h0 = 0; h0 < rep; h0 += 8) {
+        float gm[kGroups][2];
+        sketch_chunk_scores_tc<D>(page, s_sr, lo_s, step_s, q_s, h0, lane, gm);
+        if (lane < 4) {  // lane c writes heads h0 + 2c and h0 + 2c + 1
 #pragma unroll
-      for (int hh = 0; hh < 8; ++hh) {
-        const int h = h0 + hh;
-        if (h >= rep) break;  // uniform across the warp
-        // lanes 0 and 16 hold groups (0, 2) and (1, 3)
-        const float other_a = __shfl_xor_sync(0xffffffffu, ga[hh], 16);
-        const float other_b = __shfl_xor_sync(0xffffffffu, gb[hh], 16);
-        if (lane == 0) {
-          float* g = gsc + (int64_t(h) * split_len + j) * kGroups;
-          g[0] = ga[hh];
-          g[1] = other_a;
-          g[2] = gb[hh];
-          g[3] = other_b;
-          const float best = fmaxf(fmaxf(ga[hh], other_a), fmaxf(gb[hh], other_b));
-          sc[h * split_len + j] = forced ? INFINITY : best;
+          for (int e = 0; e < 2; ++e) {
+            const int h = h0 + 2 * lane + e;
+            if (h < rep) {
+              float* gdst = gsc + (int64_t(h) * split_len + j) * kGroups;
+              float best = gm[0][e];
+#pragma unroll
+              for (int m = 0; m < kGroups; ++m) {
+                gdst[m] = gm[m][e];
+                best = fmaxf(best, gm[m][e]);
+              }
+              sc[h * split_len + j] = forced ? INFINITY : best;
+            }
+          }
         }
       }
+    } else {
+      sketch_chunk_scores_cuda_cores<D>(page, s_sr, lo_s, step_s, q_s, rep, lane, forced, split_len,
+                                        j, sc, gsc);
     }
     __syncwarp();  // lo_s/step_s are rewritten for the warp's next chunk
   }
@@ -297,7 +447,8 @@ __global__ void __launch_bounds__(kSketchWarps * 32)
 
 void route_chunks_sketch(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor pages,
                          int64_t sink_chunks, int64_t local_chunks, int64_t split_len,
-                         at::Tensor cand_score, at::Tensor cand_idx, at::Tensor cand_group) {
+                         at::Tensor cand_score, at::Tensor cand_idx, at::Tensor cand_group,
+                         int64_t tensor_cores) {
   check_cuda(q, "q");
   HGA_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [R, Hq, D] with a contiguous last dim");
   HGA_CHECK(pages.dim() == 4 && pages.size(2) == 1 + kGroups && pages.size(3) == q.size(2) &&
@@ -328,8 +479,10 @@ void route_chunks_sketch(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor
   HGA_CHECK(Kc <= kMaxTopk, "topk_chunks above ", kMaxTopk, " not compiled");
   HGA_CHECK(split_len >= 1, "split_len must be positive");
   const int rep = Hq / Hkv;
+  const bool tc = tensor_cores != 0;
+  const size_t q_floats = tc ? size_t((rep + 7) / 8 * 8) * (D + 4) : size_t(rep) * D;
   const size_t smem =
-      (size_t(rep) * (D + (1 + kGroups) * split_len) + size_t(kSketchWarps) * 2 * D) *
+      (q_floats + size_t(rep) * (1 + kGroups) * split_len + size_t(kSketchWarps) * 2 * D) *
       sizeof(float);
   const c10::cuda::CUDAGuard guard(q.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -337,7 +490,8 @@ void route_chunks_sketch(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor
   const float scale = 1.f / sqrtf(float(D));
   HGA_DISPATCH_FLOAT(q.scalar_type(), "route_chunks_sketch", [&] {
     HGA_DISPATCH_HEAD(D, "route_chunks_sketch", [&] {
-      auto kernel = route_chunks_sketch_kernel<scalar_t, kD>;
+      auto kernel = tc ? route_chunks_sketch_kernel<scalar_t, kD, true>
+                       : route_chunks_sketch_kernel<scalar_t, kD, false>;
       if (smem > 48 * 1024)
         C10_CUDA_CHECK(
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));

@@ -106,10 +106,12 @@ def sketch_group_scores(q, pos, bt, n_chunks, pages) -> torch.Tensor:
     return t.reshape(R, Hq, n_chunks * M)
 
 
-@pytest.mark.parametrize("rep", [1, 4, 8])
+@pytest.mark.parametrize("tensor_cores", [True, False])
+@pytest.mark.parametrize("rep", [1, 4, 8, 12])
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("local", [2, 0])
-def test_sketch_decode_groups_match_torch(rep, D, local):
+def test_sketch_decode_groups_match_torch(rep, D, local, tensor_cores, monkeypatch):
+    monkeypatch.setattr(cuda_ops, "SKETCH_TENSOR_CORES", tensor_cores)
     lengths = [27, 700, 3330, 9000, 0, 20_000]
     Hkv = 2
     cfg = HGAConfig(local_chunks=local, topk_chunks=22, topk_groups=88)

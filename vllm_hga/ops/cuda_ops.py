@@ -85,6 +85,10 @@ def _route_splits(
 
 KERNEL_MODES = {"auto": 0, "heads": 1, "shared": 2, "split": 3}
 
+# route_chunks_sketch scores on tensor cores (mma.sync) or CUDA cores; the two agree to
+# float32 near-ties (tests/gpu/test_sketch_kernels.py), benchmarks compare their speed.
+SKETCH_TENSOR_CORES = True
+
 
 # ----------------------------------------------------------------------------- the ops
 class CudaOps(torch_ops.TorchOps):
@@ -194,7 +198,9 @@ class CudaOps(torch_ops.TorchOps):
         if sketch:
             cand_g = torch.empty(R, Hq, S, Kc, GROUPS, dtype=torch.float32, device=dev)
         if S and sketch:
-            _ops().route_chunks_sketch(q, pos, bt, summ, F, L, split_len, cand_s, cand_i, cand_g)
+            _ops().route_chunks_sketch(
+                q, pos, bt, summ, F, L, split_len, cand_s, cand_i, cand_g, int(SKETCH_TENSOR_CORES)
+            )
         elif S:
             _ops().route_chunks(
                 q,
