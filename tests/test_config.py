@@ -109,10 +109,15 @@ def engine_config(**kw):
 
 
 def test_hga_engine_config_gets_block_64_and_host_sized_block_count():
+    from vllm_hga.startup import planned_capacity
+
     cfg = engine_config()
     assert cfg.cache_config.block_size == 64
     host_block = 30 * 3 * 2 * 64 * 64 * 2  # layers x kv heads x K,V x 64 tokens x D x bf16
-    assert cfg.cache_config.num_gpu_blocks_override == (1 << 30) // host_block
+    assert planned_capacity(cfg).num_blocks == (1 << 30) // host_block
+    # the HGA worker caps vLLM's count at the device budget (an override would not)
+    assert cfg.parallel_config.worker_cls == "vllm_hga.worker.HGACpuWorker"
+    assert cfg.cache_config.num_gpu_blocks_override is None
 
 
 @pytest.mark.parametrize(

@@ -118,8 +118,10 @@ def test_engine_config_sizes_blocks_from_the_disk_budget(tmp_path):
     cfg = engine_config(
         additional_config={"hga": {"disk_dir": str(tmp_path), "disk_kv_bytes": "256MiB"}}
     )
+    from vllm_hga.startup import planned_capacity
+
     host_block = 30 * 3 * 2 * 64 * 64 * 2
-    assert cfg.cache_config.num_gpu_blocks_override == (256 << 20) // host_block
+    assert planned_capacity(cfg).num_blocks == (256 << 20) // host_block
     with pytest.raises(Exception, match="does not exist"):
         engine_config(
             additional_config={"hga": {"disk_dir": str(tmp_path / "nope"), "disk_kv_bytes": "1GiB"}}

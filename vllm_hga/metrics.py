@@ -131,7 +131,9 @@ def write_snapshot(totals: dict[str, float]) -> None:
 
 
 def read_snapshots(directory: str) -> dict[str, float]:
-    """Sum of all workers' latest snapshots."""
+    """Sum of all workers' latest snapshots: one file per worker process, so with tensor
+    or pipeline parallelism every rank's counters add up (each rank counts its own KV
+    heads and layers; ``steps`` counts rank-steps)."""
     total = {k: 0.0 for k in SERIES}
     for path in Path(directory).glob("worker-*.json"):
         try:
@@ -165,6 +167,15 @@ class _Collector:
 
 
 _registered = False
+RAY_CARRY = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"  # vLLM's list of extra variables Ray workers get
+
+
+def carry_to_ray_workers(name: str) -> None:
+    """Ray workers get the driver's environment only for the variables vLLM copies; add
+    ours, so ranks under ``--distributed-executor-backend ray`` write snapshots too."""
+    names = [n for n in os.environ.get(RAY_CARRY, "").split(",") if n.strip()]
+    if name not in names:
+        os.environ[RAY_CARRY] = ",".join([*names, name])
 
 
 def setup_in_api_process() -> None:
@@ -174,6 +185,7 @@ def setup_in_api_process() -> None:
         return
     if not os.environ.get(ENV_DIR):
         os.environ[ENV_DIR] = tempfile.mkdtemp(prefix="vllm-hga-metrics-")
+    carry_to_ray_workers(ENV_DIR)
     try:
         from prometheus_client import REGISTRY
 

@@ -118,57 +118,170 @@ def _rope_parameters(hf) -> dict:
 
 @dataclass(frozen=True)
 class Capacity:
-    """How many 64-token blocks the host tier can hold, and what that means."""
+    """How many 64-token blocks the host tier holds, per rank and per node.
 
-    host_bytes_per_block: int  # full K+V of one block, all layers
-    device_bytes_per_block: int  # summaries of one block, all layers
-    host_budget_bytes: int
+    Every rank (TP shard x PP stage) keeps its own pool: its layers' full K/V of its KV
+    heads, for the same vLLM block ids.  Host RAM is a node's, so the node pays the sum
+    over the ranks it runs.  Planned once, in the API-server process, and carried to the
+    engine and worker processes on the pickled config (``planned_capacity``).
+    """
+
+    host_bytes_per_block: int  # full K+V of one block on the largest rank
+    device_bytes_per_block: int  # summaries of one block on the largest rank
+    host_budget_bytes: int  # per rank: host_kv_bytes / disk_kv_bytes or their default
     num_blocks: int
+    ranks_per_node: int = 1
+    node_bytes_per_block: int = 0  # full K+V of one block, all ranks of the busiest node
+    inputs: tuple = ()  # what the plan was made from (a change means: plan again)
 
     @property
     def max_tokens(self) -> int:
         return self.num_blocks * CHUNK_SIZE
 
+    @property
+    def rank_pool_bytes(self) -> int:
+        return self.num_blocks * self.host_bytes_per_block
 
-def plan_capacity(vllm_config, cfg: HGAConfig) -> Capacity:
-    """Host pool = num_blocks x (layers x kv_heads x 2 x 64 x head_size x dtype bytes)."""
+    @property
+    def node_pool_bytes(self) -> int:
+        return self.num_blocks * (self.node_bytes_per_block or self.host_bytes_per_block)
+
+
+# attribute of vLLM's CacheConfig that carries the plan to the engine and worker
+# processes (not a dataclass field, so vLLM's config hash ignores it)
+CAPACITY_ATTR = "hga_capacity"
+
+
+def rank_shapes(vllm_config) -> list[tuple[int, int]]:
+    """(layers, KV heads) of every rank of one engine, in vLLM's rank order (PP stage
+    major, TP rank minor).  vLLM's own per-rank getters answer for rank 0 only."""
+    from vllm.distributed.utils import get_pp_indices
+
     model = vllm_config.model_config
     par = vllm_config.parallel_config
-    layers = model.get_num_layers(par)
-    kv_heads = model.get_num_kv_heads(par)
+    total = model.get_total_num_hidden_layers()
+    kv_heads = model.get_num_kv_heads(par)  # per TP rank (replicated if fewer than TP)
+    shapes = []
+    for stage in range(par.pipeline_parallel_size):
+        start, end = get_pp_indices(total, stage, par.pipeline_parallel_size)
+        shapes += [(end - start, kv_heads)] * par.tensor_parallel_size
+    return shapes
+
+
+def engine_ranks_per_node(vllm_config) -> int:
+    """Ranks of one engine on one node: all of them unless --nnodes spreads them (with
+    Ray the placement is only known later, so the plan assumes this node holds all)."""
+    par = vllm_config.parallel_config
+    return max(1, par.world_size // max(1, par.nnodes_within_dp))
+
+
+def engines_per_node(vllm_config) -> int:
+    """Data-parallel engines started on this node (each has its own ranks and pools)."""
+    return max(1, getattr(vllm_config.parallel_config, "data_parallel_size_local", 1) or 1)
+
+
+def ranks_per_node(vllm_config) -> int:
+    return engine_ranks_per_node(vllm_config) * engines_per_node(vllm_config)
+
+
+def plan_capacity(vllm_config, cfg: HGAConfig) -> Capacity:
+    """Per rank: host pool = num_blocks x (its layers x its KV heads x 2 x 64 x head_size x
+    dtype bytes); per node: the sum over the ranks it runs, checked against its RAM."""
+    model = vllm_config.model_config
     head = model.get_head_size()
     itemsize = model.dtype.itemsize
-    host_block = layers * kv_heads * 2 * CHUNK_SIZE * head * itemsize
-    device_block = layers * kv_heads * (1 + cfg.groups_per_chunk) * head * 4
+    shapes = rank_shapes(vllm_config)
+    host_blocks = [layers * kv * 2 * CHUNK_SIZE * head * itemsize for layers, kv in shapes]
+    device_block = max(layers * kv * (1 + cfg.groups_per_chunk) * head * 4 for layers, kv in shapes)
+    local = engine_ranks_per_node(vllm_config)  # ranks r*local .. (r+1)*local-1 share a node
+    node_block = engines_per_node(vllm_config) * max(
+        sum(host_blocks[i : i + local]) for i in range(0, len(host_blocks), local)
+    )
+    rank_block = max(host_blocks)
     if cfg.disk_dir is not None:  # NVMe tier: the files hold the full K/V
         budget = cfg.disk_kv_bytes
-        check_disk_dir(cfg.disk_dir, budget)
         available = None
     else:
         budget = (
             cfg.host_kv_bytes
             or vllm_config.cache_config.kv_cache_memory_bytes
-            or _default_host_budget()
+            or _default_host_budget() // ranks_per_node(vllm_config)
         )
         available = _available_host_bytes()
-    if available is not None and budget > available:
-        raise HGAConfigError(
-            f"hga: the host K/V budget is {budget / 2**30:.2f} GiB but only "
-            f"{available / 2**30:.2f} GiB of RAM is available. Set a smaller "
-            '--additional-config \'{"hga": {"host_kv_bytes": "4GiB"}}\' (or '
-            "VLLM_CPU_KVCACHE_SPACE / --kv-cache-memory-bytes), or free memory."
-        )
-    num_blocks = budget // host_block
+    num_blocks = budget // rank_block
+    cap = Capacity(
+        rank_block,
+        device_block,
+        budget,
+        int(num_blocks),
+        ranks_per_node(vllm_config),
+        node_block,
+        capacity_inputs(vllm_config, cfg),
+    )
+    if cfg.disk_dir is not None:
+        check_disk_dir(cfg.disk_dir, cap.node_pool_bytes)
+    if available is not None and cap.node_pool_bytes > available:
+        raise HGAConfigError(_over_ram_message(cap, available))
     needed = -(-model.max_model_len // CHUNK_SIZE) + 1  # one request of max length
     if num_blocks < needed:
         raise HGAConfigError(
-            f"hga: the host K/V budget of {budget / 2**30:.2f} GiB holds {num_blocks} blocks "
-            f"({num_blocks * CHUNK_SIZE} tokens) but one request of --max-model-len "
-            f"{model.max_model_len} needs {needed} blocks "
-            f"({needed * host_block / 2**30:.2f} GiB). Raise host_kv_bytes or lower "
-            "--max-model-len."
+            f"hga: the host K/V budget of {budget / 2**30:.2f} GiB per rank holds "
+            f"{num_blocks} blocks ({num_blocks * CHUNK_SIZE} tokens) but one request of "
+            f"--max-model-len {model.max_model_len} needs {needed} blocks "
+            f"({needed * rank_block / 2**30:.2f} GiB per rank). Raise host_kv_bytes or "
+            "lower --max-model-len."
         )
-    return Capacity(host_block, device_block, budget, int(num_blocks))
+    return cap
+
+
+def _over_ram_message(cap: Capacity, available: int) -> str:
+    ranks = cap.ranks_per_node
+    fit = available // max(1, cap.node_bytes_per_block) * cap.host_bytes_per_block
+    return (
+        f"hga: the host K/V pools do not fit this node's RAM: {ranks} rank(s) x "
+        f"{cap.num_blocks} blocks take {cap.node_pool_bytes / 2**30:.2f} GiB "
+        f"({cap.rank_pool_bytes / 2**30:.2f} GiB on the largest rank, budget "
+        f"{cap.host_budget_bytes / 2**30:.2f} GiB per rank) but only "
+        f"{available / 2**30:.2f} GiB of RAM is available. Set a smaller per-rank "
+        f'budget, at most --additional-config \'{{"hga": {{"host_kv_bytes": '
+        f'"{max(fit, 1) // 2**20}MiB"}}}}\' (or --kv-cache-memory-bytes / '
+        "VLLM_CPU_KVCACHE_SPACE), run fewer ranks per node, or free memory."
+    )
+
+
+def capacity_inputs(vllm_config, cfg: HGAConfig) -> tuple:
+    """Everything a plan depends on except the RAM free at planning time."""
+    par = vllm_config.parallel_config
+    return (
+        tuple(rank_shapes(vllm_config)),
+        ranks_per_node(vllm_config),
+        str(vllm_config.model_config.dtype),
+        vllm_config.model_config.get_head_size(),
+        vllm_config.model_config.max_model_len,
+        cfg.host_kv_bytes,
+        cfg.disk_dir,
+        cfg.disk_kv_bytes,
+        vllm_config.cache_config.kv_cache_memory_bytes,
+        par.world_size,
+    )
+
+
+def planned_capacity(vllm_config) -> Capacity | None:
+    """The plan start-up made for this engine (None: HGA is not selected)."""
+    return getattr(vllm_config.cache_config, CAPACITY_ATTR, None)
+
+
+def _capacity_once(vllm_config, cfg: HGAConfig) -> tuple[Capacity, bool]:
+    """The engine's plan: made once in the API-server process; vLLM re-runs the platform
+    check in the engine process after its workers hold memory (our pools among it), and
+    a second plan from the RAM free then would shrink or refuse what the first granted.
+    Returns the plan and whether it is new."""
+    cap = planned_capacity(vllm_config)
+    if cap is not None and cap.inputs == capacity_inputs(vllm_config, cfg):
+        return cap, False
+    cap = plan_capacity(vllm_config, cfg)
+    setattr(vllm_config.cache_config, CAPACITY_ATTR, cap)
+    return cap, True
 
 
 def check_disk_dir(directory: str, budget: int) -> None:
@@ -248,36 +361,73 @@ def configure_engine(vllm_config) -> HGAConfig | None:
             f"{cache.block_size}. Drop --block-size or set it to {CHUNK_SIZE}."
         )
     cache.block_size = CHUNK_SIZE
-    cap = plan_capacity(vllm_config, cfg)
-    if cache.num_gpu_blocks_override is None or cache.num_gpu_blocks_override > cap.num_blocks:
-        cache.num_gpu_blocks_override = cap.num_blocks
-    blocks = cache.num_gpu_blocks_override
+    cap, new = _capacity_once(vllm_config, cfg)
+    if not install_hga_worker(vllm_config, device_type):
+        # another worker class was asked for: vLLM then applies this count even past what
+        # its device budget holds (HGAWorkerMixin caps to the smaller of the two instead)
+        _cap_block_override(cache, cap.num_blocks)
+    elif cache.num_gpu_blocks_override is not None:
+        _cap_block_override(cache, cap.num_blocks)
+    if new:
+        _log_plan(vllm_config, cfg, cap, device_type)
+    from .metrics import setup_in_api_process
+
+    setup_in_api_process()
+    return cfg
+
+
+def _cap_block_override(cache, num_blocks: int) -> None:
+    if cache.num_gpu_blocks_override is None or cache.num_gpu_blocks_override > num_blocks:
+        cache.num_gpu_blocks_override = num_blocks
+
+
+# vLLM's default worker per device type -> the HGA worker that extends it (worker.py)
+HGA_WORKERS = {
+    "vllm.v1.worker.cpu_worker.CPUWorker": "vllm_hga.worker.HGACpuWorker",
+    "vllm.v1.worker.gpu_worker.Worker": "vllm_hga.worker.HGACudaWorker",
+}
+
+
+def install_hga_worker(vllm_config, device_type: str) -> bool:
+    """Run vLLM's own worker extended by HGA's start-up duties (worker.py): the block count
+    is the smaller of what the host plan and the device budget hold, and the host pools
+    are allocated before the engine reports ready.  False when the user chose another
+    worker class, which is left alone."""
+    par = vllm_config.parallel_config
+    if par.worker_cls in HGA_WORKERS.values():
+        return True
+    if par.worker_cls in HGA_WORKERS:
+        par.worker_cls = HGA_WORKERS[par.worker_cls]
+        return True
+    return False
+
+
+def _log_plan(vllm_config, cfg: HGAConfig, cap: Capacity, device_type: str) -> None:
     per_request = -(-vllm_config.model_config.max_model_len // CHUNK_SIZE)
     # device bank (bank.py): a constant per worker, allocated on the profiling forward so
     # that vLLM's memory profiler counts it before sizing its own (summary) KV cache
     bank = cfg.bank_size(device_type)
     bank_bytes = max(bank, 0) * cap.host_bytes_per_block
     logger.info(
-        "HGA: %s; %s K/V pool %.2f GiB for %d blocks = %d tokens = %d contexts of %d "
-        "(%d B/token full K/V, %d B/token device summaries); device bank %.2f GiB "
-        "(%s chunks = %s tokens per layer)",
+        "HGA: %s; %s K/V pool %.2f GiB per rank for %d blocks = %d tokens = %d contexts of "
+        "%d (at most: the device budget may hold fewer); %d rank(s) per node: %.2f GiB per "
+        "node (%d B/token full K/V, %d B/token device summaries, largest rank); device bank "
+        "%.2f GiB (%s chunks = %s tokens per layer)",
         _describe(cfg),
         "disk" if cfg.disk_dir else "host",
-        cap.host_budget_bytes / 2**30,
-        blocks,
-        blocks * CHUNK_SIZE,
-        blocks // per_request,
+        cap.rank_pool_bytes / 2**30,
+        cap.num_blocks,
+        cap.max_tokens,
+        cap.num_blocks // per_request,
         vllm_config.model_config.max_model_len,
+        cap.ranks_per_node,
+        cap.node_pool_bytes / 2**30,
         cap.host_bytes_per_block // CHUNK_SIZE,
         cap.device_bytes_per_block // CHUNK_SIZE,
         bank_bytes / 2**30,
         "auto" if bank < 0 else bank,
         "sized from free device memory" if bank < 0 else bank * CHUNK_SIZE,
     )
-    from .metrics import setup_in_api_process
-
-    setup_in_api_process()
-    return cfg
 
 
 def _describe(cfg: HGAConfig) -> str:

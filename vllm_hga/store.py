@@ -66,14 +66,16 @@ class HostKVPool:
     def _allocate(self, name, shape, dtype, device) -> torch.Tensor:
         # vLLM binds a small profiling cache before the real one: re-key on shape.
         self._layers.pop(name, None)
-        self._host.pop(name, None)
+        old = self._host.pop(name, None)
+        if old is not None:
+            unpin_exact(old)
         self._check_budget(name, shape, dtype)
         if self.disk_dir is not None:
             if device.type != "cpu":
                 raise NotImplementedError("the NVMe tier is CPU-only in this version")
             pool = map_file(self.disk_dir, name, shape, dtype)
         elif device.type == "cuda":
-            host = torch.zeros(shape, dtype=dtype).pin_memory()
+            host = pin_exact(torch.zeros(shape, dtype=dtype))
             from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
 
             self._host[name] = host
@@ -99,6 +101,32 @@ class HostKVPool:
                 "count (num_gpu_blocks_override)"
             )
 
+    def check_room(self, need: int, num_blocks: int, num_layers: int, rank: int = 0) -> None:
+        """Refuse (with the numbers) a pool of `need` bytes that this node's free RAM, or
+        the NVMe tier's free disk space, cannot hold right now."""
+        from .config import HGAConfigError
+
+        need -= self.nbytes()  # what this pool holds already is not asked for again
+        if need <= 0:
+            return
+        if self.disk_dir is not None:
+            import shutil
+
+            where, free = f"free space in {self.disk_dir}", shutil.disk_usage(self.disk_dir).free
+        else:
+            import psutil
+
+            where, free = "available RAM", int(psutil.virtual_memory().available)
+        if need > free:
+            knob = "disk_kv_bytes" if self.disk_dir else "host_kv_bytes"
+            raise HGAConfigError(
+                f"hga: rank {rank} cannot allocate its K/V pool: {num_blocks} blocks x "
+                f"{num_layers} layers need {need / 2**30:.2f} GiB but only "
+                f"{free / 2**30:.2f} GiB of {where} is left on this node (other ranks and "
+                f"processes took the rest). Lower {knob} (per rank), run fewer ranks per "
+                "node, or free memory."
+            )
+
     def _report(self) -> None:
         if self.metrics is not None:
             self.metrics.set(
@@ -112,8 +140,35 @@ class HostKVPool:
         """Drop every layer: pinned memory is unpinned and freed, file mappings unmapped
         (once no caller holds a view)."""
         self._layers.clear()
+        for host in self._host.values():
+            unpin_exact(host)
         self._host.clear()
         self._report()
+
+
+# cudaHostRegisterPortable | cudaHostRegisterMapped: every context sees it, with a device
+# address (UVA), which the kernels read the pool through
+_HOST_REGISTER_FLAGS = 0x01 | 0x02
+
+
+def pin_exact(host: torch.Tensor) -> torch.Tensor:
+    """Pin `host` in place, exactly its bytes.  ``Tensor.pin_memory()`` goes through torch's
+    caching host allocator, which rounds every block up to a power of two (a 1.1 GiB layer
+    would take 2 GiB of pinned RAM the plan never counted) and copies; registering the
+    pageable tensor pins what the plan says."""
+    nbytes = host.numel() * host.element_size()
+    err = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, _HOST_REGISTER_FLAGS)
+    if int(err) != 0:
+        raise MemoryError(
+            f"hga: cannot pin {nbytes / 2**30:.2f} GiB of host RAM for the K/V pool "
+            f"(cudaHostRegister error {int(err)}); lower host_kv_bytes or raise the "
+            "locked-memory limit (ulimit -l)"
+        )
+    return host
+
+
+def unpin_exact(host: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:

@@ -19,19 +19,23 @@ from .config import CHUNK_SIZE, HGAConfig
 from .metrics import WorkerMetrics
 from .ops.cuda_prefill import Scratch
 from .sizing import auto_bank_budget, bank_chunks_for, chunk_bytes
-from .store import HostKVPool
+from .store import HostKVPool, _nbytes
 
 
 class EngineTiers:
     """Allocates each tier once per layer (the first bind), reuses it after, frees all of
     it in ``shutdown``.  Any use after shutdown raises."""
 
-    def __init__(self, cfg: HGAConfig) -> None:
+    def __init__(self, cfg: HGAConfig, budget_bytes: int | None = None) -> None:
+        """`budget_bytes`: this rank's pool budget from the start-up plan (default: the
+        configured host_kv_bytes / disk_kv_bytes)."""
         self.cfg = cfg
+        if budget_bytes is None:
+            budget_bytes = cfg.disk_kv_bytes if cfg.disk_dir else cfg.host_kv_bytes
         self.metrics = WorkerMetrics()
         self.pool = HostKVPool(
             cfg.disk_dir,
-            budget_bytes=cfg.disk_kv_bytes if cfg.disk_dir else cfg.host_kv_bytes,
+            budget_bytes=budget_bytes,
             metrics=self.metrics,
         )
         self.banks: dict[str, DeviceBank] = {}
@@ -58,6 +62,43 @@ class EngineTiers:
         """Layer `name`'s full K/V [num_blocks, H_kv, 2, 64, D] in the host tier."""
         self._check_open()
         return self.pool.layer(name, num_blocks, num_kv_heads, head_size, dtype, device)
+
+    def reserve_pools(self, kv_cache_config, device, rank: int = 0) -> None:
+        """Allocate every layer's pool for vLLM's final block count at start-up (the
+        worker calls it right after vLLM allocates its KV cache), after checking that
+        this node's RAM or disk has room: a tier that does not fit refuses the start."""
+        self._check_open()
+        device = torch.device(device)
+        layers = [
+            (name, group.kv_cache_spec)
+            for group in kv_cache_config.kv_cache_groups
+            for name in group.layer_names
+        ]
+        shapes = {
+            name: (kv_cache_config.num_blocks, spec.num_kv_heads, 2, CHUNK_SIZE, spec.head_size)
+            for name, spec in layers
+        }
+        need = sum(_nbytes(shapes[name], spec.dtype) for name, spec in layers)
+        self.pool.check_room(need, kv_cache_config.num_blocks, len(layers), rank)
+        for name, spec in layers:
+            self.layer_pool(
+                name,
+                kv_cache_config.num_blocks,
+                spec.num_kv_heads,
+                spec.head_size,
+                spec.dtype,
+                device,
+            )
+        from vllm.logger import init_logger
+
+        init_logger("vllm.hga").info(
+            "HGA rank %d: %s K/V pool allocated, %.2f GiB for %d blocks x %d layers",
+            rank,
+            "disk" if self.cfg.disk_dir else "host",
+            self.pool.nbytes() / 2**30,
+            kv_cache_config.num_blocks,
+            len(layers),
+        )
 
     def bank_chunks(
         self, vllm_config, num_kv_heads: int, head_size: int, dtype_bytes: int, device
@@ -171,7 +212,13 @@ def tiers_for(vllm_config) -> EngineTiers:
     key = id(vllm_config)
     tiers = _ENGINES.get(key)
     if tiers is None:
-        tiers = _ENGINES[key] = EngineTiers(HGAConfig.from_vllm_config(vllm_config))
+        from .startup import planned_capacity
+
+        cap = planned_capacity(vllm_config)
+        tiers = _ENGINES[key] = EngineTiers(
+            HGAConfig.from_vllm_config(vllm_config),
+            cap.host_budget_bytes if cap is not None else None,
+        )
         # id() is reused after collection: drop the entry exactly when the config dies
         weakref.finalize(vllm_config, _release, key)
     return tiers
