@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 
 import pytest
 
-from vllm_hga.config import HGAConfig, HGAConfigError
+from devkit import bad_input
+from vllm_hga.config import MAX_CHUNKS, MAX_GROUPS, HGAConfig, HGAConfigError
+from vllm_hga.startup import unsupported_on_device
 
 
 def test_paper_preset_is_the_papers():
@@ -51,27 +54,58 @@ def test_every_device_gets_the_same_default_routing(device_type):
 
 
 @pytest.mark.parametrize(
-    "values, message",
+    "row", [r for r in bad_input.rows("config") if r.hga is not None], ids=lambda r: r.id
+)
+def test_bad_values_are_refused_with_reason(row):
+    with pytest.raises(HGAConfigError) as err:
+        HGAConfig.from_mapping(row.hga)
+    assert row.answer in str(err.value)
+
+
+def test_preset_yaml_errors_say_where_not_what(tmp_path):
+    """A broken preset file is named with the line of the error; its content is not
+    echoed (a YAML error message quotes the offending lines)."""
+    preset = tmp_path / "my.yaml"
+    preset.write_text("hga:\n\tsecret_token: 42\n")  # a tab cannot start a YAML token
+    with pytest.raises(HGAConfigError) as err:
+        HGAConfig.from_mapping({"preset": str(preset)})
+    assert bad_input.row("preset-bad-yaml").answer in str(err.value)
+    assert str(preset) in str(err.value) and "secret_token" not in str(err.value)
+    not_yaml = tmp_path / "notes.txt"
+    not_yaml.write_text("sink_chunks: 3\n")
+    with pytest.raises(HGAConfigError, match="not found"):  # only .yaml files are presets
+        HGAConfig.from_mapping({"preset": str(not_yaml)})
+    good = tmp_path / "mine.yaml"
+    good.write_text("hga:\n  sink_chunks: 3\n")
+    assert HGAConfig.from_mapping({"preset": str(good)}).sink_chunks == 3
+
+
+def test_config_bounds_admit_the_shipped_presets():
+    full = HGAConfig.from_mapping({"preset": "full"})
+    assert full.topk_chunks <= MAX_CHUNKS and full.topk_groups <= MAX_GROUPS
+    assert HGAConfig.from_mapping({"host_kv_bytes": "1TiB"}).host_kv_bytes == 2**40
+
+
+@pytest.mark.parametrize(
+    "hga, head_size, refused",
     [
-        ({"topk_chunks": 0}, "topk_chunks must be an integer >= 1"),
-        ({"sink_chunks": -1}, "sink_chunks must be an integer >= 0"),
-        ({"sink_chunks": 0, "local_chunks": 0}, "sink_chunks + local_chunks must be >= 1"),
-        ({"groups_per_query": 100}, "cannot exceed topk_groups"),
-        ({"topk_chunks": 2, "topk_groups": 9}, "exceeds the 8 groups"),
-        ({"chunk_size": 128}, "chunk_size must be 64"),
-        ({"rope_threshold": -1}, "rope_threshold must be a number >= 0"),
-        ({"chunk_score": "best"}, "chunk_score must be"),
-        ({"host_kv_bytes": "lots"}, "is not a size"),
-        ({"disk_dir": "/tmp"}, "disk_dir and disk_kv_bytes go together"),
-        ({"topk": 3}, "unknown key(s) ['topk']"),
-        ({"preset": "nope"}, "preset 'nope' not found"),
-        ({"cuda_graphs": "yes"}, "cuda_graphs must be true or false"),
+        ({"topk_chunks": 64, "topk_groups": 128}, 128, None),
+        ({"topk_chunks": 100}, 64, "cuda-topk"),
+        ({"preset": "full"}, 64, "cuda-topk"),
+        ({}, 96, "cuda-head-size"),
     ],
 )
-def test_bad_values_are_refused_with_reason(values, message):
-    with pytest.raises(HGAConfigError) as err:
-        HGAConfig.from_mapping(values)
-    assert message in str(err.value)
+def test_cuda_limits_are_refused_at_start_up(hga, head_size, refused):
+    """What the CUDA kernels were not built for (csrc/routing.cu kMaxTopkChunks, the head
+    sizes of HGA_DISPATCH_HEAD) is refused at start-up on CUDA, not at the first decode;
+    on CPU the torch path serves it."""
+    cfg = HGAConfig.from_mapping(hga)
+    reasons = unsupported_on_device(cfg, "cuda", head_size)
+    if refused is None:
+        assert reasons == []
+    else:
+        assert len(reasons) == 1 and bad_input.row(refused).answer in reasons[0]
+    assert unsupported_on_device(cfg, "cpu", head_size) == []
 
 
 def test_sizes_parse_and_overrides_win_over_preset():
@@ -120,20 +154,49 @@ def test_hga_engine_config_gets_block_64_and_host_sized_block_count():
     assert cfg.cache_config.num_gpu_blocks_override is None
 
 
-@pytest.mark.parametrize(
-    "kw, message",
-    [
-        (dict(block_size=32), "HGA needs --block-size 64"),
-        (dict(additional_config={"hga": {"topk_chunks": -2}}), "topk_chunks must be"),
-        (dict(kv_cache_dtype="fp8"), "--kv-cache-dtype fp8 is not supported"),
-        (dict(kv_cache_memory_bytes=50 << 20), "needs 129 blocks"),
-        (dict(additional_config={"hga": {"host_kv_bytes": "100TiB"}}), "only"),
-    ],
-)
-def test_engine_start_refuses_bad_setups(kw, message):
+@pytest.mark.parametrize("row", bad_input.rows("engine"), ids=lambda r: r.id)
+def test_engine_start_refuses_bad_setups(row):
     with pytest.raises(Exception) as err:
-        engine_config(**kw)
-    assert message in str(err.value)
+        engine_config(**row.engine)
+    assert row.answer in str(err.value)
+
+
+def test_cuda_engine_config_refuses_the_full_preset():
+    """configure_engine, on a real vLLM config of the embedded model, as on CUDA."""
+    from vllm_hga.startup import configure_engine
+
+    cfg = engine_config()
+    cfg.device_config.device_type = "cuda"
+    cfg.additional_config = {"hga": {"preset": "full"}}
+    with pytest.raises(HGAConfigError) as err:
+        configure_engine(cfg)
+    assert bad_input.row("cuda-topk").answer in str(err.value)
+
+
+def test_hga_with_the_platform_hook_off_is_refused():
+    """VLLM_HGA_PLATFORM=0: asking for HGA is refused at start-up (vLLM's CPU platform
+    would serve its own attention), other backends start as usual.  A fresh process: the
+    platform is resolved once per process."""
+    import subprocess
+    import sys
+
+    from vllm_hga.platform_hook import platform_class
+
+    assert platform_class("cpu", True) == "vllm_hga.platform.HGACpuPlatform"
+    assert platform_class("cpu", False) == "vllm_hga.platform.HGAGuardCpuPlatform"
+    assert platform_class("cuda", True) == "vllm_hga.platform.HGACudaPlatform"
+    assert platform_class("cuda", False) is None  # the backend refuses (validate_configuration)
+    script = (
+        "import sys; from test_config import engine_config\n"
+        "print(type(engine_config(attention_backend='CPU_ATTN')).__name__)\n"
+        "try:\n    engine_config()\nexcept Exception as e:\n    print('REFUSED', e)\n"
+    )
+    env = {**os.environ, "VLLM_HGA_PLATFORM": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert "VllmConfig" in out.stdout, out.stderr[-3000:]
+    assert "REFUSED" in out.stdout and bad_input.row("platform-hook-off").answer in out.stdout
 
 
 def test_other_backends_are_untouched():

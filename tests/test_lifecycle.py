@@ -25,8 +25,10 @@ from devkit.model import embedded_model_dir  # noqa: E402
 from devkit.texts import load_text  # noqa: E402
 
 MAX_LEN = 1024
-PROMPT = 256  # 4 blocks: four requests are admitted together...
+PROMPT = 256  # 4 blocks: four requests are admitted within a few steps...
 NEW = 100  # ...and outgrow the pool while decoding (4 x 6 blocks > 18)
+STEP_TOKENS = 256  # max_num_batched_tokens: a prompt longer than this prefills in chunks
+LONG_PROMPT = 1000  # 16 blocks: four prefill steps
 # Small budgets so that routing is active from the 4th chunk on (sinks 1, local 1).
 SMALL = {"sink_chunks": 1, "local_chunks": 1, "topk_chunks": 2, "topk_groups": 4}
 FP32_BLOCK_BYTES = 30 * 3 * 2 * 64 * 64 * 4  # SmolLM2-135M: layers x kv heads x K/V x 64 x D
@@ -42,7 +44,7 @@ def engine(hga: dict) -> LLM:
         additional_config={"hga": hga},
         seed=0,
         kv_cache_memory_bytes=1 << 30,
-        max_num_batched_tokens=1024,
+        max_num_batched_tokens=STEP_TOKENS,
         disable_log_stats=False,
     )
 
@@ -61,6 +63,19 @@ def prompts(llm: LLM) -> list[TokensPrompt]:
     tok = llm.get_tokenizer()
     names = ["devils_dictionary", "jargon_file", "argparse_py", "gnu_coding_standards"]
     return [TokensPrompt(prompt_token_ids=tok.encode(load_text(n))[:PROMPT]) for n in names]
+
+
+def mapped_files(directory) -> set[str]:
+    """Files under `directory` mapped into this process (the NVMe tier's, unlinked)."""
+    with open("/proc/self/maps") as maps:
+        paths = {line.split(None, 5)[-1].strip() for line in maps if str(directory) in line}
+    return {p.removesuffix(" (deleted)") for p in paths}
+
+
+def computed_tokens(llm: LLM, request_id: str) -> int:
+    requests = llm.llm_engine.engine_core.engine_core.scheduler.requests
+    (req,) = [r for rid, r in requests.items() if rid.startswith(request_id)]
+    return req.num_computed_tokens
 
 
 def preemptions(llm: LLM) -> int:
@@ -85,21 +100,37 @@ def test_preemption_abort_and_block_reuse_leak_nothing(tmp_path, monkeypatch):
     assert pool.num_gpu_blocks == 18
     idle_free = pool.get_num_free_blocks()
     got = [o.outputs[0].token_ids for o in tight.generate(batch, sp)]
+    # this second engine of the process has its own tiers: its K/V went to its own files
+    # (one per layer, mapped, already unlinked), not to the first engine's RAM pool
+    assert len(mapped_files(tmp_path)) == 30, "the NVMe tier was not used"
     assert preemptions(tight) > 0, "the budget was meant to force a preemption"
     assert got == want  # recomputed after preemption: same tokens as never preempted
     assert pool.get_num_free_blocks() == idle_free
 
-    # Abort mid-decode, and mid-prefill, then reuse the freed blocks.
+    # Abort mid-decode, then mid-prefill (a long prompt prefills over several steps of
+    # STEP_TOKENS), then reuse the freed blocks.
     eng = tight.llm_engine
     for i, p in enumerate(batch[:3]):
         eng.add_request(f"abort-{i}", p, sp)
-    for _ in range(4):
+    for _ in range(6):
         eng.step()
-    assert pool.get_num_free_blocks() < idle_free
+    assert all(computed_tokens(tight, f"abort-{i}") > PROMPT for i in range(3))  # decoding
     eng.abort_request(["abort-0", "abort-1", "abort-2"])
     while eng.has_unfinished_requests():
         eng.step()
     assert pool.get_num_free_blocks() == idle_free
+    long_ids = tight.get_tokenizer().encode(load_text("jargon_file"))[:LONG_PROMPT]
+    eng.add_request(
+        "abort-long", TokensPrompt(prompt_token_ids=long_ids), SamplingParams(max_tokens=8)
+    )
+    for _ in range(2):
+        eng.step()
+    assert 0 < computed_tokens(tight, "abort-long") < LONG_PROMPT  # in the middle of prefill
+    assert pool.get_num_free_blocks() < idle_free
+    eng.abort_request(["abort-long"])
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert pool.get_num_free_blocks() == idle_free  # every block back
     again = [o.outputs[0].token_ids for o in tight.generate(batch[::-1], sp)]
     assert again == want[::-1]  # blocks reused by other requests: no stale K/V or summaries
     assert pool.get_num_free_blocks() == idle_free

@@ -111,6 +111,44 @@ def test_full_disk_fails_when_the_file_is_reserved(tmp_path):
     assert os.WEXITSTATUS(status) == 0
 
 
+def test_nvme_file_refuses_a_symlink_at_its_name(tmp_path):
+    """A name that already exists in disk_dir (here a symlink to another user's file) is
+    refused, never followed."""
+    from devkit.bad_input import row
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not yours")
+    name = tmp_path / f"vllm-hga-{os.getpid()}-layers.0.kv"
+    name.symlink_to(victim)
+    with pytest.raises(OSError) as err:
+        map_file(str(tmp_path), "layers.0", (1, 1, 2, 64, 64), torch.float32)
+    assert row("disk-file-exists").answer in str(err.value)
+    assert victim.read_bytes() == b"not yours" and name.is_symlink()
+
+
+def test_nvme_file_is_mapped_through_its_own_descriptor(tmp_path, monkeypatch):
+    """A symlink swapped in between creating the tier's file and mapping it (simulated
+    right after the space is reserved) must not make the tier map the other file: it
+    maps the file it created, refuses to go on, and leaves the other file untouched."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not yours")
+    modes = []
+    reserve = os.posix_fallocate
+
+    def reserve_then_swap(fd, offset, length):
+        reserve(fd, offset, length)
+        (path,) = [p for p in tmp_path.iterdir() if p.name.endswith(".kv")]
+        modes.append(path.stat().st_mode & 0o777)
+        path.unlink()
+        path.symlink_to(victim)
+
+    monkeypatch.setattr(os, "posix_fallocate", reserve_then_swap)
+    with pytest.raises(OSError, match="was replaced while the NVMe tier created it"):
+        map_file(str(tmp_path), "layers.0", (1, 1, 2, 64, 64), torch.float32)
+    assert modes == [0o600]
+    assert victim.read_bytes() == b"not yours"
+
+
 def test_engine_config_sizes_blocks_from_the_disk_budget(tmp_path):
     pytest.importorskip("vllm")
     from test_config import engine_config

@@ -74,6 +74,21 @@ class HGAAttentionBackend(AttentionBackend):
         return True
 
     @classmethod
+    def validate_configuration(cls, **selector) -> list[str]:
+        """vLLM's checks plus one of ours: HGA's platform hook ran its start-up checks.
+        With VLLM_HGA_PLATFORM=0 vLLM's CUDA platform would build HGA layers on a cache
+        nobody sized for them; refuse here, while the model is being built."""
+        from vllm.platforms import current_platform
+
+        from .platform import is_hga_platform
+        from .platform_hook import HOOK_OFF_REASON
+
+        reasons = list(super().validate_configuration(**selector))
+        if not is_hga_platform(current_platform):
+            reasons.append(HOOK_OFF_REASON)
+        return reasons
+
+    @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         """One state per block: the chunk's float32 summaries, [H_kv, 1 + M, D]."""
         assert spec.block_size == CHUNK_SIZE, f"HGA needs block size {CHUNK_SIZE}"

@@ -7,7 +7,8 @@ Sources, later ones winning key by key:
      sketch predicts; measured better than the paper's F=2, L=8, K_c=20, K_g=32 at equal
      density (docs/QUALITY.md); the paper's exact routing is the preset "paper"; on CUDA
      groups are scored by mean + 3 x key spread until the kernels read sketches,
-  2. a YAML preset (``"preset": "paper"`` names ``vllm_hga/presets/paper.yaml``; a path works too),
+  2. a YAML preset (``"preset": "paper"`` names ``vllm_hga/presets/paper.yaml``; the path
+     of a .yaml file works too),
   3. the keys of ``--additional-config '{"hga": {...}}'``.
 
 Every value is checked when the object is built, so a bad value stops start-up with the
@@ -17,6 +18,7 @@ reason and the fix instead of failing at request time.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +31,14 @@ GROUP_SIZE = 16  # tokens per group; 4 groups per chunk
 # slot in shared memory (csrc/bank.cu kBankMaxSlots).  32768 chunks are 4 GiB per layer
 # at 4 KV heads x 128 dims in bf16.
 BANK_MAX_CHUNKS = 32768
+
+# Sane bounds (refused beyond them at start-up: a typo must not size an engine).
+# Chunk counts (sink_chunks, local_chunks, topk_chunks): 2^20 chunks = 64M tokens, far
+# beyond any context vLLM serves; the "full" preset's 10^6 stays below.
+MAX_CHUNKS = 2**20
+MAX_GROUPS = MAX_CHUNKS * 4  # topk_groups, groups_per_query (4 groups per chunk)
+MAX_LAYER_INDEX = 2**16  # dense_layers entries
+MAX_KV_BYTES = 2**50  # host_kv_bytes, disk_kv_bytes: 1 PiB
 
 # Presets ship inside the package (setup.py package_data), so a wheel install finds them.
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -104,10 +114,10 @@ class HGAConfig:
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if self.groups_per_query is None:
+        if self.groups_per_query is None and _is_int(self.topk_groups):
             object.__setattr__(self, "groups_per_query", self.topk_groups // 2)
-        object.__setattr__(self, "dense_layers", tuple(sorted(set(self.dense_layers))))
         self._validate()
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(self.dense_layers))))
 
     # ------------------------------------------------------------------ checks
     def _validate(self) -> None:
@@ -124,7 +134,10 @@ class HGAConfig:
         )
         for name in ("sink_chunks", "local_chunks"):
             v = getattr(self, name)
-            need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0; got {v!r}")
+            need(
+                _is_int(v) and 0 <= v <= MAX_CHUNKS,
+                f"{name} must be an integer in [0, {MAX_CHUNKS}]; got {v!r}",
+            )
         if self.bank_chunks is None:
             object.__setattr__(self, "bank_chunks", "auto")
         need(
@@ -153,9 +166,16 @@ class HGAConfig:
             isinstance(self.cuda_graphs, bool),
             f"cuda_graphs must be true or false; got {self.cuda_graphs!r}",
         )
-        for name in ("topk_chunks", "topk_groups", "groups_per_query"):
+        for name, most in (
+            ("topk_chunks", MAX_CHUNKS),
+            ("topk_groups", MAX_GROUPS),
+            ("groups_per_query", MAX_GROUPS),
+        ):
             v = getattr(self, name)
-            need(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1; got {v!r}")
+            need(
+                _is_int(v) and 1 <= v <= most,
+                f"{name} must be an integer in [1, {most}]; got {v!r}",
+            )
         need(
             self.sink_chunks + self.local_chunks >= 1,
             "sink_chunks + local_chunks must be >= 1 so every query keeps some context",
@@ -172,8 +192,8 @@ class HGAConfig:
             f"topk_chunks={self.topk_chunks} chunks; raise topk_chunks or lower topk_groups",
         )
         need(
-            isinstance(self.rope_threshold, (int, float)) and self.rope_threshold >= 0,
-            f"rope_threshold must be a number >= 0 (radians); got {self.rope_threshold!r}",
+            _is_finite(self.rope_threshold) and self.rope_threshold >= 0,
+            f"rope_threshold must be a finite number >= 0 (radians); got {self.rope_threshold!r}",
         )
         need(
             self.chunk_score in ("summary", "max_group"),
@@ -184,8 +204,8 @@ class HGAConfig:
             f"group_score must be one of {list(GROUP_SCORES)}; got {self.group_score!r}",
         )
         need(
-            isinstance(self.score_alpha, (int, float)) and self.score_alpha >= 0,
-            f"score_alpha must be a number >= 0; got {self.score_alpha!r}",
+            _is_finite(self.score_alpha) and self.score_alpha >= 0,
+            f"score_alpha must be a finite number >= 0; got {self.score_alpha!r}",
         )
         need(
             self.group_score == "mean" or self.chunk_score == "max_group",
@@ -197,15 +217,22 @@ class HGAConfig:
             f"rope_style must be 'neox' or 'gptj'; got {self.rope_style!r}",
         )
         need(
-            all(isinstance(i, int) and i >= 0 for i in self.dense_layers),
-            f"dense_layers must be layer indices >= 0; got {self.dense_layers!r}",
+            isinstance(self.dense_layers, (list, tuple))
+            and all(_is_int(i) and 0 <= i < MAX_LAYER_INDEX for i in self.dense_layers),
+            f"dense_layers must be a list of layer indices in [0, {MAX_LAYER_INDEX}); "
+            f"got {self.dense_layers!r}",
         )
         for name in ("host_kv_bytes", "disk_kv_bytes"):
             v = getattr(self, name)
             need(
-                v is None or (isinstance(v, int) and v > 0),
-                f"{name} must be a positive number of bytes; got {v!r}",
+                v is None or (_is_int(v) and 0 < v <= MAX_KV_BYTES),
+                f"{name} must be a number of bytes in [1, {MAX_KV_BYTES}] (1 PiB), "
+                f"e.g. 8GiB; got {v!r}",
             )
+        need(
+            self.disk_dir is None or (isinstance(self.disk_dir, str) and self.disk_dir != ""),
+            f"disk_dir must be a directory path (a string); got {self.disk_dir!r}",
+        )
         need(
             (self.disk_dir is None) == (self.disk_kv_bytes is None),
             "disk_dir and disk_kv_bytes go together: set both to enable the NVMe tier",
@@ -239,6 +266,11 @@ class HGAConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> HGAConfig:
         """The config of an hga mapping (over its preset, if it names one)."""
+        if values is not None and not isinstance(values, Mapping):
+            raise HGAConfigError(
+                f'hga config: the "hga" entry of --additional-config must be a mapping '
+                f'of keys, e.g. \'{{"hga": {{"topk_chunks": 32}}}}\'; got {values!r}'
+            )
         values = dict(values or {})
         merged: dict[str, Any] = {}
         preset = values.get("preset") or os.environ.get("VLLM_HGA_PRESET")
@@ -254,8 +286,10 @@ class HGAConfig:
             )
         for key in ("host_kv_bytes", "disk_kv_bytes"):
             merged[key] = _parse_bytes(merged.get(key), key)
-        if "dense_layers" in merged:
-            merged["dense_layers"] = tuple(merged["dense_layers"] or ())
+        if isinstance(merged.get("dense_layers"), list):
+            merged["dense_layers"] = tuple(merged["dense_layers"])
+        elif merged.get("dense_layers") is None:
+            merged.pop("dense_layers", None)
         return cls(**merged)
 
     @classmethod
@@ -264,19 +298,43 @@ class HGAConfig:
         return cls.from_mapping(extra.get("hga"))
 
 
+def preset_path(name: Any) -> Path:
+    """A shipped preset's file (by name), or an explicit path to an existing .yaml file.
+
+    Nothing else: a preset is never "any file", so a typo cannot feed, say, a log file to
+    the YAML parser (whose errors would echo its lines)."""
+    shipped = {p.stem: p for p in PRESET_DIR.glob("*.yaml")}
+    if isinstance(name, str) and name in shipped:
+        return shipped[name]
+    if isinstance(name, str) and name.endswith((".yaml", ".yml")) and Path(name).is_file():
+        return Path(name)
+    raise HGAConfigError(
+        f"hga config: preset {name!r} not found; give a shipped preset "
+        f"({sorted(shipped)}) or the path of an existing .yaml file"
+    )
+
+
 def load_preset(name: str) -> dict[str, Any]:
     import yaml
 
-    path = Path(name)
-    if not path.suffix:
-        path = PRESET_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise HGAConfigError(f"hga config: preset {name!r} not found; known presets: {known}")
-    data = yaml.safe_load(path.read_text()) or {}
+    path = preset_path(name)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        # say where, never what: the message of a YAML error quotes the file's lines
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise HGAConfigError(
+            f"hga config: preset {path} is not valid YAML{where}; fix that line"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise HGAConfigError(f"hga config: cannot read preset {path} ({reason})") from None
+    if isinstance(data, dict) and "hga" in data:
+        data = data["hga"]
     if not isinstance(data, dict):
         raise HGAConfigError(f"hga config: preset {path} must hold a mapping of keys")
-    data = data.get("hga", data)
+    data = dict(data)
     data.pop("preset", None)
     return data
 
@@ -286,16 +344,26 @@ _UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 def _parse_bytes(value: Any, key: str) -> int | None:
     """Accept 123, "512MiB", "8GiB", "8G" so users need not count bytes."""
-    if value is None or isinstance(value, int):
+    if value is None or _is_int(value):
         return value
-    if isinstance(value, float) and value.is_integer():
+    if _is_finite(value) and float(value).is_integer():
         return int(value)
-    text = str(value).strip().lower().replace("ib", "").replace("b", "")
-    try:
-        if text and text[-1] in _UNITS:
-            return int(float(text[:-1]) * _UNITS[text[-1]])
-        return int(text)
-    except ValueError:
-        raise HGAConfigError(
-            f"hga config: {key}={value!r} is not a size; write e.g. 8GiB or 536870912"
-        ) from None
+    if isinstance(value, str):
+        text = value.strip().lower().replace("ib", "").replace("b", "")
+        try:
+            if text and text[-1] in _UNITS:
+                return int(float(text[:-1]) * _UNITS[text[-1]])
+            return int(text)
+        except (ValueError, OverflowError):  # "lots", "nanG", "infG"
+            pass
+    raise HGAConfigError(f"hga config: {key}={value!r} is not a size; write e.g. 8GiB or 536870912")
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (YAML and JSON true would pass isinstance(int))."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

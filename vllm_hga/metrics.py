@@ -10,12 +10,15 @@ server registers a Prometheus collector that reads those snapshots on each scrap
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from .config import HGAConfigError
 
 ENV_DIR = "HGA_METRICS_DIR"
 SNAPSHOT_EVERY_S = 1.0
@@ -55,6 +58,7 @@ class WorkerMetrics:
         self._last_snapshot = 0.0
         self._last_log = time.monotonic()
         self._logged: dict[str, float] = dict(self._host)
+        self._write_failed = False  # a failed snapshot write is logged once
 
     def add(self, name: str, value) -> None:
         if isinstance(value, torch.Tensor):
@@ -87,9 +91,26 @@ class WorkerMetrics:
             return
         self._last_snapshot = now
         totals = self.totals()
-        write_snapshot(totals)
+        try:
+            write_snapshot(totals)
+        except OSError as e:  # a full or vanished metrics directory must not stop serving
+            self._log_write_failure(e)
         if now - self._last_log >= LOG_EVERY_S:
             self._log(totals, now)
+
+    def _log_write_failure(self, error: OSError) -> None:
+        if self._write_failed:
+            return
+        self._write_failed = True
+        from vllm.logger import init_logger
+
+        init_logger("vllm.hga").warning(
+            "HGA: cannot write the metrics snapshot into %s=%s (%s); serving goes on, "
+            "/metrics keeps the last snapshot (logged once)",
+            ENV_DIR,
+            os.environ.get(ENV_DIR),
+            error.strerror or error,
+        )
 
     def _log(self, totals: dict[str, float], now: float) -> None:
         from vllm.logger import init_logger
@@ -133,16 +154,51 @@ def write_snapshot(totals: dict[str, float]) -> None:
 def read_snapshots(directory: str) -> dict[str, float]:
     """Sum of all workers' latest snapshots: one file per worker process, so with tensor
     or pipeline parallelism every rank's counters add up (each rank counts its own KV
-    heads and layers; ``steps`` counts rank-steps)."""
+    heads and layers; ``steps`` counts rank-steps).  A malformed one is skipped with a
+    warning."""
     total = {k: 0.0 for k in SERIES}
     for path in Path(directory).glob("worker-*.json"):
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
+            text = path.read_text()
+        except OSError:  # a worker replaced or removed it meanwhile
+            continue
+        values = parse_snapshot(text)
+        if values is None:
+            _warn_malformed(path)
             continue
         for k in total:
-            total[k] += float(data.get(k, 0.0))
+            total[k] += values.get(k, 0.0)
     return total
+
+
+def parse_snapshot(text: str) -> dict[str, float] | None:
+    """A snapshot's series, or None unless it is a JSON object of finite numbers."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    values = {k: data[k] for k in SERIES if k in data}
+    ok = all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in values.values()
+    )
+    return {k: float(v) for k, v in values.items()} if ok else None
+
+
+_warned_paths: set[str] = set()
+
+
+def _warn_malformed(path: Path) -> None:
+    if str(path) in _warned_paths:  # a scrape every few seconds: say it once per file
+        return
+    _warned_paths.add(str(path))
+    from vllm.logger import init_logger
+
+    init_logger("vllm.hga").warning(
+        "HGA: skipping malformed metrics snapshot %s (not a JSON object of numbers)", path
+    )
 
 
 class _Collector:
@@ -178,13 +234,36 @@ def carry_to_ray_workers(name: str) -> None:
         os.environ[RAY_CARRY] = ",".join([*names, name])
 
 
+def check_metrics_dir(directory: str) -> None:
+    """$HGA_METRICS_DIR, when the user sets it, must be a writable directory: refused at
+    start-up, not found out by the first snapshot write."""
+    fix = f"Create it or make it writable, or unset {ENV_DIR} (HGA then makes a private one)."
+    if not os.path.isdir(directory):
+        raise HGAConfigError(f"hga: {ENV_DIR}={directory!r} is not a directory. {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise HGAConfigError(
+            f"hga: {ENV_DIR}={directory!r} is not writable ({e.strerror}). {fix}"
+        ) from None
+
+
 def setup_in_api_process() -> None:
     """Called once at start-up in the process that serves /metrics (before spawning)."""
     global _registered
     if _registered:
         return
-    if not os.environ.get(ENV_DIR):
-        os.environ[ENV_DIR] = tempfile.mkdtemp(prefix="vllm-hga-metrics-")
+    if os.environ.get(ENV_DIR):
+        check_metrics_dir(os.environ[ENV_DIR])
+    else:
+        try:
+            os.environ[ENV_DIR] = tempfile.mkdtemp(prefix="vllm-hga-metrics-")
+        except OSError as e:
+            raise HGAConfigError(
+                f"hga: cannot make a metrics directory in {tempfile.gettempdir()} "
+                f"({e.strerror}); set {ENV_DIR} to a writable directory"
+            ) from None
     carry_to_ray_workers(ENV_DIR)
     try:
         from prometheus_client import REGISTRY

@@ -33,6 +33,35 @@ class HGAPlatformMixin:
         )
 
 
+class HGAGuardMixin:
+    """``VLLM_HGA_PLATFORM=0`` on CPU: vLLM's platform exactly, except that selecting HGA
+    is refused (the CPU platform would ignore it and serve its own attention)."""
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        super().check_and_update_config(vllm_config)  # type: ignore[misc]
+        from .config import HGAConfigError
+        from .platform_hook import HOOK_OFF_REASON
+        from .startup import is_hga_selected
+
+        if is_hga_selected(vllm_config):
+            raise HGAConfigError(f"HGA cannot serve this configuration: {HOOK_OFF_REASON}")
+
+
+def is_hga_platform(platform) -> bool:
+    """Whether `platform` (vLLM's current_platform) runs HGA's start-up checks."""
+    return isinstance(platform, HGAPlatformMixin)
+
+
+def _guard_cpu_platform():
+    from vllm.platforms.cpu import CpuPlatform
+
+    class HGAGuardCpuPlatform(HGAGuardMixin, CpuPlatform):
+        pass
+
+    return HGAGuardCpuPlatform
+
+
 def _cpu_platform():
     from vllm.platforms.cpu import CpuPlatform
 
@@ -57,6 +86,8 @@ def __getattr__(name: str):
         cls = _cpu_platform()
     elif name == "HGACudaPlatform":
         cls = _cuda_platform()
+    elif name == "HGAGuardCpuPlatform":
+        cls = _guard_cpu_platform()
     else:
         raise AttributeError(name)
     cls.__module__ = __name__

@@ -336,6 +336,31 @@ def unsupported_tiers(cfg: HGAConfig, device_type: str) -> list[str]:
     return []
 
 
+def unsupported_on_device(cfg: HGAConfig, device_type: str, head_size: int) -> list[str]:
+    """What the CUDA kernels were not built for, refused at start-up on CUDA: the routing
+    kernels would raise at the first decode step, in the middle of serving."""
+    if device_type != "cuda":
+        return []
+    from .ops.cuda_ops import HEAD_SIZES, MAX_TOPK_CHUNKS
+
+    reasons = []
+    if cfg.topk_chunks > MAX_TOPK_CHUNKS:
+        preset = f" (preset {cfg.preset!r})" if cfg.preset else ""
+        reasons.append(
+            f"topk_chunks={cfg.topk_chunks}{preset} is above {MAX_TOPK_CHUNKS}, the most "
+            "chunks the CUDA routing kernels keep per query head (csrc/routing.cu "
+            f"kMaxTopkChunks). Set topk_chunks <= {MAX_TOPK_CHUNKS} (the preset 'full' "
+            "is for CPU correctness checks)."
+        )
+    if head_size not in HEAD_SIZES:
+        reasons.append(
+            f"the model's head size is {head_size}; the CUDA kernels are built for head "
+            f"sizes {list(HEAD_SIZES)} (csrc/hga_common.cuh HGA_DISPATCH_HEAD). Serve "
+            "this model with another attention backend."
+        )
+    return reasons
+
+
 def configure_engine(vllm_config) -> HGAConfig | None:
     """Validate and size an engine that selected HGA.  No-op for other backends."""
     if not is_hga_selected(vllm_config):
@@ -352,6 +377,7 @@ def configure_engine(vllm_config) -> HGAConfig | None:
         )
     device_type = str(getattr(vllm_config.device_config, "device_type", "cpu") or "cpu")
     reasons += unsupported_tiers(cfg, device_type)
+    reasons += unsupported_on_device(cfg, device_type, vllm_config.model_config.get_head_size())
     if reasons:
         raise HGAConfigError("HGA cannot serve this configuration:\n  - " + "\n  - ".join(reasons))
     cache = vllm_config.cache_config

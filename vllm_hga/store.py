@@ -19,6 +19,8 @@
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 
 import torch
@@ -179,11 +181,16 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 
 def map_file(directory: str, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A tensor backed by a new, preallocated, already-unlinked file in `directory`."""
+    """A tensor backed by a new, preallocated, already-unlinked file in `directory`.
+
+    disk_dir may be shared with other users, so the file is created exclusively (a name
+    that already exists, a symlink included, is refused, never followed), mode 0600, and
+    mapped through the descriptor that created it: the name is never opened again, so a
+    symlink swapped in after the creation cannot make us map someone else's file."""
     nbytes = _nbytes(shape, dtype)
-    numel = nbytes // torch.empty((), dtype=dtype).element_size()
     path = os.path.join(directory, f"vllm-hga-{os.getpid()}-{name.replace('/', '_')}.kv")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = _create_exclusive(path)
+    created = os.fstat(fd)
     try:
         try:
             os.posix_fallocate(fd, 0, nbytes)
@@ -194,8 +201,42 @@ def map_file(directory: str, name: str, shape: tuple[int, ...], dtype: torch.dty
                 f"{directory} for the NVMe tier ({e.strerror}); free space or "
                 "lower disk_kv_bytes",
             ) from None
-        tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+        mapping = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
-        os.close(fd)
-        os.unlink(path)  # the mapping keeps the data; the name goes now
-    return tensor.view(shape)
+        os.close(fd)  # a mapping keeps the file open
+        ours = _unlink_if_ours(path, created)
+    if not ours:
+        raise OSError(
+            errno.EEXIST,
+            f"hga: {path} was replaced while the NVMe tier created it (another process "
+            "writes in disk_dir); give disk_dir a directory only the server's user can write",
+        )
+    # the tensor holds the mapping: it is unmapped when the last view of it goes
+    return torch.frombuffer(mapping, dtype=dtype).view(shape)
+
+
+def _create_exclusive(path: str) -> int:
+    """A new file at `path`, mode 0600; an existing name (a symlink too) is refused."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise OSError(
+            errno.EEXIST,
+            f"hga: {path} already exists (a file or symlink that is not ours); the NVMe "
+            "tier only maps files it creates. Remove it, or give disk_dir a directory "
+            "only the server's user can write",
+        ) from None
+
+
+def _unlink_if_ours(path: str, created: os.stat_result) -> bool:
+    """Unlink the name if it is still the file we created (the mapping keeps the data);
+    False, touching nothing, if another entry took its place."""
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if (now.st_dev, now.st_ino) != (created.st_dev, created.st_ino):
+        return False
+    os.unlink(path)
+    return True
