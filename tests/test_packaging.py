@@ -110,3 +110,23 @@ def test_installed_wheel_loads_its_presets(wheel, tmp_path):
     ).stdout.split()
     assert Path(out[0]).resolve().is_relative_to(site.resolve()), out[0]
     assert out[1] == "20"  # the paper's K_c, read from the installed paper.yaml
+
+
+def test_source_tree_entry_points_match_setup(tmp_path):
+    """scripts/register_entry_points.sh (the GPU machine runs from a source tree) declares
+    exactly the plugins setup.py installs, so vLLM finds HGA the same way."""
+    import ast
+    from importlib.metadata import distributions
+
+    subprocess.run(
+        ["bash", str(ROOT / "scripts/register_entry_points.sh"), str(tmp_path)], check=True
+    )
+    (dist,) = [d for d in distributions(path=[str(tmp_path)]) if d.metadata["Name"] == "vllm_hga"]
+    got = {(ep.group, f"{ep.name} = {ep.value}") for ep in dist.entry_points}
+    call = next(
+        n
+        for n in ast.walk(ast.parse((ROOT / "setup.py").read_text()))
+        if isinstance(n, ast.keyword) and n.arg == "entry_points"
+    )
+    want = {(group, ep) for group, eps in ast.literal_eval(call.value).items() for ep in eps}
+    assert got == want
