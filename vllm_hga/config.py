@@ -51,6 +51,23 @@ class HGAConfigError(ValueError):
     """A configuration HGA cannot run with. The message says why and what to do."""
 
 
+def require_writable_dir(directory: str, label: str, fix: str, missing: str) -> None:
+    """Refuse (HGAConfigError "hga: <label><dir> <missing>. <fix>") a directory that does
+    not exist or that this process cannot create files in: found at start-up, not by the
+    first write."""
+    import tempfile
+
+    if not os.path.isdir(directory):
+        raise HGAConfigError(f"hga: {label}{directory!r} {missing}. {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise HGAConfigError(
+            f"hga: {label}{directory!r} is not writable ({e.strerror}). {fix}"
+        ) from None
+
+
 @dataclass(frozen=True)
 class HGAConfig:
     # Budgets (names follow the paper: F, L, K_c, K_g).

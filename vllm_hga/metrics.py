@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .config import HGAConfigError
+from .config import HGAConfigError, require_writable_dir
 
 ENV_DIR = "HGA_METRICS_DIR"
 SNAPSHOT_EVERY_S = 1.0
@@ -238,15 +238,7 @@ def check_metrics_dir(directory: str) -> None:
     """$HGA_METRICS_DIR, when the user sets it, must be a writable directory: refused at
     start-up, not found out by the first snapshot write."""
     fix = f"Create it or make it writable, or unset {ENV_DIR} (HGA then makes a private one)."
-    if not os.path.isdir(directory):
-        raise HGAConfigError(f"hga: {ENV_DIR}={directory!r} is not a directory. {fix}")
-    try:
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as e:
-        raise HGAConfigError(
-            f"hga: {ENV_DIR}={directory!r} is not writable ({e.strerror}). {fix}"
-        ) from None
+    require_writable_dir(directory, f"{ENV_DIR}=", fix, "is not a directory")
 
 
 def setup_in_api_process() -> None:

@@ -8,6 +8,8 @@ They behave exactly like the built-in platform unless HGA is selected.  Then the
 
 from __future__ import annotations
 
+from ._lazy import build_subclass
+
 
 class HGAPlatformMixin:
     @classmethod
@@ -53,44 +55,12 @@ def is_hga_platform(platform) -> bool:
     return isinstance(platform, HGAPlatformMixin)
 
 
-def _guard_cpu_platform():
-    from vllm.platforms.cpu import CpuPlatform
-
-    class HGAGuardCpuPlatform(HGAGuardMixin, CpuPlatform):
-        pass
-
-    return HGAGuardCpuPlatform
-
-
-def _cpu_platform():
-    from vllm.platforms.cpu import CpuPlatform
-
-    class HGACpuPlatform(HGAPlatformMixin, CpuPlatform):
-        pass
-
-    return HGACpuPlatform
-
-
-def _cuda_platform():
-    from vllm.platforms.cuda import CudaPlatform
-
-    class HGACudaPlatform(HGAPlatformMixin, CudaPlatform):
-        pass
-
-    return HGACudaPlatform
+_PLATFORMS = {
+    "HGACpuPlatform": (HGAPlatformMixin, "vllm.platforms.cpu", "CpuPlatform"),
+    "HGACudaPlatform": (HGAPlatformMixin, "vllm.platforms.cuda", "CudaPlatform"),
+    "HGAGuardCpuPlatform": (HGAGuardMixin, "vllm.platforms.cpu", "CpuPlatform"),
+}
 
 
 def __getattr__(name: str):
-    # Built lazily: importing vllm.platforms.cuda on a CPU build (or vice versa) fails.
-    if name == "HGACpuPlatform":
-        cls = _cpu_platform()
-    elif name == "HGACudaPlatform":
-        cls = _cuda_platform()
-    elif name == "HGAGuardCpuPlatform":
-        cls = _guard_cpu_platform()
-    else:
-        raise AttributeError(name)
-    cls.__module__ = __name__
-    cls.__qualname__ = name
-    globals()[name] = cls
-    return cls
+    return build_subclass(globals(), name, _PLATFORMS)

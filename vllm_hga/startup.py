@@ -6,12 +6,11 @@ weights load: a request must never be the first to find out.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from vllm.logger import init_logger
 
-from .config import CHUNK_SIZE, HGAConfig, HGAConfigError
+from .config import CHUNK_SIZE, HGAConfig, HGAConfigError, require_writable_dir
 
 logger = init_logger("vllm.hga")  # under "vllm" so vLLM's log handler prints it
 
@@ -287,21 +286,12 @@ def _capacity_once(vllm_config, cfg: HGAConfig) -> tuple[Capacity, bool]:
 def check_disk_dir(directory: str, budget: int) -> None:
     """The NVMe tier's directory must exist, be writable and have room for the budget."""
     import shutil
-    import tempfile
 
     fix = (
         'Set --additional-config \'{"hga": {"disk_dir": "/path/on/nvme", '
         '"disk_kv_bytes": "64GiB"}}\' to a writable directory with room.'
     )
-    if not os.path.isdir(directory):
-        raise HGAConfigError(f"hga: disk_dir {directory!r} does not exist. {fix}")
-    try:
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as e:
-        raise HGAConfigError(
-            f"hga: disk_dir {directory!r} is not writable ({e.strerror}). {fix}"
-        ) from None
+    require_writable_dir(directory, "disk_dir ", fix, "does not exist")
     free = shutil.disk_usage(directory).free
     if free < budget:
         raise HGAConfigError(

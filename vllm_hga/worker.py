@@ -14,6 +14,8 @@ HGA is selected (``startup.install_hga_worker``); they are plain vLLM workers ot
 
 from __future__ import annotations
 
+from ._lazy import build_subclass
+
 
 class HGAWorkerMixin:
     def determine_available_memory(self) -> int:
@@ -51,33 +53,11 @@ class HGAWorkerMixin:
         return {"rank": self.rank, **tiers.nbytes(), **tiers.metrics.totals()}  # type: ignore[attr-defined]
 
 
-def _cpu_worker():
-    from vllm.v1.worker.cpu_worker import CPUWorker
-
-    class HGACpuWorker(HGAWorkerMixin, CPUWorker):
-        pass
-
-    return HGACpuWorker
-
-
-def _cuda_worker():
-    from vllm.v1.worker.gpu_worker import Worker
-
-    class HGACudaWorker(HGAWorkerMixin, Worker):
-        pass
-
-    return HGACudaWorker
+_WORKERS = {
+    "HGACpuWorker": (HGAWorkerMixin, "vllm.v1.worker.cpu_worker", "CPUWorker"),
+    "HGACudaWorker": (HGAWorkerMixin, "vllm.v1.worker.gpu_worker", "Worker"),
+}
 
 
 def __getattr__(name: str):
-    # Built lazily: importing the CUDA worker on a CPU build (or vice versa) fails.
-    if name == "HGACpuWorker":
-        cls = _cpu_worker()
-    elif name == "HGACudaWorker":
-        cls = _cuda_worker()
-    else:
-        raise AttributeError(name)
-    cls.__module__ = __name__
-    cls.__qualname__ = name
-    globals()[name] = cls
-    return cls
+    return build_subclass(globals(), name, _WORKERS)
