@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 
 import pytest
 
@@ -40,17 +41,36 @@ def test_failed_snapshot_write_is_logged_once(tmp_path, monkeypatch, warnings_of
     assert row("metrics-write-fails").answer.startswith("logged once")
 
 
-def test_malformed_snapshot_is_skipped(tmp_path, warnings_of_hga):
+@pytest.fixture
+def live_pids():
+    """Pids of running processes (snapshots of dead workers are skipped, not parsed)."""
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(4)]
+    yield [os.getpid()] + [p.pid for p in procs]
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_malformed_snapshot_is_skipped(tmp_path, warnings_of_hga, live_pids):
     good = {k: 1.0 for k in SERIES}
-    (tmp_path / "worker-1.json").write_text(json.dumps(good))
-    (tmp_path / "worker-2.json").write_text('{"steps": "many"}')
-    (tmp_path / "worker-3.json").write_text("[1, 2]")
-    (tmp_path / "worker-4.json").write_text('{"steps": 1')  # half written
-    (tmp_path / "worker-5.json").write_text('{"steps": NaN}')
+    texts = [json.dumps(good), '{"steps": "many"}', "[1, 2]", '{"steps": 1', '{"steps": NaN}']
+    for pid, text in zip(live_pids, texts):  # the last three: wrong type, half written, NaN
+        (tmp_path / f"worker-{pid}.json").write_text(text)
     for _ in range(2):  # one warning per file, not per scrape
         assert read_snapshots(str(tmp_path)) == good
     skipped = [m for m in warnings_of_hga() if "malformed" in m]
-    assert len(skipped) == 4 and all("worker-1" not in m for m in skipped)
+    assert len(skipped) == 4 and all(f"worker-{live_pids[0]}" not in m for m in skipped)
+
+
+def test_snapshots_of_dead_workers_are_not_counted(tmp_path):
+    """A server killed with SIGKILL leaves its workers' files; the restarted server on
+    the same directory counts only its own."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    one = {k: 1.0 for k in SERIES}
+    (tmp_path / f"worker-{dead.pid}.json").write_text(json.dumps(one))
+    (tmp_path / f"worker-{os.getpid()}.json").write_text(json.dumps(one))
+    assert read_snapshots(str(tmp_path)) == one
 
 
 def test_unusable_metrics_dir_is_refused_at_start_up(tmp_path, monkeypatch):

@@ -155,9 +155,12 @@ def read_snapshots(directory: str) -> dict[str, float]:
     """Sum of all workers' latest snapshots: one file per worker process, so with tensor
     or pipeline parallelism every rank's counters add up (each rank counts its own KV
     heads and layers; ``steps`` counts rank-steps).  A malformed one is skipped with a
-    warning."""
+    warning; so is the file of a worker that no longer runs (a server killed with SIGKILL
+    and restarted on the same directory must not count its dead workers' pools)."""
     total = {k: 0.0 for k in SERIES}
     for path in Path(directory).glob("worker-*.json"):
+        if not _writer_alive(path):
+            continue
         try:
             text = path.read_text()
         except OSError:  # a worker replaced or removed it meanwhile
@@ -169,6 +172,20 @@ def read_snapshots(directory: str) -> dict[str, float]:
         for k in total:
             total[k] += values.get(k, 0.0)
     return total
+
+
+def _writer_alive(path: Path) -> bool:
+    """Whether the worker process that writes `path` (worker-<pid>.json) still exists."""
+    pid = path.stem.removeprefix("worker-")
+    if not pid.isdigit():
+        return True  # not ours to judge: parsed (and warned about) like any snapshot
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def parse_snapshot(text: str) -> dict[str, float] | None:
