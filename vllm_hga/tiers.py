@@ -23,8 +23,9 @@ from .store import HostKVPool, _nbytes
 
 
 class EngineTiers:
-    """Allocates each tier once per layer (the first bind), reuses it after, frees all of
-    it in ``shutdown``.  Any use after shutdown raises."""
+    """Allocates each tier once per layer (host pools at start-up, ``reserve_pools``;
+    banks and scratch on the first bind), reuses it after, frees all of it in
+    ``shutdown``.  Any use after shutdown raises."""
 
     def __init__(self, cfg: HGAConfig, budget_bytes: int | None = None) -> None:
         """`budget_bytes`: this rank's pool budget from the start-up plan (default: the
