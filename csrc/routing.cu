@@ -178,10 +178,8 @@ __device__ __forceinline__ void store_ok(uint8_t* dst, int64_t gid, bool ok, int
   *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-constexpr int kRouteGroupThreads = 256;  // the merge of step 1; one warp does the rest
-
 template <typename T, int D>
-__global__ void __launch_bounds__(kRouteGroupThreads)
+__global__ void __launch_bounds__(32)
     route_groups_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
                         const int64_t* __restrict__ pos, const int* __restrict__ bt, int64_t bt_sr,
                         const float* __restrict__ summ, int64_t s_sb, int64_t s_sh, int64_t s_sr,
@@ -204,13 +202,12 @@ __global__ void __launch_bounds__(kRouteGroupThreads)
   const int item = blockIdx.x;  // r * Hq + h
   const int r = item / Hq, h = item % Hq;
   const int kvh = h / (Hq / Hkv);
-  const int tid = threadIdx.x, lane = tid % 32;
+  const int lane = threadIdx.x;
   const int64_t p = pos[r], c = p / kChunk;
   const int* btr = bt + r * bt_sr;
   const int nfix = (sinks + local + 1) * kGroups;
   const int64_t out = int64_t(item) * Gt;
   if (p < 0) {  // a padded row of a CUDA-graph batch: an empty list (attention gives 0)
-    if (tid >= 32) return;
     for (int i = lane; i < Gt; i += 32) {
       rows[out + i] = (int64_t(btr[0]) * Hkv + kvh) * 2 * kGroups;  // vLLM's null block
       gid_out[out + i] = 0;
@@ -219,49 +216,36 @@ __global__ void __launch_bounds__(kRouteGroupThreads)
     return;
   }
 
-  __shared__ int n_valid;
-  if (tid == 0) n_valid = 0;
-  for (int e = tid; e < n_cand; e += kRouteGroupThreads) {
+  for (int e = lane; e < n_cand; e += 32) {
     cs[e] = cand_s[int64_t(item) * n_cand + e];
     ci[e] = cand_i[int64_t(item) * n_cand + e];
   }
-  __syncthreads();
+  __syncwarp();
 
-  // 1. merge the slices' candidates into the top-K_c chunks.  Each slice's list comes best
-  // first (`better` order, index -1 padding last), so a candidate's place overall is its
-  // place in its slice plus, per other slice, how many of that slice's entries beat it:
-  // a binary search each, no serial rounds.
-  int valid = 0;
-  for (int e = tid; e < n_cand; e += kRouteGroupThreads) {
-    const int j = ci[e];
-    if (j < 0) continue;
-    ++valid;
-    const float v = cs[e];
-    const int own = e / Kc;
-    int place = e % Kc;
-    for (int s2 = 0; s2 < n_cand / Kc && place < Kc; ++s2) {  // Kc >= 1 (config)
-      if (s2 == own) continue;
-      const int base = s2 * Kc;
-      int a = 0, b = Kc;  // entries [0, a) beat (v, j), [b, Kc) do not
-      while (a < b) {
-        const int mid = (a + b) / 2;
-        const int j2 = ci[base + mid];
-        if (j2 >= 0 && better(cs[base + mid], j2, v, j))
-          a = mid + 1;
-        else
-          b = mid;
+  // 1. merge the slices' candidates into the top-K_c chunks
+  int nk = 0;
+  for (int k = 0; k < Kc; ++k) {
+    float best = -INFINITY;
+    int bj = INT_MAX, be = -1;
+    for (int e = lane; e < n_cand; e += 32) {
+      const int j = ci[e];
+      if (j >= 0 && better(cs[e], j, best, bj)) {
+        best = cs[e];
+        bj = j;
+        be = e;
       }
-      place += a;
     }
-    if (place < Kc) {
-      kept[place] = j;
-      kept_e[place] = e;
+    warp_argmax(best, bj, be);
+    if (bj == INT_MAX) break;
+    if (lane == 0) {
+      kept[nk] = bj;
+      kept_e[nk] = be;
+      cs[be] = NAN;
     }
+    ++nk;
+    __syncwarp();
   }
-  if (valid) atomicAdd(&n_valid, valid);
-  __syncthreads();
-  if (tid >= 32) return;
-  const int nk = min(Kc, n_valid);
+  __syncwarp();
 
   // 2. group scores inside the kept chunks (8 lanes per group row, 16 rows in flight)
   for (int k = lane; k < nk; k += 32) kept_blk[k] = btr[kept[k]];
@@ -512,7 +496,7 @@ void route_groups(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
       if (smem > 48 * 1024)
         C10_CUDA_CHECK(
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-      kernel<<<a.R * a.Hq, kRouteGroupThreads, smem, stream>>>(
+      kernel<<<a.R * a.Hq, 32, smem, stream>>>(
           reinterpret_cast<const scalar_t*>(q.data_ptr()), a.q_sr, a.q_sh, pos.data_ptr<int64_t>(),
           bt.data_ptr<int>(), a.bt_sr, summ.data_ptr<float>(), a.s_sb, a.s_sh, a.s_sr,
           n_cand ? cand_score.data_ptr<float>() : nullptr,

@@ -25,8 +25,7 @@ namespace hga {
 namespace {
 
 constexpr int kSketchWarps = 8;
-constexpr int kMaxTopk = 64;   // routing.cu kMaxTopkChunks
-constexpr int kMaxSplit = 64;  // chunks per slice: two per lane in the slice top-k
+constexpr int kMaxTopk = 64;  // routing.cu kMaxTopkChunks
 constexpr float kF16Max = 65504.f;
 constexpr float kLevels = 3.f;  // 2-bit codes 0..3
 
@@ -249,7 +248,8 @@ __device__ __forceinline__ void sketch_chunk_scores_cuda_cores(
 // column and C columns are heads; C row g holds heads 2c, 2c+1.
 __device__ __forceinline__ void mma_bf16_16816(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0,
                                                uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -272,39 +272,14 @@ __device__ __forceinline__ void split_bf16x2(float a, float b, uint32_t& hi, uin
   lo = *reinterpret_cast<const uint32_t*>(&l);
 }
 
-// Groups whose code words a warp loads before it decodes the chunk's grid: all four where
-// the registers allow (their loads overlap the grid's), one at a time for D = 256.
-template <int D>
-constexpr int kCodesAhead = D <= 128 ? kGroups : 1;
-
-// The code words of keys g and g + 8 of group m (a lane's A rows).
-template <int D>
-__device__ __forceinline__ void load_group_codes(const float* page, int64_t s_sr, int m, int g,
-                                                 uint32_t (&wk)[2][D / 16]) {
-  constexpr int kW = D / 16;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const uint4* src =
-        reinterpret_cast<const uint4*>(page + (1 + m) * s_sr) + (g + 8 * half) * (kW / 4);
-#pragma unroll
-    for (int v = 0; v < kW / 4; ++v) {
-      const uint4 u = src[v];
-      wk[half][4 * v] = u.x;
-      wk[half][4 * v + 1] = u.y;
-      wk[half][4 * v + 2] = u.z;
-      wk[half][4 * v + 3] = u.w;
-    }
-  }
-}
-
 // Group scores of one sketch chunk for heads h0..h0+7 (q_s rows of stride D + 4, zero
 // past the KV head's heads): gm[m][e] is head h0 + 2c + e's score of group m, valid in
-// every lane (lanes of equal c agree).  ahead: the first kCodesAhead groups' code words.
+// every lane (lanes of equal c agree).
 template <int D>
-__device__ __forceinline__ void sketch_chunk_scores_tc(
-    const float* page, int64_t s_sr, const uint32_t (&ahead)[kCodesAhead<D>][2][D / 16],
-    const float* lo_s, const float* step_s, const float* q_s, int h0, int lane,
-    float (&gm)[kGroups][2]) {
+__device__ __forceinline__ void sketch_chunk_scores_tc(const float* page, int64_t s_sr,
+                                                       const float* lo_s, const float* step_s,
+                                                       const float* q_s, int h0, int lane,
+                                                       float (&gm)[kGroups][2]) {
   constexpr int kW = D / 16;  // code words per key
   const int g = lane / 4, c = lane % 4;
   const float* qrow = q_s + (h0 + g) * (D + 4);
@@ -330,13 +305,18 @@ __device__ __forceinline__ void sketch_chunk_scores_tc(
 #pragma unroll
   for (int m = 0; m < kGroups; ++m) {
     uint32_t wk[2][kW];  // code words of keys g and g + 8 of group m
-    if (m < kCodesAhead<D>) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half)
+    for (int half = 0; half < 2; ++half) {
+      const uint4* src =
+          reinterpret_cast<const uint4*>(page + (1 + m) * s_sr) + (g + 8 * half) * (kW / 4);
 #pragma unroll
-        for (int w = 0; w < kW; ++w) wk[half][w] = ahead[m < kCodesAhead<D> ? m : 0][half][w];
-    } else {
-      load_group_codes<D>(page, s_sr, m, g, wk);
+      for (int v = 0; v < kW / 4; ++v) {
+        const uint4 u = src[v];
+        wk[half][4 * v] = u.x;
+        wk[half][4 * v + 1] = u.y;
+        wk[half][4 * v + 2] = u.z;
+        wk[half][4 * v + 3] = u.w;
+      }
     }
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -408,18 +388,8 @@ __global__ void __launch_bounds__(kSketchWarps * 32)
 
   float* lo_s = grid_s + warp * 2 * D;
   float* step_s = lo_s + D;
-  // lane i holds the block of the warp's i-th chunk: no block-table load on the chain
-  // of a chunk's page loads (split_len <= kMaxSplit keeps them within 32 lanes)
-  const int my_j = warp + kSketchWarps * lane;
-  const int my_block = my_j < len ? bt[r * bt_sr + lo + my_j] : 0;
-  for (int j = warp, i = 0; j < len; j += kSketchWarps, ++i) {
-    const float* page = pages + int64_t(__shfl_sync(0xffffffffu, my_block, i)) * s_sb + kvh * s_sh;
-    uint32_t ahead[kCodesAhead<D>][2][D / 16];
-    if constexpr (kTensorCores) {  // issued before the grid's loads, in flight together
-#pragma unroll
-      for (int m = 0; m < kCodesAhead<D>; ++m)
-        load_group_codes<D>(page, s_sr, m, lane / 4, ahead[m]);
-    }
+  for (int j = warp; j < len; j += kSketchWarps) {
+    const float* page = pages + int64_t(bt[r * bt_sr + lo + j]) * s_sb + kvh * s_sh;
     // grid row: D words = 2D float16 (lo then step)
     const unsigned short* g16 = reinterpret_cast<const unsigned short*>(page);
     for (int e = lane; e < 2 * D; e += 32) lo_s[e] = half_bits_to_float(g16[e]);
@@ -429,7 +399,7 @@ __global__ void __launch_bounds__(kSketchWarps * 32)
       __syncwarp();
       for (int h0 = 0; h0 < rep; h0 += 8) {
         float gm[kGroups][2];
-        sketch_chunk_scores_tc<D>(page, s_sr, ahead, lo_s, step_s, q_s, h0, lane, gm);
+        sketch_chunk_scores_tc<D>(page, s_sr, lo_s, step_s, q_s, h0, lane, gm);
         if (lane < 4) {  // lane c writes heads h0 + 2c and h0 + 2c + 1
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
@@ -455,45 +425,22 @@ __global__ void __launch_bounds__(kSketchWarps * 32)
   }
   __syncthreads();
 
-  // Top-K_c of the slice per head, best first: an entry's place is the number of entries
-  // that beat it (score keys, NaN lowest, ties to the lower index: warp_take_best's order),
-  // two entries per lane and no serial rounds.
+  // Top-K_c of the slice per head: K_c rounds of warp argmax; taken entries become NaN.
   for (int h = warp; h < rep; h += kSketchWarps) {
-    const float* row = sc + h * split_len;
+    float* row = sc + h * split_len;
     const int64_t out = ((int64_t(r) * Hq + kvh * rep + h) * S + s) * Kc;
-    int place[2] = {0, 0};
-    unsigned key[2];
-    bool ok[2];
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      const int j = lane + 32 * t;
-      ok[t] = j < len && row[j] == row[j];
-      key[t] = ok[t] ? order_key(row[j]) : 0u;
-    }
-    for (int j2 = 0; j2 < len; ++j2) {
-      const unsigned k2 = order_key(row[j2]);
-#pragma unroll
-      for (int t = 0; t < 2; ++t) place[t] += k2 > key[t] || (k2 == key[t] && j2 < lane + 32 * t);
-    }
-    const int n_ok =
-        __popc(__ballot_sync(0xffffffffu, ok[0])) + __popc(__ballot_sync(0xffffffffu, ok[1]));
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      const int j = lane + 32 * t;
-      if (ok[t] && place[t] < Kc) {
-        const int64_t at = out + place[t];
-        cand_s[at] = row[j];
-        cand_i[at] = int(lo + j);
-#pragma unroll
-        for (int m = 0; m < kGroups; ++m)
-          cand_g[at * kGroups + m] = gsc[(int64_t(h) * split_len + j) * kGroups + m];
+    for (int kk = 0; kk < Kc; ++kk) {
+      float best;
+      int bj;
+      warp_take_best(row, len, lane, best, bj);
+      const bool found = bj != INT_MAX;
+      if (lane < kGroups)
+        cand_g[(out + kk) * kGroups + lane] =
+            found ? gsc[(int64_t(h) * split_len + bj) * kGroups + lane] : -INFINITY;
+      if (lane == 0) {
+        cand_s[out + kk] = found ? best : -INFINITY;
+        cand_i[out + kk] = found ? int(lo + bj) : -1;
       }
-    }
-    for (int kk = n_ok + lane; kk < Kc; kk += 32) {
-      cand_s[out + kk] = -INFINITY;
-      cand_i[out + kk] = -1;
-#pragma unroll
-      for (int m = 0; m < kGroups; ++m) cand_g[(out + kk) * kGroups + m] = -INFINITY;
     }
   }
 }
@@ -530,7 +477,7 @@ void route_chunks_sketch(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor
             "cand_group must be float32 [R, Hq, splits, K_c, 4]");
   if (R == 0 || S == 0 || Kc == 0) return;
   HGA_CHECK(Kc <= kMaxTopk, "topk_chunks above ", kMaxTopk, " not compiled");
-  HGA_CHECK(split_len >= 1 && split_len <= kMaxSplit, "split_len must be in 1..", kMaxSplit);
+  HGA_CHECK(split_len >= 1, "split_len must be positive");
   const int rep = Hq / Hkv;
   const bool tc = tensor_cores != 0;
   const size_t q_floats = tc ? size_t((rep + 7) / 8 * 8) * (D + 4) : size_t(rep) * D;

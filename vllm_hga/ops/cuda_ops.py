@@ -69,26 +69,17 @@ def _rot_tables(rot: torch_ops.SummaryRotation, device: torch.device, head_size:
     return cache[key]
 
 
-def _route_splits(n_pool: int, R: int, Hkv: int, rep: int, D: int, sms: int) -> tuple[int, int]:
+def _route_splits(
+    n_pool: int, R: int, Hkv: int, rep: int, D: int, sms: int, scores_per_chunk: int = 1
+) -> tuple[int, int]:
     """(splits, chunks per split) for route_chunks: ~4 blocks per SM, >= 128 chunks each
     (one unrolled pass of its warps); a slice's scores of all heads of the KV head must
-    fit in shared memory."""
+    fit in shared memory.  scores_per_chunk: floats kept per chunk and head (5 for
+    route_chunks_sketch: the chunk score and its 4 group scores)."""
     want = max(1, math.ceil(4 * sms / max(1, R * Hkv)))
     # two blocks per SM fit
-    max_len = max(128, (96 * 1024) // (4 * rep) - D)
+    max_len = max(128, ((96 * 1024) // (4 * rep) - D) // scores_per_chunk)
     split_len = min(max_len, max(128, math.ceil(n_pool / want)))
-    return math.ceil(n_pool / split_len), split_len
-
-
-# route_chunks_sketch ranks a slice's chunks two per lane (csrc/sketch.cu kMaxSplit)
-SKETCH_MAX_SPLIT = 64
-
-
-def _sketch_splits(n_pool: int, R: int, Hkv: int, sms: int) -> tuple[int, int]:
-    """(splits, chunks per split) for route_chunks_sketch: ~4 blocks per SM, 32..64 chunks
-    each (fewer candidates for route_groups to merge below 32)."""
-    want = max(1, math.ceil(4 * sms / max(1, R * Hkv)))
-    split_len = min(SKETCH_MAX_SPLIT, max(32, math.ceil(n_pool / want)))
     return math.ceil(n_pool / split_len), split_len
 
 
@@ -190,12 +181,11 @@ class CudaOps(torch_ops.TorchOps):
         pos = pos.to(torch.long).contiguous()
         n_pool = n_chunks - 1 - L - F  # pool chunks of the longest row: [F, c - L)
         sketch = cfg.group_score == "sketch"
-        if n_pool <= 0:
-            S, split_len = 0, 1
-        elif sketch:
-            S, split_len = _sketch_splits(n_pool, R, Hkv, _sms(q))
-        else:
-            S, split_len = _route_splits(n_pool, R, Hkv, Hq // Hkv, D, _sms(q))
+        S, split_len = (
+            (0, 1)
+            if n_pool <= 0
+            else _route_splits(n_pool, R, Hkv, Hq // Hkv, D, _sms(q), 1 + GROUPS if sketch else 1)
+        )
         cand_s = torch.empty(R, Hq, S, Kc, dtype=torch.float32, device=dev)
         cand_i = torch.empty(R, Hq, S, Kc, dtype=torch.int32, device=dev)
         # group_score "mean_std": row 0 of a page is the chunk's key variance; every group
