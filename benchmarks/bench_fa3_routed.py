@@ -29,7 +29,9 @@ import json
 
 import torch
 
-from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE, GROUPS
+from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE
+
+GROUPS = CHUNK_SIZE // GROUP_SIZE
 
 HQ, HKV, D = 32, 4, 128
 
@@ -94,8 +96,12 @@ def measure(S: int, R: int, flash_attn_varlen_func) -> dict:
     pool, layer, scale = b.pool, b.layer, D**-0.5
     rows, token_ok, _ = layer.decode_groups(b.q, b.summ, b.md)
     q = b.q
-    pages = pool.view(-1, GROUP_SIZE, 1, D)  # K page p = routed row p
-    v_pages = pool.view(-1)[GROUPS * GROUP_SIZE * D :].view(-1, GROUP_SIZE, 1, D)
+    # K page p = routed row p; V page p is 4 pages (a chunk's K) later.  FA3 wants K and V
+    # of equal page counts, so both views drop the flat pool's last 4 pages (the last
+    # block's V, never a K page).
+    flat, shift = pool.view(-1), GROUPS * GROUP_SIZE * D
+    pages = flat[: flat.numel() - shift].view(-1, GROUP_SIZE, 1, D)
+    v_pages = flat[shift:].view(-1, GROUP_SIZE, 1, D)
     ours_out = torch.empty(R, HQ, D, dtype=torch.float32, device="cuda")
 
     def ours():

@@ -2,7 +2,8 @@
 
 Qwen3-30B-A3B architecture (48 layers, 32 query / 4 KV heads, head_dim 128, 128 experts),
 dummy weights with online fp8 (as in the dense baseline notes), random token prompts.
-decode tok/s = batch * N / (t(N+1 tokens) - t(1 token)).
+One generation per (context, batch), stepped by hand (``measure``): prefill_s = until every
+request has its first token; decode tok/s = tokens made while the whole batch decodes.
 
     python -m benchmarks.gpu_e2e --out results.json --contexts 8192 32768
     python -m benchmarks.gpu_e2e --out r.json --backends HGA HGA+bank \
@@ -52,31 +53,48 @@ def model_dir() -> str:
     return d
 
 
-def measure(llm, ctx: int, batch: int, new: int) -> dict:
+def measure(llm, ctx: int, batch: int, new: int, vocab: int = 150000) -> dict:
+    """One generation of `batch` random prompts of `ctx` tokens, `new` tokens each, stepped
+    by hand so that one prefill gives both numbers: prefill_s = from submission until every
+    request has its first token; decode_tok_s = tokens made while the whole batch decodes
+    (from the last first token until the first request finishes) per second."""
     import random
 
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     rng = random.Random(ctx + batch)
-    prompts = [
-        TokensPrompt(prompt_token_ids=[rng.randrange(1000, 150000) for _ in range(ctx)])
-        for _ in range(batch)
-    ]
-
-    def run(n: int) -> float:
-        sp = SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True)
-        t = time.perf_counter()
-        llm.generate(prompts, sp, use_tqdm=False)
-        return time.perf_counter() - t
-
-    t1 = run(1)  # prefix caching is off, so the second run re-prefills too
-    tn = run(new + 1)
+    engine = llm.llm_engine
+    sp = SamplingParams(max_tokens=new + 1, min_tokens=new + 1, temperature=0.0, ignore_eos=True)
+    made = {}  # request id -> tokens so far
+    for i in range(batch):
+        ids = [rng.randrange(1000, vocab) for _ in range(ctx)]
+        engine.add_request(f"m{ctx}-{batch}-{i}", TokensPrompt(prompt_token_ids=ids), sp)
+        made[f"m{ctx}-{batch}-{i}"] = 0
+    t0 = time.perf_counter()
+    t_all_first = t_first_done = None
+    tokens_at_all_first = 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            made[o.request_id] = len(o.outputs[0].token_ids)
+        if t_all_first is None and min(made.values()) >= 1:
+            t_all_first, tokens_at_all_first = now, sum(made.values())
+        if t_first_done is None and any(o.finished for o in outs):
+            t_first_done, tokens_at_first_done = now, sum(made.values())
+    if t_first_done is None or t_first_done <= t_all_first:
+        raise RuntimeError(
+            f"batch {batch} at {ctx}: a request finished before the last one started "
+            f"decoding; raise --new"
+        )
+    decoded = tokens_at_first_done - tokens_at_all_first
     return {
         "context": ctx,
         "batch": batch,
-        "prefill_s": round(t1, 3),
-        "decode_tok_s": round(batch * new / (tn - t1), 2),
+        "prefill_s": round(t_all_first - t0, 3),
+        "decode_tok_s": round(decoded / (t_first_done - t_all_first), 2),
+        "decode_tokens": decoded,
     }
 
 
@@ -147,6 +165,13 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["FLASH_ATTN", "HGA"])
     ap.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768])
     ap.add_argument("--batches", nargs="+", type=int, default=[1])
+    ap.add_argument(
+        "--points",
+        nargs="+",
+        default=None,
+        metavar="CONTEXT:BATCH",
+        help="measure these (context, batch) pairs instead of every --contexts x --batches",
+    )
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--plot", help="PNG path: decode tok/s vs context, every backend in --out")
     ap.add_argument("--host-kv", default="16GiB")
@@ -165,6 +190,11 @@ def main() -> None:
         help="CUDA graph batch sizes (fewer = faster start-up, both backends)",
     )
     args = ap.parse_args()
+    points = (
+        [tuple(int(x) for x in p.split(":")) for p in args.points]
+        if args.points
+        else [(c, b) for c in args.contexts for b in args.batches]
+    )
     from vllm import LLM
 
     model = model_dir()
@@ -187,8 +217,8 @@ def main() -> None:
             quantization="fp8",
             skip_tokenizer_init=True,
             attention_backend=backend,
-            max_model_len=max(args.contexts) + args.new + 64,
-            max_num_seqs=max(max(args.batches), 16),
+            max_model_len=max(c for c, _ in points) + args.new + 64,
+            max_num_seqs=max(max(b for _, b in points), 16),
             gpu_memory_utilization=0.85,
             max_num_batched_tokens=16384,
             enable_prefix_caching=False,
@@ -196,18 +226,17 @@ def main() -> None:
             compilation_config={"cudagraph_capture_sizes": args.capture_sizes},
         )
         startup = time.perf_counter() - t
-        for ctx in args.contexts:
-            for batch in args.batches:
-                row = {
-                    "backend": name,
-                    "hga": extra.get("hga"),
-                    "startup_s": round(startup, 1),
-                    **measure(llm, ctx, batch, args.new),
-                }
-                results.append(row)
-                print("RESULT", json.dumps(row), flush=True)
-                with open(args.out, "w") as f:
-                    json.dump(results, f, indent=1)
+        for ctx, batch in points:
+            row = {
+                "backend": name,
+                "hga": extra.get("hga"),
+                "startup_s": round(startup, 1),
+                **measure(llm, ctx, batch, args.new),
+            }
+            results.append(row)
+            print("RESULT", json.dumps(row), flush=True)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
         llm.llm_engine.engine_core.shutdown()
         del llm
     print(ratio_table(results))

@@ -1,10 +1,11 @@
 """HGA vs dense attention on real long documents: per-token NLL (nats), the gap, density.
 
-Real vLLM engine (``--backend vllm``, the default): dense = vLLM's own CPU attention
-(``attention_backend="CPU_ATTN"``), HGA = our backend, on the same checkpoint, the same
-token ids, teacher forced (prompt log-probs).  ``--backend sim`` replays the same routing
-code on the same checkpoint under Hugging Face transformers (``research.analysis``); it is
-for budget sweeps and agrees with the engine (docs/QUALITY.md shows both on the default).
+Real vLLM engine (``--backend vllm``, the default): dense = vLLM's own attention
+(``CPU_ATTN`` on CPU, ``FLASH_ATTN`` on a GPU: ``evalcommon.dense_backend``), HGA = our
+backend, on the same checkpoint, the same token ids, teacher forced (prompt log-probs).
+``--backend sim`` replays the same routing code on the same checkpoint under Hugging Face
+transformers (``research.analysis``); it is for budget sweeps and agrees with the engine
+(docs/QUALITY.md shows both on the default).
 
 Context windows: each document is run once at ``--length`` tokens; the NLL of a shorter
 context W is that of its first W positions.  This is exact, not an approximation: dense
@@ -123,7 +124,7 @@ class Runner:
         return ec.doc_tokens(self.tok, doc, self.length)
 
     def nlls(self, hga: dict | None, docs: list[str]) -> dict[str, list[float]]:
-        backend = "HGA" if hga is not None else "CPU_ATTN"
+        backend = "HGA" if hga is not None else ec.dense_backend()
         key = ec.config_key(backend, hga, self.dtype) + sim_suffix(self.backend, self.device)
         got = {d: self.cache.get(key, d, self.length) for d in docs}
         todo = [d for d in docs if got[d] is None]

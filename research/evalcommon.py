@@ -26,6 +26,16 @@ def model_dir(dtype: str = "float32") -> str:
     return str(embedded_model_dir(dtype=dtype))
 
 
+def dense_backend() -> str:
+    """vLLM's own dense attention on this machine: FlashAttention 3 on a GPU, else CPU_ATTN.
+
+    Asks vLLM's platform (NVML), not torch.cuda: CUDA initialised in this process would
+    stop vLLM from forking its engine core."""
+    from vllm.platforms import current_platform
+
+    return "FLASH_ATTN" if current_platform.is_cuda() else "CPU_ATTN"
+
+
 def make_llm(
     backend: str,
     hga: dict | None = None,
@@ -33,7 +43,7 @@ def make_llm(
     max_model_len: int = MAX_LEN,
     **kw,
 ):
-    """One engine: backend "CPU_ATTN" (dense, vLLM's own CPU attention) or "HGA"."""
+    """One engine: backend dense_backend() (vLLM's own dense attention) or "HGA"."""
     from vllm import LLM
 
     extra = {"hga": dict(hga or {})} if backend == "HGA" else {}

@@ -265,7 +265,7 @@ def main() -> None:
             dump()
     else:
         if not args.skip_dense:
-            results["dense"] = run("CPU_ATTN", None, trials, args.dtype)
+            results["dense"] = run(ec.dense_backend(), None, trials, args.dtype)
             dump()
         for name, hga in ({} if args.dense_only else configs).items():
             results[name] = run("HGA", hga, trials, args.dtype)
