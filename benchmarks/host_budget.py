@@ -33,7 +33,7 @@ t = time.perf_counter()
 try:
     llm = LLM(**spec["llm"], additional_config={"hga": {"host_kv_bytes": spec["bytes"]}})
 except Exception as e:  # the refusal: report it, then leave as a user's script would
-    lines = [l for l in str(e).splitlines() if "hga" in l.lower()] or str(e).splitlines()
+    lines = [x for x in str(e).splitlines() if "hga" in x.lower()] or str(e).splitlines()
     print("REFUSED", json.dumps({"error": lines[0].strip()[:400],
           "at": time.time()}), flush=True)
     sys.exit(3)
@@ -105,7 +105,7 @@ def run_case(name: str, nbytes: int, timeout: int) -> dict:
     if "at" in row:
         row["exit_after_refusal_s"] = round(end - row.pop("at"), 1)
     if row.get("outcome") != "started":  # the cause is above the last line
-        row["log_tail"] = [l.rstrip()[-300:] for l in log if "Error" in l or "hga" in l][-12:]
+        row["log_tail"] = [x.rstrip()[-300:] for x in log if "Error" in x or "hga" in x][-12:]
     return row
 
 
