@@ -107,43 +107,34 @@ def measure(S: int, R: int, flash_attn_varlen_func) -> dict:
     def ours():
         layer.ops.attend_groups(q, pool, rows, token_ok, scale, b.n_shared, out=ours_out)
 
+    def routed_fa3(qx, cu, bt, used):  # one query token a row, its pages in bt
+        return flash_attn_varlen_func(
+            qx,
+            pages,
+            v_pages,
+            1,
+            cu,
+            bt.shape[1] * GROUP_SIZE,
+            seqused_k=used,
+            softmax_scale=scale,
+            causal=True,
+            block_table=bt,
+            fa_version=3,
+        )
+
     bt_h, used_h = ordered_pages(rows, token_ok)
     cu_h = torch.arange(R * HQ + 1, dtype=torch.int32, device="cuda")
     q_h = q.reshape(R * HQ, 1, D)
 
     def fa3_heads():
-        return flash_attn_varlen_func(
-            q_h,
-            pages,
-            v_pages,
-            1,
-            cu_h,
-            bt_h.shape[1] * GROUP_SIZE,
-            seqused_k=used_h,
-            softmax_scale=scale,
-            causal=True,
-            block_table=bt_h,
-            fa_version=3,
-        )
+        return routed_fa3(q_h, cu_h, bt_h, used_h)
 
     bt_u, used_u = union_pages(rows, token_ok)
     cu_u = torch.arange(R * HKV + 1, dtype=torch.int32, device="cuda")
     q_u = q.reshape(R * HKV, HQ // HKV, D)
 
     def fa3_union():
-        return flash_attn_varlen_func(
-            q_u,
-            pages,
-            v_pages,
-            1,
-            cu_u,
-            bt_u.shape[1] * GROUP_SIZE,
-            seqused_k=used_u,
-            softmax_scale=scale,
-            causal=True,
-            block_table=bt_u,
-            fa_version=3,
-        )
+        return routed_fa3(q_u, cu_u, bt_u, used_u)
 
     k_dense = pool[:, :, 0].permute(0, 2, 1, 3)  # [blocks, 64, H_kv, D], strided
     v_dense = pool[:, :, 1].permute(0, 2, 1, 3)
