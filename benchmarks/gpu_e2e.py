@@ -68,9 +68,9 @@ def measure(llm, ctx: int, batch: int, new: int, vocab: int = 150000) -> dict:
     sp = SamplingParams(max_tokens=new + 1, min_tokens=new + 1, temperature=0.0, ignore_eos=True)
     made = {}  # request id -> tokens so far
     for i in range(batch):
-        ids = [rng.randrange(1000, vocab) for _ in range(ctx)]
-        engine.add_request(f"m{ctx}-{batch}-{i}", TokensPrompt(prompt_token_ids=ids), sp)
-        made[f"m{ctx}-{batch}-{i}"] = 0
+        rid, ids = f"m{ctx}-{batch}-{i}", [rng.randrange(1000, vocab) for _ in range(ctx)]
+        engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), sp)
+        made[rid] = 0
     t0 = time.perf_counter()
     t_all_first = t_first_done = None
     tokens_at_all_first = 0

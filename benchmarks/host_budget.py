@@ -93,7 +93,7 @@ def run_case(name: str, nbytes: int, timeout: int) -> dict:
             if line.startswith(("STARTED ", "REFUSED ")):
                 row.update(json.loads(line.split(" ", 1)[1]))
                 row["outcome"] = line.split(" ", 1)[0].lower()
-            if "host K/V pool" in line and "capacity_line" not in row:
+            if "HGA: F=" in line and "capacity_line" not in row:  # the start-up line
                 row["capacity_line"] = line.strip()[-300:]
         p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

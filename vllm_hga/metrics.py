@@ -184,7 +184,7 @@ def _writer_alive(path: Path) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by another user
-        return True
+        pass
     return True
 
 
