@@ -119,11 +119,19 @@ def main() -> None:
     for S in args.contexts:
         bank_chunks = args.bank_chunks or -(-S // 64) + 8
         bank = {"bank_chunks": bank_chunks}
-        # (name, config, sketch routing on tensor cores)
-        step_configs = [(name, keys, True) for name, keys in CONFIGS.items()]
-        step_configs += [("default+bank", bank, True), ("default+bank/cuda_cores", bank, False)]
-        for name, keys, tensor_cores in step_configs:
-            cuda_ops.SKETCH_TENSOR_CORES = tensor_cores  # read at launch and at graph capture
+        # (name, config, cuda_ops switches: read at launch and at graph capture)
+        step_configs = [(name, keys, {}) for name, keys in CONFIGS.items()]
+        step_configs += [
+            ("default+bank", bank, {}),
+            ("default+bank/cuda_cores", bank, {"SKETCH_TENSOR_CORES": False}),
+            # the sliced top-k that prefill rows use, for decode rows (two-pass off)
+            ("default+bank/sliced", bank, {"SELECT_SCRATCH_BYTES": 0}),
+        ]
+        switch_names = ("SKETCH_TENSOR_CORES", "SELECT_SCRATCH_BYTES")
+        defaults = {k: getattr(cuda_ops, k) for k in switch_names}
+        for name, keys, switches in step_configs:
+            for k, v in {**defaults, **switches}.items():
+                setattr(cuda_ops, k, v)
             fns = forward_steps(
                 HGAConfig.from_mapping(keys), S, args.batch, max(args.max_model_len, S + 64)
             )
@@ -140,7 +148,8 @@ def main() -> None:
                 }
                 rows.append(row)
                 print("RESULT", json.dumps(row), flush=True)
-        cuda_ops.SKETCH_TENSOR_CORES = True
+        for k, v in defaults.items():
+            setattr(cuda_ops, k, v)
         for name, keys in CONFIGS.items():
             for bank_on in (False, True):
                 cfg = HGAConfig.from_mapping(keys)

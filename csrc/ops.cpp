@@ -41,6 +41,14 @@ TORCH_LIBRARY(vllm_hga, m) {
       " Tensor cand_idx, int n_chunks, int sink_chunks, int local_chunks, int sinks, int local,"
       " int spread, float alpha, Tensor(a!) rows, Tensor(a!) token_ok, Tensor(a!) gid,"
       " Tensor? cand_group=None) -> ()");
+  m.def(
+      "score_chunks_sketch(Tensor q, Tensor pos, Tensor block_table, Tensor pages,"
+      " int sink_chunks, int local_chunks, Tensor(a!) scores, Tensor(b!) group_scores,"
+      " int per_warp, int tensor_cores=1) -> ()");
+  m.def(
+      "route_select(Tensor pos, Tensor block_table, Tensor scores, Tensor group_scores,"
+      " int num_kv_heads, int n_chunks, int sink_chunks, int local_chunks, int sinks, int local,"
+      " int topk_chunks, Tensor(a!) rows, Tensor(b!) token_ok, Tensor(c!) gid) -> ()");
   m.def("sketch_pages(Tensor k, Tensor blocks_in, Tensor(a!) out, Tensor blocks_out) -> ()");
   m.def(
       "route_chunks_sketch(Tensor q, Tensor pos, Tensor block_table, Tensor pages,"

@@ -387,6 +387,207 @@ __global__ void __launch_bounds__(32)
   }
 }
 
+// Decode routing from every pool chunk's scores (score_chunks_sketch): block (request,
+// query head) finds the K_c-th best chunk score by a 4-pass radix select over order keys,
+// keeps the chunks above it and the lowest-index ties, then picks and writes the groups as
+// route_groups does.  Every step is a block-wide pass, none a serial round per kept entry.
+constexpr int kSelectThreads = 256;
+
+// Histogram of the digit at `shift` of the keys matching prefix under mask (warp-aggregated:
+// near-equal scores share their high digits, so most keys hit a few bins).
+__device__ __forceinline__ void digit_histogram(const unsigned* keys, int n, unsigned prefix,
+                                                unsigned mask, int shift, int* hist) {
+  for (int j0 = 0; j0 < n; j0 += kSelectThreads) {
+    const int j = j0 + threadIdx.x;
+    const unsigned key = j < n ? keys[j] : 0u;
+    const int digit = j < n && (key & mask) == prefix ? int((key >> shift) & 255u) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, digit);
+    if (digit >= 0 && (threadIdx.x % 32) == __ffs(peers) - 1)
+      atomicAdd(&hist[digit], __popc(peers));
+  }
+}
+
+// Block-wide exclusive prefix sum of v (kSelectThreads threads); total to every thread.
+__device__ __forceinline__ int block_exclusive_sum(int v, int* warp_sums, int& total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int t = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += t;
+  }
+  if (lane == 31) warp_sums[warp] = incl;
+  __syncthreads();
+  int base = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < kSelectThreads / 32; ++w) {
+    base += w < warp ? warp_sums[w] : 0;
+    total += warp_sums[w];
+  }
+  __syncthreads();  // warp_sums may be reused
+  return base + incl - v;
+}
+
+__global__ void __launch_bounds__(kSelectThreads)
+    route_select_kernel(const int64_t* __restrict__ pos, const int* __restrict__ bt, int64_t bt_sr,
+                        const float* __restrict__ sc, const float* __restrict__ gsc, int P, int Kc,
+                        int Hq, int Hkv, int n_chunks, int F, int L, int sinks, int local, int G,
+                        int Gt, int64_t* __restrict__ rows, uint8_t* __restrict__ token_ok,
+                        int64_t* __restrict__ gid_out) {
+  extern __shared__ unsigned keys[];  // [P] order keys of the row's chunk scores
+  __shared__ int hist[256];
+  __shared__ int kept[kMaxTopkChunks];
+  __shared__ float gs[kGroups * kMaxTopkChunks];
+  __shared__ int gids[kGroups * kMaxTopkChunks];
+  __shared__ int sel[kGroups * kMaxTopkChunks];
+  __shared__ int warp_sums[kSelectThreads / 32];
+  __shared__ unsigned s_prefix;
+  __shared__ int s_need, s_nk;
+
+  const int item = blockIdx.x;  // r * Hq + h
+  const int r = item / Hq, h = item % Hq;
+  const int kvh = h / (Hq / Hkv);
+  const int tid = threadIdx.x, T = kSelectThreads;
+  const int64_t p = pos[r];
+  const int* btr = bt + r * bt_sr;
+  const int nfix = (sinks + local + 1) * kGroups;
+  const int64_t out = int64_t(item) * Gt;
+  if (p < 0) {  // a padded row of a CUDA-graph batch: an empty list (attention gives 0)
+    for (int i = tid; i < Gt; i += T) {
+      rows[out + i] = (int64_t(btr[0]) * Hkv + kvh) * 2 * kGroups;  // vLLM's null block
+      gid_out[out + i] = 0;
+      store_ok(token_ok + (out + i) * kGroup, 0, false, p);
+    }
+    return;
+  }
+  const int64_t c = p / kChunk;
+  const int n = int(c - L - F < 0 ? 0 : (c - L - F < P ? c - L - F : P));
+  const float* sc_r = sc + int64_t(item) * P;
+  for (int j = tid; j < n; j += T) keys[j] = order_key(sc_r[j]);
+  if (tid == 0) s_nk = 0;
+  __syncthreads();
+
+  if (n <= Kc || Kc == 0) {  // the whole pool is kept (or nothing is routed)
+    const int keep = n < Kc ? n : Kc;
+    for (int j = tid; j < keep; j += T) kept[j] = j;
+    if (tid == 0) s_nk = keep;
+  } else {
+    // 1. the K_c-th largest key, one 8-bit digit per pass; need = how many of its ties to keep
+    unsigned prefix = 0u, mask = 0u;
+    int need = Kc;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      hist[tid] = 0;  // T == 256 bins
+      __syncthreads();
+      digit_histogram(keys, n, prefix, mask, shift, hist);
+      __syncthreads();
+      if (tid < 32) {  // lane l holds bins 255 - 8l ... 248 - 8l, scanned from the top
+        int cnt[8], sum = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          cnt[i] = hist[255 - 8 * tid - i];
+          sum += cnt[i];
+        }
+        int incl = sum;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int t = __shfl_up_sync(0xffffffffu, incl, o);
+          if (tid >= o) incl += t;
+        }
+        int acc = incl - sum;
+        if (acc < need && need <= incl) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            if (acc + cnt[i] >= need) {
+              s_prefix = prefix | (unsigned(255 - 8 * tid - i) << shift);
+              s_need = need - acc;
+              break;
+            }
+            acc += cnt[i];
+          }
+        }
+      }
+      __syncthreads();
+      prefix = s_prefix;
+      need = s_need;
+      mask |= 255u << shift;
+    }
+    // 2. keep keys above it, and its first `need` ties in index order (thread t scans a
+    // contiguous range, so a block prefix sum orders the ties)
+    const int per = (n + T - 1) / T;
+    const int a = tid * per < n ? tid * per : n, b = a + per < n ? a + per : n;
+    int ties = 0;
+    for (int j = a; j < b; ++j) ties += keys[j] == prefix;
+    int total;
+    int rank = block_exclusive_sum(ties, warp_sums, total);
+    for (int j = a; j < b; ++j) {
+      const unsigned key = keys[j];
+      bool keep = key > prefix;
+      if (key == prefix) keep = rank++ < need;
+      if (keep) kept[atomicAdd(&s_nk, 1)] = j;
+    }
+  }
+  __syncthreads();
+
+  // 3. the kept chunks' group scores; top-G by rank (ties to the lower group id)
+  const int nk = s_nk, ng = nk * kGroups;
+  for (int e = tid; e < ng; e += T) {
+    const int j = kept[e / kGroups];
+    gs[e] = gsc[(int64_t(item) * P + j) * kGroups + e % kGroups];
+    gids[e] = (F + j) * kGroups + e % kGroups;
+  }
+  __syncthreads();
+  const int ns = min(G, ng);
+  for (int e = tid; e < ng; e += T) {
+    const unsigned key = order_key(gs[e]);
+    int beaten_by = 0;
+    if (ns < ng)
+      for (int e2 = 0; e2 < ng; ++e2) {
+        const unsigned k2 = order_key(gs[e2]);
+        beaten_by += k2 > key || (k2 == key && gids[e2] < gids[e]);
+      }
+    sel[e] = beaten_by < ns;
+  }
+  __syncthreads();
+
+  // 4. the list (route_groups' step 4): fixed chunks, routed groups ascending, padding
+  for (int e = tid; e < ng; e += T) {
+    if (!sel[e]) continue;
+    int at = 0;
+    for (int e2 = 0; e2 < ng; ++e2) at += sel[e2] && gids[e2] < gids[e];
+    const int64_t g = gids[e], blk = btr[g / kGroups];
+    const int64_t col = out + nfix + at;
+    rows[col] = ((blk * Hkv + kvh) * 2) * kGroups + g % kGroups;
+    gid_out[col] = g;
+    store_ok(token_ok + col * kGroup, g, true, p);
+  }
+  for (int i = nfix + ns + tid; i < Gt; i += T) {
+    rows[out + i] = (int64_t(btr[0]) * Hkv + kvh) * 2 * kGroups;
+    gid_out[out + i] = 0;
+    store_ok(token_ok + (out + i) * kGroup, 0, false, p);
+  }
+  for (int f = tid; f < nfix; f += T) {
+    const int slot = f / kGroups, m = f % kGroups;
+    int64_t j;
+    bool ok;
+    if (slot < sinks) {
+      j = slot;
+      ok = j < c;
+    } else if (slot < sinks + local) {
+      j = c - local + (slot - sinks);
+      ok = j >= F && j >= 0;
+    } else {
+      j = c;
+      ok = true;
+    }
+    const int64_t jc = j > 0 ? j : 0;
+    const int64_t blk = btr[jc < n_chunks - 1 ? jc : n_chunks - 1];
+    rows[out + f] = ((blk * Hkv + kvh) * 2) * kGroups + m;
+    gid_out[out + f] = jc * kGroups + m;
+    store_ok(token_ok + (out + f) * kGroup, jc * kGroups + m, ok, p);
+  }
+}
+
 struct RouteArgs {
   int R, Hq, Hkv, D;
   int64_t q_sr, q_sh, bt_sr, s_sb, s_sh, s_sr;
@@ -509,10 +710,60 @@ void route_groups(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor summ,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void route_select(at::Tensor pos, at::Tensor bt, at::Tensor scores, at::Tensor group_scores,
+                  int64_t num_kv_heads, int64_t n_chunks, int64_t sink_chunks, int64_t local_chunks,
+                  int64_t sinks, int64_t local, int64_t topk_chunks, at::Tensor rows,
+                  at::Tensor token_ok, at::Tensor gid) {
+  check_cuda(scores, "scores");
+  HGA_CHECK(scores.dim() == 3 && scores.is_contiguous() && scores.scalar_type() == at::kFloat,
+            "scores must be float32 [R, Hq, P]");
+  const int R = scores.size(0), Hq = scores.size(1), P = scores.size(2);
+  const int Hkv = int(num_kv_heads);
+  HGA_CHECK(Hkv >= 1 && Hq % Hkv == 0, "query heads must be a multiple of KV heads");
+  HGA_CHECK(group_scores.dim() == 4 && group_scores.size(0) == R && group_scores.size(1) == Hq &&
+                group_scores.size(2) == P && group_scores.size(3) == kGroups &&
+                group_scores.is_contiguous() && group_scores.scalar_type() == at::kFloat,
+            "group_scores must be float32 [R, Hq, P, 4]");
+  HGA_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.numel() == R,
+            "pos must be int64 [R]");
+  HGA_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.stride(1) == 1 && bt.size(0) == R,
+            "block_table must be int32 [R, max_blocks] (one row per decode query)");
+  HGA_CHECK(topk_chunks >= 0 && topk_chunks <= kMaxTopkChunks, "topk_chunks above ", kMaxTopkChunks,
+            " not compiled");
+  HGA_CHECK(rows.dim() == 3 && rows.size(0) == R && rows.size(1) == Hq && rows.is_contiguous() &&
+                rows.scalar_type() == at::kLong && gid.sizes() == rows.sizes() &&
+                gid.is_contiguous() && gid.scalar_type() == at::kLong,
+            "rows/gid must be int64 [R, Hq, Gt]");
+  const int Gt = rows.size(2);
+  HGA_CHECK(token_ok.dim() == 4 && token_ok.size(3) == kGroup &&
+                token_ok.numel() == rows.numel() * kGroup && token_ok.is_contiguous() &&
+                token_ok.element_size() == 1,
+            "token_ok must be bool [R, Hq, Gt, 16]");
+  const int nfix = (sinks + local + 1) * kGroups;
+  HGA_CHECK(Gt >= nfix && n_chunks >= 1 && bt.size(1) >= n_chunks, "bad list width or n_chunks");
+  HGA_CHECK(bt.size(1) >= sink_chunks + P, "block_table narrower than the pool");
+  if (R == 0) return;
+  const size_t smem = size_t(P) * sizeof(unsigned);
+  HGA_CHECK(smem <= 160 * 1024, "route_select: a pool of ", P,
+            " chunks does not fit shared memory");
+  const c10::cuda::CUDAGuard guard(scores.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (smem > 40 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(route_select_kernel,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  route_select_kernel<<<R * Hq, kSelectThreads, smem, stream>>>(
+      pos.data_ptr<int64_t>(), bt.data_ptr<int>(), bt.stride(0), scores.data_ptr<float>(),
+      group_scores.data_ptr<float>(), P, int(topk_chunks), Hq, Hkv, int(n_chunks), int(sink_chunks),
+      int(local_chunks), int(sinks), int(local), Gt - nfix, Gt, rows.data_ptr<int64_t>(),
+      reinterpret_cast<uint8_t*>(token_ok.data_ptr()), gid.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 }  // namespace hga
 
 TORCH_LIBRARY_IMPL(vllm_hga, CUDA, m) {
   m.impl("route_chunks", &hga::route_chunks);
   m.impl("route_groups", &hga::route_groups);
+  m.impl("route_select", &hga::route_select);
 }

@@ -194,7 +194,7 @@ __device__ __forceinline__ void sketch_chunk_scores(const uint32_t (&wa)[D / 16]
 template <int D>
 __device__ __forceinline__ void sketch_chunk_scores_cuda_cores(
     const float* page, int64_t s_sr, const float* lo_s, const float* step_s, const float* q_s,
-    int rep, int lane, bool forced, int split_len, int j, float* sc, float* gsc) {
+    int rep, int lane, bool forced, int64_t split_len, int64_t j, float* sc, float* gsc) {
   const int ia = lane % kGroup;  // key index inside its group
   uint32_t wa[D / 16], wb[D / 16];
   const uint4* ra =
@@ -225,7 +225,7 @@ __device__ __forceinline__ void sketch_chunk_scores_cuda_cores(
       const float other_a = __shfl_xor_sync(0xffffffffu, ga[hh], 16);
       const float other_b = __shfl_xor_sync(0xffffffffu, gb[hh], 16);
       if (lane == 0) {
-        float* g = gsc + (int64_t(h) * split_len + j) * kGroups;
+        float* g = gsc + (h * split_len + j) * kGroups;
         g[0] = ga[hh];
         g[1] = other_a;
         g[2] = gb[hh];
@@ -346,6 +346,56 @@ __device__ __forceinline__ void sketch_chunk_scores_tc(const float* page, int64_
   }
 }
 
+// One warp scores one sketch chunk (page) for the rep query heads of its KV head and writes
+// the chunk score to sc[h * stride + j] and the 4 group scores to gsc[(h * stride + j) * 4 + m]
+// (forced: the chunk score is +inf, the chunk is always kept).  lo_s is the warp's 2D floats
+// of shared memory for the page's grid (lo then step).
+template <int D, bool kTensorCores>
+__device__ __forceinline__ void score_sketch_chunk(const float* page, int64_t s_sr, float* lo_s,
+                                                   const float* q_s, int rep, int lane, bool forced,
+                                                   int64_t stride, int64_t j, float* sc,
+                                                   float* gsc) {
+  float* step_s = lo_s + D;
+  // grid row: 2D float16 (lo then step), D / 4 16-byte vectors
+  const uint4* g16 = reinterpret_cast<const uint4*>(page);
+  for (int v = lane; v < D / 4; v += 32) {
+    const uint4 u = g16[v];
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      lo_s[8 * v + 2 * i] = half_bits_to_float(static_cast<unsigned short>(w[i] & 0xffffu));
+      lo_s[8 * v + 2 * i + 1] = half_bits_to_float(static_cast<unsigned short>(w[i] >> 16));
+    }
+  }
+  __syncwarp();
+  if constexpr (kTensorCores) {
+    for (int h0 = 0; h0 < rep; h0 += 8) {
+      float gm[kGroups][2];
+      sketch_chunk_scores_tc<D>(page, s_sr, lo_s, step_s, q_s, h0, lane, gm);
+      if (lane < 4) {  // lane c writes heads h0 + 2c and h0 + 2c + 1
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int h = h0 + 2 * lane + e;
+          if (h < rep) {
+            float* gdst = gsc + (h * stride + j) * kGroups;
+            float best = gm[0][e];
+#pragma unroll
+            for (int m = 0; m < kGroups; ++m) {
+              gdst[m] = gm[m][e];
+              best = fmaxf(best, gm[m][e]);
+            }
+            sc[h * stride + j] = forced ? INFINITY : best;
+          }
+        }
+      }
+    }
+  } else {
+    sketch_chunk_scores_cuda_cores<D>(page, s_sr, lo_s, step_s, q_s, rep, lane, forced, stride, j,
+                                      sc, gsc);
+  }
+  __syncwarp();  // lo_s is rewritten for the warp's next chunk
+}
+
 template <typename T, int D, bool kTensorCores>
 __global__ void __launch_bounds__(kSketchWarps * 32)
     route_chunks_sketch_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
@@ -387,41 +437,12 @@ __global__ void __launch_bounds__(kSketchWarps * 32)
   __syncthreads();
 
   float* lo_s = grid_s + warp * 2 * D;
-  float* step_s = lo_s + D;
   for (int j = warp; j < len; j += kSketchWarps) {
     const float* page = pages + int64_t(bt[r * bt_sr + lo + j]) * s_sb + kvh * s_sh;
-    // grid row: D words = 2D float16 (lo then step)
-    const unsigned short* g16 = reinterpret_cast<const unsigned short*>(page);
-    for (int e = lane; e < 2 * D; e += 32) lo_s[e] = half_bits_to_float(g16[e]);
     // L == 0: the preceding chunk is in the pool and always kept (routing.py)
     const bool forced = L == 0 && lo + j == c - 1;
-    if constexpr (kTensorCores) {
-      __syncwarp();
-      for (int h0 = 0; h0 < rep; h0 += 8) {
-        float gm[kGroups][2];
-        sketch_chunk_scores_tc<D>(page, s_sr, lo_s, step_s, q_s, h0, lane, gm);
-        if (lane < 4) {  // lane c writes heads h0 + 2c and h0 + 2c + 1
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int h = h0 + 2 * lane + e;
-            if (h < rep) {
-              float* gdst = gsc + (int64_t(h) * split_len + j) * kGroups;
-              float best = gm[0][e];
-#pragma unroll
-              for (int m = 0; m < kGroups; ++m) {
-                gdst[m] = gm[m][e];
-                best = fmaxf(best, gm[m][e]);
-              }
-              sc[h * split_len + j] = forced ? INFINITY : best;
-            }
-          }
-        }
-      }
-    } else {
-      sketch_chunk_scores_cuda_cores<D>(page, s_sr, lo_s, step_s, q_s, rep, lane, forced, split_len,
-                                        j, sc, gsc);
-    }
-    __syncwarp();  // lo_s/step_s are rewritten for the warp's next chunk
+    score_sketch_chunk<D, kTensorCores>(page, s_sr, lo_s, q_s, rep, lane, forced, split_len, j, sc,
+                                        gsc);
   }
   __syncthreads();
 
@@ -443,6 +464,111 @@ __global__ void __launch_bounds__(kSketchWarps * 32)
       }
     }
   }
+}
+
+// route_chunks_sketch without the slice top-k, for decode rows (few queries): block (slice
+// of 8 * per_warp pool chunks, KV head, request), one warp per chunk in flight, writes every
+// pool chunk's scores, sc [R, Hq, P] and gsc [R, Hq, P, 4] at pool index j = chunk - F, so
+// that all chunks of a row are scored at once across the GPU; route_select then picks.
+template <typename T, int D, bool kTensorCores>
+__global__ void __launch_bounds__(kSketchWarps * 32)
+    score_chunks_sketch_kernel(const T* __restrict__ q, int64_t q_sr, int64_t q_sh,
+                               const int64_t* __restrict__ pos, const int* __restrict__ bt,
+                               int64_t bt_sr, const float* __restrict__ pages, int64_t s_sb,
+                               int64_t s_sh, int64_t s_sr, int Hq, int rep, int F, int L, int P,
+                               int per_warp, float scale, float* __restrict__ sc,
+                               float* __restrict__ gsc) {
+  constexpr int QS = kTensorCores ? D + 4 : D;  // q_s as in route_chunks_sketch_kernel
+  const int q_rows = kTensorCores ? (rep + 7) / 8 * 8 : rep;
+  extern __shared__ float smem[];
+  float* q_s = smem;
+  float* grid_s = q_s + q_rows * QS;  // [warps][2][D]
+  const int kvh = blockIdx.y, r = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t p = pos[r];
+  const int64_t c = p < 0 ? -1 : p / kChunk;
+  const int64_t n = c - L - F < P ? c - L - F : P;  // the row's pool: chunks [F, c - L)
+  const int64_t j0 = int64_t(blockIdx.x) * kSketchWarps * per_warp;
+  if (j0 >= n) return;  // uniform across the block
+  // the warp's block ids first, so the page loads below do not wait on them one by one
+  int blk = 0;
+  if (lane < per_warp) {
+    const int64_t j = j0 + int64_t(lane) * kSketchWarps + warp;
+    if (j < n) blk = bt[r * bt_sr + F + j];
+  }
+  for (int i = threadIdx.x; i < q_rows * QS; i += blockDim.x) {
+    const int h = i / QS, d = i % QS;
+    q_s[i] = h < rep && d < D ? to_float(q[r * q_sr + (kvh * rep + h) * q_sh + d]) * scale : 0.f;
+  }
+  __syncthreads();
+  const int64_t stride = P;
+  float* sc_r = sc + (int64_t(r) * Hq + kvh * rep) * stride;
+  float* gsc_r = gsc + (int64_t(r) * Hq + kvh * rep) * stride * kGroups;
+  for (int i = 0; i < per_warp; ++i) {
+    const int64_t j = j0 + int64_t(i) * kSketchWarps + warp;
+    const int b = __shfl_sync(0xffffffffu, blk, i);
+    if (j >= n) break;  // uniform across the warp
+    const float* page = pages + int64_t(b) * s_sb + kvh * s_sh;
+    const bool forced = L == 0 && F + j == c - 1;
+    score_sketch_chunk<D, kTensorCores>(page, s_sr, grid_s + warp * 2 * D, q_s, rep, lane, forced,
+                                        stride, j, sc_r, gsc_r);
+  }
+}
+
+void score_chunks_sketch(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor pages,
+                         int64_t sink_chunks, int64_t local_chunks, at::Tensor scores,
+                         at::Tensor group_scores, int64_t per_warp, int64_t tensor_cores) {
+  check_cuda(q, "q");
+  HGA_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [R, Hq, D] with a contiguous last dim");
+  HGA_CHECK(pages.dim() == 4 && pages.size(2) == 1 + kGroups && pages.size(3) == q.size(2) &&
+                pages.stride(3) == 1 && pages.scalar_type() == at::kFloat,
+            "pages must be float32 sketch pages [blocks, H_kv, 5, D]");
+  HGA_CHECK(reinterpret_cast<uintptr_t>(pages.data_ptr()) % 16 == 0 && pages.stride(0) % 4 == 0 &&
+                pages.stride(1) % 4 == 0 && pages.stride(2) % 4 == 0,
+            "sketch page rows must be 16-byte aligned");
+  HGA_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.numel() == q.size(0),
+            "pos must be int64 [R]");
+  HGA_CHECK(
+      bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.stride(1) == 1 && bt.size(0) == q.size(0),
+      "block_table must be int32 [R, max_blocks] (one row per decode query)");
+  const int R = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = pages.size(1);
+  HGA_CHECK(Hq % Hkv == 0, "query heads must be a multiple of KV heads");
+  HGA_CHECK(scores.dim() == 3 && scores.size(0) == R && scores.size(1) == Hq &&
+                scores.is_contiguous() && scores.scalar_type() == at::kFloat,
+            "scores must be float32 [R, Hq, P]");
+  const int P = scores.size(2);
+  HGA_CHECK(group_scores.dim() == 4 && group_scores.size(0) == R && group_scores.size(1) == Hq &&
+                group_scores.size(2) == P && group_scores.size(3) == kGroups &&
+                group_scores.is_contiguous() && group_scores.scalar_type() == at::kFloat,
+            "group_scores must be float32 [R, Hq, P, 4]");
+  HGA_CHECK(per_warp >= 1 && per_warp <= 32, "per_warp must be in [1, 32]");
+  HGA_CHECK(bt.size(1) >= sink_chunks + P, "block_table narrower than the pool");
+  if (R == 0 || P == 0) return;
+  const int rep = Hq / Hkv;
+  const bool tc = tensor_cores != 0;
+  const size_t q_floats = tc ? size_t((rep + 7) / 8 * 8) * (D + 4) : size_t(rep) * D;
+  const size_t smem = (q_floats + size_t(kSketchWarps) * 2 * D) * sizeof(float);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int per_block = kSketchWarps * int(per_warp);
+  const dim3 grid((P + per_block - 1) / per_block, Hkv, R);
+  const float scale = 1.f / sqrtf(float(D));
+  HGA_DISPATCH_FLOAT(q.scalar_type(), "score_chunks_sketch", [&] {
+    HGA_DISPATCH_HEAD(D, "score_chunks_sketch", [&] {
+      auto kernel = tc ? score_chunks_sketch_kernel<scalar_t, kD, true>
+                       : score_chunks_sketch_kernel<scalar_t, kD, false>;
+      if (smem > 48 * 1024)
+        C10_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      kernel<<<grid, kSketchWarps * 32, smem, stream>>>(
+          reinterpret_cast<const scalar_t*>(q.data_ptr()), q.stride(0), q.stride(1),
+          pos.data_ptr<int64_t>(), bt.data_ptr<int>(), bt.stride(0), pages.data_ptr<float>(),
+          pages.stride(0), pages.stride(1), pages.stride(2), Hq, rep, int(sink_chunks),
+          int(local_chunks), P, int(per_warp), scale, scores.data_ptr<float>(),
+          group_scores.data_ptr<float>());
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void route_chunks_sketch(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor pages,
@@ -512,4 +638,5 @@ void route_chunks_sketch(at::Tensor q, at::Tensor pos, at::Tensor bt, at::Tensor
 TORCH_LIBRARY_IMPL(vllm_hga, CUDA, m) {
   m.impl("sketch_pages", &hga::sketch_pages);
   m.impl("route_chunks_sketch", &hga::route_chunks_sketch);
+  m.impl("score_chunks_sketch", &hga::score_chunks_sketch);
 }

@@ -139,3 +139,28 @@ def test_sketch_decode_groups_match_torch(rep, D, local, tensor_cores, monkeypat
                 sg, sw = oracle[r, h, got].sum(), oracle[r, h, want].sum()
                 assert abs(float(sg - sw)) <= 1e-3 * max(1.0, abs(float(sw)))
     assert total > 0 and agree >= 0.97 * total
+
+
+@pytest.mark.parametrize("tensor_cores", [True, False])
+@pytest.mark.parametrize("rep", [1, 8, 12])
+@pytest.mark.parametrize("local", [2, 0])
+@pytest.mark.parametrize("lengths", [[27, 700, 3330, 0, 9000], [60_000, 64 * 40 + 1, 5000]])
+def test_two_pass_routing_equals_sliced(lengths, rep, local, tensor_cores, monkeypatch):
+    """score_chunks_sketch + route_select (decode rows) and the sliced route_chunks_sketch +
+    route_groups (prefill rows) compute the same scores and pick by the same total order, so
+    their lists are equal; repeated blocks make tied chunks that only the order breaks."""
+    monkeypatch.setattr(cuda_ops, "SKETCH_TENSOR_CORES", tensor_cores)
+    Hkv, D = 2, 128
+    cfg = HGAConfig(local_chunks=local, topk_chunks=22, topk_groups=88)
+    q, pos, bt, n_chunks, pages = make_routing_case(lengths, Hkv * rep, Hkv, D, seed=rep + local)
+    g = torch.Generator().manual_seed(rep)
+    tied = torch.rand(bt.shape, generator=g) < 0.3  # ~30% of chunks repeat block bt[r, 0]
+    bt = torch.where(tied.to(DEV), bt[:, :1], bt)
+    args = (q, pos, bt, n_chunks, pages, cfg, cfg.sink_chunks, local, cfg.groups_per_query)
+    n_pool = n_chunks - 1 - local - cfg.sink_chunks
+    assert cuda_ops._two_pass(q.shape[0], q.shape[1], n_pool)
+    two_pass = cuda_ops.decode_groups(*args)
+    monkeypatch.setattr(cuda_ops, "SELECT_SCRATCH_BYTES", 0)
+    sliced = cuda_ops.decode_groups(*args)
+    for a, b in zip(two_pass, sliced):
+        assert torch.equal(a, b)

@@ -83,6 +83,23 @@ def _route_splits(
     return math.ceil(n_pool / split_len), split_len
 
 
+def _score_per_warp(n_pool: int, R: int, Hkv: int, sms: int) -> int:
+    """Chunks each warp of score_chunks_sketch scores: about one pass of 32 warps per SM."""
+    return min(8, max(1, math.ceil(R * Hkv * n_pool / (32 * sms))))
+
+
+# Decode rows route in two passes (score_chunks_sketch scores every pool chunk across the
+# GPU, route_select picks per row and head) while their scores fit this scratch; larger
+# row counts (prefill's) keep the sliced top-k, whose scratch does not grow with the pool.
+SELECT_SCRATCH_BYTES = 256 << 20
+SELECT_MAX_POOL = 40 * 1024  # chunks: route_select holds a row's keys in shared memory
+
+
+def _two_pass(R: int, Hq: int, n_pool: int) -> bool:
+    scratch = R * Hq * n_pool * (1 + GROUPS) * 4
+    return scratch <= SELECT_SCRATCH_BYTES and n_pool <= SELECT_MAX_POOL
+
+
 KERNEL_MODES = {"auto": 0, "heads": 1, "shared": 2, "split": 3}
 
 # route_chunks_sketch scores on tensor cores (mma.sync) or CUDA cores; the two agree to
@@ -186,6 +203,30 @@ class CudaOps(torch_ops.TorchOps):
             if n_pool <= 0
             else _route_splits(n_pool, R, Hkv, Hq // Hkv, D, _sms(q), 1 + GROUPS if sketch else 1)
         )
+        if S and sketch and _two_pass(R, Hq, n_pool):
+            scores = torch.empty(R, Hq, n_pool, dtype=torch.float32, device=dev)
+            group_scores = torch.empty(R, Hq, n_pool, GROUPS, dtype=torch.float32, device=dev)
+            per_warp = _score_per_warp(n_pool, R, Hkv, _sms(q))
+            _ops().score_chunks_sketch(
+                q, pos, bt, summ, F, L, scores, group_scores, per_warp, int(SKETCH_TENSOR_CORES)
+            )
+            _ops().route_select(
+                pos,
+                bt,
+                scores,
+                group_scores,
+                Hkv,
+                n_chunks,
+                F,
+                L,
+                sinks,
+                local,
+                Kc,
+                rows,
+                token_ok,
+                gid,
+            )
+            return rows, token_ok, gid
         cand_s = torch.empty(R, Hq, S, Kc, dtype=torch.float32, device=dev)
         cand_i = torch.empty(R, Hq, S, Kc, dtype=torch.int32, device=dev)
         # group_score "mean_std": row 0 of a page is the chunk's key variance; every group
