@@ -89,8 +89,9 @@ def _score_per_warp(n_pool: int, R: int, Hkv: int, sms: int) -> int:
 
 
 # Decode rows route in two passes (score_chunks_sketch scores every pool chunk across the
-# GPU, route_select picks per row and head) while their scores fit this scratch; larger
-# row counts (prefill's) keep the sliced top-k, whose scratch does not grow with the pool.
+# GPU, route_select picks per row and head) while their scores fit this scratch; batches
+# beyond it and prefill rows (decode_groups(sliced=True)) keep the sliced top-k, whose
+# scratch does not grow with the pool.
 SELECT_SCRATCH_BYTES = 256 << 20
 SELECT_MAX_POOL = 40 * 1024  # chunks: route_select holds a row's keys in shared memory
 
@@ -173,8 +174,12 @@ class CudaOps(torch_ops.TorchOps):
         sinks: int,
         local: int,
         groups: int,
+        sliced: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """torch_ops.decode_groups on the GPU: (rows [R, Hq, Gt], token_ok [R, Hq, Gt, 16], gid).
+
+        sliced: route through the sliced top-k even where the two-pass routing fits (prefill
+        rows, thousands per call; both give the same lists).
 
         n_chunks = 1 + the largest own-chunk index (md.decode_chunks); summ float32.
         Routed groups come after the (sinks + local + 1) * 4 fixed columns in ascending
@@ -203,7 +208,7 @@ class CudaOps(torch_ops.TorchOps):
             if n_pool <= 0
             else _route_splits(n_pool, R, Hkv, Hq // Hkv, D, _sms(q), 1 + GROUPS if sketch else 1)
         )
-        if S and sketch and _two_pass(R, Hq, n_pool):
+        if S and sketch and not sliced and _two_pass(R, Hq, n_pool):
             scores = torch.empty(R, Hq, n_pool, dtype=torch.float32, device=dev)
             group_scores = torch.empty(R, Hq, n_pool, GROUPS, dtype=torch.float32, device=dev)
             per_warp = _score_per_warp(n_pool, R, Hkv, _sms(q))

@@ -143,7 +143,7 @@ def prefill(
         bt = sc.ident[:, :nc].expand(b - a, nc)
         qs = q[a:b]
         rows, ok, gid = cuda_ops.KERNELS.decode_groups(
-            qs, pos, bt, nc, sc.summ, cfg, sinks, local, groups
+            qs, pos, bt, nc, sc.summ, cfg, sinks, local, groups, sliced=True
         )
         if tc:
             o = out[a:b] if out.dtype == q.dtype else torch.empty_like(qs)
