@@ -53,11 +53,16 @@ def model_dir() -> str:
     return d
 
 
-def measure(llm, ctx: int, batch: int, new: int, vocab: int = 150000) -> dict:
+def measure(
+    llm, ctx: int, batch: int, new: int, vocab: int = 150000, profile_steps: int = 0
+) -> dict:
     """One generation of `batch` random prompts of `ctx` tokens, `new` tokens each, stepped
     by hand so that one prefill gives both numbers: prefill_s = from submission until every
     request has its first token; decode_tok_s = tokens made while the whole batch decodes
-    (from the last first token until the first request finishes) per second."""
+    (from the last first token until the first request finishes) per second.
+
+    profile_steps > 0: the first that many decode steps run under vLLM's profiler (the
+    LLM needs a profiler_config) and the decode timing starts after them."""
     import random
 
     from vllm import SamplingParams
@@ -80,6 +85,13 @@ def measure(llm, ctx: int, batch: int, new: int, vocab: int = 150000) -> dict:
         for o in outs:
             made[o.request_id] = len(o.outputs[0].token_ids)
         if t_all_first is None and min(made.values()) >= 1:
+            if profile_steps:
+                llm.start_profile()
+                for _ in range(profile_steps):
+                    for o in engine.step():
+                        made[o.request_id] = len(o.outputs[0].token_ids)
+                llm.stop_profile()  # writes the traces
+                now = time.perf_counter()
             t_all_first, tokens_at_all_first = now, sum(made.values())
         if t_first_done is None and any(o.finished for o in outs):
             t_first_done, tokens_at_first_done = now, sum(made.values())
@@ -183,6 +195,12 @@ def main() -> None:
         help="NAME=JSON: an HGA variant (hga keys) run as backend NAME",
     )
     ap.add_argument(
+        "--profile-dir",
+        help="absolute path: trace the first --profile-steps decode steps of every point "
+        "with vLLM's torch profiler (then python -m benchmarks.trace_summary DIR)",
+    )
+    ap.add_argument("--profile-steps", type=int, default=8)
+    ap.add_argument(
         "--capture-sizes",
         nargs="+",
         type=int,
@@ -210,6 +228,16 @@ def main() -> None:
             if backend == "HGA"
             else {}
         )
+        profiler = {}
+        if args.profile_dir:
+            profiler = {
+                "profiler_config": {
+                    "profiler": "torch",
+                    "torch_profiler_dir": os.path.join(args.profile_dir, name),
+                    "torch_profiler_with_stack": False,
+                    "torch_profiler_use_gzip": False,
+                }
+            }
         t = time.perf_counter()
         llm = LLM(
             model=model,
@@ -224,6 +252,7 @@ def main() -> None:
             enable_prefix_caching=False,
             additional_config=extra,
             compilation_config={"cudagraph_capture_sizes": args.capture_sizes},
+            **profiler,
         )
         startup = time.perf_counter() - t
         for ctx, batch in points:
@@ -231,7 +260,9 @@ def main() -> None:
                 "backend": name,
                 "hga": extra.get("hga"),
                 "startup_s": round(startup, 1),
-                **measure(llm, ctx, batch, args.new),
+                **measure(
+                    llm, ctx, batch, args.new, profile_steps=args.profile_steps * bool(profiler)
+                ),
             }
             results.append(row)
             print("RESULT", json.dumps(row), flush=True)
