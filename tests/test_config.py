@@ -202,3 +202,22 @@ def test_hga_with_the_platform_hook_off_is_refused():
 def test_other_backends_are_untouched():
     cfg = engine_config(attention_backend="CPU_ATTN")
     assert cfg.cache_config.block_size != 64 or cfg.cache_config.num_gpu_blocks_override is None
+
+
+def test_cpu_engine_turns_off_onednn_global_primitive_cache(monkeypatch):
+    """HGA on CPU sets ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 for the workers it spawns (the
+    soak's worker heap grew with it at oneDNN's default); a value the user set is kept, and
+    other backends are left alone."""
+    from vllm_hga.metrics import RAY_CARRY
+    from vllm_hga.startup import ONEDNN_CACHE_ENV
+
+    monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
+    monkeypatch.delenv(RAY_CARRY, raising=False)
+    engine_config(attention_backend="CPU_ATTN")
+    assert ONEDNN_CACHE_ENV not in os.environ
+    engine_config()
+    assert os.environ[ONEDNN_CACHE_ENV] == "0"
+    assert ONEDNN_CACHE_ENV in os.environ[RAY_CARRY].split(",")
+    monkeypatch.setenv(ONEDNN_CACHE_ENV, "256")
+    engine_config()
+    assert os.environ[ONEDNN_CACHE_ENV] == "256"

@@ -6,6 +6,7 @@ weights load: a request must never be the first to find out.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from vllm.logger import init_logger
@@ -377,6 +378,7 @@ def configure_engine(vllm_config) -> HGAConfig | None:
             f"{cache.block_size}. Drop --block-size or set it to {CHUNK_SIZE}."
         )
     cache.block_size = CHUNK_SIZE
+    bound_onednn_cache(device_type)
     cap, new = _capacity_once(vllm_config, cfg)
     if not install_hga_worker(vllm_config, device_type):
         # another worker class was asked for: vLLM then applies this count even past what
@@ -390,6 +392,27 @@ def configure_engine(vllm_config) -> HGAConfig | None:
 
     setup_in_api_process()
     return cfg
+
+
+# oneDNN's process-wide primitive cache (docs/RELIABILITY.md §3, "Long soak")
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ONEDNN_CACHE_DEFAULT = "0"
+
+
+def bound_onednn_cache(device_type: str) -> None:
+    """On CPU, turn off oneDNN's process-wide primitive cache in the workers, unless the
+    user set its capacity.  vLLM's CPU linear layers run oneDNN matmuls (``onednn_mm``)
+    whose primitives are made per token count of the step; each layer's handler keeps its
+    own 32, and oneDNN's global cache (1,024 by default) keeps every one it made besides,
+    so a server fed varying batch sizes grew its worker's heap by hundreds of MiB (dense
+    attention as much as HGA).  Set here, in the API-server process, before vLLM spawns
+    the engine and its workers, which read it at their first matmul."""
+    if device_type != "cpu" or os.environ.get(ONEDNN_CACHE_ENV):
+        return
+    os.environ[ONEDNN_CACHE_ENV] = ONEDNN_CACHE_DEFAULT
+    from .metrics import carry_to_ray_workers
+
+    carry_to_ray_workers(ONEDNN_CACHE_ENV)
 
 
 def _cap_block_override(cache, num_blocks: int) -> None:
