@@ -203,12 +203,7 @@ class CudaOps(torch_ops.TorchOps):
         pos = pos.to(torch.long).contiguous()
         n_pool = n_chunks - 1 - L - F  # pool chunks of the longest row: [F, c - L)
         sketch = cfg.group_score == "sketch"
-        S, split_len = (
-            (0, 1)
-            if n_pool <= 0
-            else _route_splits(n_pool, R, Hkv, Hq // Hkv, D, _sms(q), 1 + GROUPS if sketch else 1)
-        )
-        if S and sketch and not sliced and _two_pass(R, Hq, n_pool):
+        if n_pool > 0 and sketch and not sliced and _two_pass(R, Hq, n_pool):
             scores = torch.empty(R, Hq, n_pool, dtype=torch.float32, device=dev)
             group_scores = torch.empty(R, Hq, n_pool, GROUPS, dtype=torch.float32, device=dev)
             per_warp = _score_per_warp(n_pool, R, Hkv, _sms(q))
@@ -232,6 +227,11 @@ class CudaOps(torch_ops.TorchOps):
                 gid,
             )
             return rows, token_ok, gid
+        S, split_len = (
+            (0, 1)
+            if n_pool <= 0
+            else _route_splits(n_pool, R, Hkv, Hq // Hkv, D, _sms(q), 1 + GROUPS if sketch else 1)
+        )
         cand_s = torch.empty(R, Hq, S, Kc, dtype=torch.float32, device=dev)
         cand_i = torch.empty(R, Hq, S, Kc, dtype=torch.int32, device=dev)
         # group_score "mean_std": row 0 of a page is the chunk's key variance; every group
