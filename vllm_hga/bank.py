@@ -23,9 +23,8 @@ pool.  Misses beyond the bank's size are read from the pool directly this step. 
 resident block always equals its pool block: the layer writes new tokens through
 (``write_through``, or the pool's CUDA write_kv with the bank), so the open own chunk is
 banked like any other chunk; ``invalidate`` (drop the written blocks instead) is the
-alternative for callers that write the pool alone.  No step reads a device value on the
-host, and the step counter is a device tensor (``meta[0]``), so admission can be captured
-in a CUDA graph.
+alternative for callers that write the pool alone.  No step reads a device value on the host, and the step counter is a
+device tensor (``meta[0]``), so admission can be captured in a CUDA graph.
 
 Two implementations with the same results: the torch ops below (the reference: CPU, and
 CUDA without the extension or with ``kernels = False``), and on CUDA three fused launches
