@@ -37,6 +37,32 @@ def kernel_intervals(events: list[dict]) -> list[tuple[float, float, str]]:
     return sorted(out)
 
 
+def host_events(events: list[dict]) -> list[tuple[str, str, float]]:
+    """(category, name, duration µs) of the host-side ops and annotations in the trace:
+    what the CPU did around the kernels (aten ops launched eagerly, vLLM's annotations)."""
+    out = []
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "cuda_runtime"):
+            out.append((e["cat"], e["name"], float(e.get("dur", 0))))
+    return out
+
+
+def host_summary(host: list[tuple[str, str, float]], steps: int, top: int = 25) -> dict:
+    """Per step and category: the most expensive names, with their call counts."""
+    result = {}
+    for cat in sorted({c for c, _, _ in host}):
+        time_of, calls_of = collections.Counter(), collections.Counter()
+        for c, name, dur in host:
+            if c == cat:
+                time_of[name] += dur
+                calls_of[name] += 1
+        result[cat] = [
+            (name[:90], round(t / steps, 1), round(calls_of[name] / steps, 1))
+            for name, t in time_of.most_common(top)
+        ]
+    return result
+
+
 def busy_time(intervals: list[tuple[float, float, str]]) -> float:
     """Length of the union of the intervals (overlapping kernels count once)."""
     total, end = 0.0, float("-inf")
@@ -81,17 +107,23 @@ def main() -> None:
     args = ap.parse_args()
     results = {}
     for p in traces(args.path):
-        intervals = kernel_intervals(load_events(p))
+        events = load_events(p)
+        intervals = kernel_intervals(events)
         if not intervals:  # the front end's CPU-only trace
             continue
         results[p] = summarize(intervals, args.steps)
         s = results[p]
+        s["host"] = host_summary(host_events(events), args.steps)
         print(
             f"{p}: per step span {s['span_us_per_step']} µs, busy {s['busy_us_per_step']}, "
             f"idle {s['idle_us_per_step']}, {s['kernels_per_step']} kernels"
         )
         for name, t in s["top"]:
             print(f"  {t:>9.1f} µs  {name}")
+        for cat, rows in s["host"].items():
+            print(f"  host {cat} (µs per step, calls per step):")
+            for name, t, n in rows[:12]:
+                print(f"  {t:>9.1f} µs {n:>7.1f}x  {name}")
     if not results:
         raise SystemExit(f"no trace with GPU kernels under {args.path}")
     if args.json:
