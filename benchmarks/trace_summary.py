@@ -49,18 +49,17 @@ def host_events(events: list[dict]) -> list[tuple[str, str, float]]:
 
 def host_summary(host: list[tuple[str, str, float]], steps: int, top: int = 25) -> dict:
     """Per step and category: the most expensive names, with their call counts."""
-    result = {}
-    for cat in sorted({c for c, _, _ in host}):
-        time_of, calls_of = collections.Counter(), collections.Counter()
-        for c, name, dur in host:
-            if c == cat:
-                time_of[name] += dur
-                calls_of[name] += 1
-        result[cat] = [
-            (name[:90], round(t / steps, 1), round(calls_of[name] / steps, 1))
-            for name, t in time_of.most_common(top)
-        ]
-    return result
+    time_of, calls_of = collections.Counter(), collections.Counter()
+    for cat, name, dur in host:
+        time_of[cat, name] += dur
+        calls_of[cat, name] += 1
+    result = collections.defaultdict(list)
+    for (cat, name), t in time_of.most_common():
+        if len(result[cat]) < top:
+            result[cat].append(
+                (name[:90], round(t / steps, 1), round(calls_of[cat, name] / steps, 1))
+            )
+    return dict(sorted(result.items()))
 
 
 def busy_time(intervals: list[tuple[float, float, str]]) -> float:
