@@ -90,7 +90,9 @@ void attend_groups(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, at::Tensor
   // list: shared columns by the shared-column kernel, routed ones per head (measured
   // slower on an H200: the shared kernel's 8 sequential head updates are latency-bound).
   // mode 1 / 2 force one kernel.
-  const bool host = mode == 0 && is_host_memory(kv_rows.data_ptr());
+  // With a bank the listed rows are device memory (bank.py keeps every listed chunk it can
+  // hold, the open own chunk too), whatever the pool is: the per-head kernel.
+  const bool host = mode == 0 && bank_ptr == nullptr && is_host_memory(kv_rows.data_ptr());
   const int sms = num_sms();
   const int hb_heads = Hkv * ((rep + 7) / 8) * R;
   const int HB = rep <= 1 ? 1 : rep <= 2 ? 2 : rep <= 4 ? 4 : 8;

@@ -28,7 +28,9 @@ at::Tensor uva_view(const at::Tensor& host) {
 }  // namespace
 
 TORCH_LIBRARY(vllm_hga, m) {
-  m.def("write_kv(Tensor(a!) pool, Tensor key, Tensor value, Tensor slots) -> ()");
+  m.def(
+      "write_kv(Tensor(a!) pool, Tensor key, Tensor value, Tensor slots, Tensor(b!)? bank=None,"
+      " Tensor? slot_of_block=None) -> ()");
   m.def(
       "summarize(Tensor k, Tensor blocks_in, Tensor(a!) out, Tensor blocks_out, Tensor cos,"
       " Tensor sin, Tensor dim_map, int variance) -> ()");

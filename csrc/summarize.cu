@@ -8,12 +8,15 @@
 namespace hga {
 namespace {
 
-// One thread moves 16 bytes of one (token, head, K|V) row into pool[block, head, kv, off].
+// One thread moves 16 bytes of one (token, head, K|V) row into pool[block, head, kv, off],
+// and into the device bank's copy of the block when it holds one (bank != nullptr:
+// slot_of_block[block] >= 0), so that a resident block always equals its pool block.
 template <typename T>
 __global__ void write_kv_kernel(T* __restrict__ pool, const T* __restrict__ key,
                                 const T* __restrict__ value, const int64_t* __restrict__ slots,
                                 int64_t k_st, int64_t k_sh, int64_t v_st, int64_t v_sh, int T_,
-                                int H, int D) {
+                                int H, int D, T* __restrict__ bank,
+                                const int64_t* __restrict__ slot_of_block) {
   constexpr int kVec = 16 / sizeof(T);
   const int vecs = D / kVec;
   const int64_t total = int64_t(T_) * H * 2 * vecs;
@@ -28,8 +31,13 @@ __global__ void write_kv_kernel(T* __restrict__ pool, const T* __restrict__ key,
     if (slot < 0) continue;  // padding token
     const int64_t block = slot / kChunk, off = slot % kChunk;
     const T* src = kv ? value + t * v_st + h * v_sh : key + t * k_st + h * k_sh;
-    T* dst = pool + (((block * H + h) * 2 + kv) * kChunk + off) * D;
-    reinterpret_cast<uint4*>(dst)[v] = reinterpret_cast<const uint4*>(src)[v];
+    const int64_t in_block = ((h * 2 + kv) * kChunk + off) * D;
+    const uint4 x = reinterpret_cast<const uint4*>(src)[v];
+    reinterpret_cast<uint4*>(pool + block * H * 2 * kChunk * D + in_block)[v] = x;
+    if (bank != nullptr) {
+      const int64_t s = slot_of_block[block];
+      if (s >= 0) reinterpret_cast<uint4*>(bank + s * H * 2 * kChunk * D + in_block)[v] = x;
+    }
   }
 }
 
@@ -88,7 +96,9 @@ __global__ void summarize_kernel(const T* __restrict__ k, int64_t k_sb, int64_t 
   dst[0] = variance ? sq_sum * (1.f / kChunk) : chunk_sum * (1.f / kChunk);
 }
 
-void write_kv(at::Tensor pool, at::Tensor key, at::Tensor value, at::Tensor slots) {
+void write_kv(at::Tensor pool, at::Tensor key, at::Tensor value, at::Tensor slots,
+              const std::optional<at::Tensor>& bank,
+              const std::optional<at::Tensor>& slot_of_block) {
   check_cuda(pool, "pool");
   HGA_CHECK(pool.dim() == 5 && pool.size(2) == 2 && pool.size(3) == kChunk && pool.is_contiguous(),
             "pool must be contiguous [blocks, H, 2, 64, D]");
@@ -101,6 +111,17 @@ void write_kv(at::Tensor pool, at::Tensor key, at::Tensor value, at::Tensor slot
   HGA_CHECK(
       slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() >= key.size(0),
       "slots must be int64 [>= T]");
+  HGA_CHECK(bank.has_value() == slot_of_block.has_value(),
+            "write_kv: the bank and its slot_of_block come together");
+  if (bank.has_value()) {
+    HGA_CHECK(bank->is_cuda() && bank->is_contiguous() &&
+                  bank->scalar_type() == pool.scalar_type() && bank->dim() == 5 &&
+                  bank->sizes().slice(1) == pool.sizes().slice(1),
+              "write_kv: the bank must be contiguous [slots, H, 2, 64, D] of the pool's dtype");
+    HGA_CHECK(slot_of_block->is_cuda() && slot_of_block->scalar_type() == at::kLong &&
+                  slot_of_block->is_contiguous() && slot_of_block->numel() == pool.size(0) + 1,
+              "write_kv: slot_of_block must be contiguous int64 [num_blocks + 1]");
+  }
   const int T_ = key.size(0);
   if (T_ == 0) return;
   const int es = pool.element_size();
@@ -120,7 +141,9 @@ void write_kv(at::Tensor pool, at::Tensor key, at::Tensor value, at::Tensor slot
         reinterpret_cast<scalar_t*>(pool.data_ptr()),
         reinterpret_cast<const scalar_t*>(key.data_ptr()),
         reinterpret_cast<const scalar_t*>(value.data_ptr()), slots.data_ptr<int64_t>(),
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1), T_, H, D);
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), T_, H, D,
+        bank.has_value() ? reinterpret_cast<scalar_t*>(bank->data_ptr()) : nullptr,
+        slot_of_block.has_value() ? slot_of_block->data_ptr<int64_t>() : nullptr);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

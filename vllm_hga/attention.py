@@ -78,11 +78,10 @@ class HGALayer:
         """
         ops = self.ops
         slots = md.slot_mapping[: key.shape[0]]
-        ops.write_kv(pool, key, value, slots)
         bank = None if self.dense else self.bank
         if bank is not None:
             bank.bind(pool)
-            bank.invalidate(slots)  # written blocks leave the bank
+        ops.write_kv(pool, key, value, slots, bank)  # resident blocks are written through
         if md.closing_blocks.numel():  # fixed layout: always, its -1 entries are skipped
             ops.summarize_pool(pool, md.closing_blocks, summ, self.rot)
         if md.num_decodes and self.dense:
@@ -256,13 +255,13 @@ class HGALayer:
         )
 
     def _through_bank(self, pool, rows, token_ok) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(rows, bank data): sinks, closed local chunks and routed chunks go through the
-        bank; the open own chunk (the last GROUPS fixed columns) is read from the pool."""
+        """(rows, bank data): every chunk of the lists goes through the bank, the open own
+        chunk too (write_kv writes resident blocks through, so the bank never holds stale
+        tokens); chunks the bank cannot take this step are read from the pool."""
         bank = None if self.dense else self.bank
         if bank is None:
             return rows, None
-        own = (self.n_shared - GROUPS, self.n_shared)
-        return bank.admit(pool, rows, token_ok, own, self.metrics), bank.data
+        return bank.admit(pool, rows, token_ok, (0, 0), self.metrics), bank.data
 
     # ------------------------------------------------------------------ metrics
     def _count_attention(self, keys, pos: torch.Tensor, kv_bytes) -> None:

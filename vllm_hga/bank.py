@@ -15,14 +15,17 @@ end that absorbs writes of padding, so every update is a fixed-shape scatter):
 * ``block_of_slot [bank_chunks + 1]``: pool block held by a slot, -1 when empty;
 * ``last_use [bank_chunks + 1]``: the layer's decode step that last touched the slot.
 
-Per decode step (``admit``): the chunks the group lists need (valid columns except the
-open own chunk) are found; resident ones refresh ``last_use`` (hits); the others (misses)
-take the least recently used slots not hit this step (ties: lower slot first), in block
-order, as long as slots remain, and are copied in from the pool.  Misses beyond the bank's
-size are read from the pool directly this step.  Every block written (``invalidate``:
-new tokens, or a freed block reused by another request) leaves the bank first, so stale
-data is never read.  No step reads a device value on the host, and the step counter is a
-device tensor (``meta[0]``), so admission can be captured in a CUDA graph.
+Per decode step (``admit``): the chunks the group lists need (valid columns, except any
+``own_cols`` the caller keeps in the pool) are found; resident ones refresh ``last_use``
+(hits); the others (misses) take the least recently used slots not hit this step (ties:
+lower slot first), in block order, as long as slots remain, and are copied in from the
+pool.  Misses beyond the bank's size are read from the pool directly this step.  A
+resident block always equals its pool block: the layer writes new tokens through
+(``write_through``, or the pool's CUDA write_kv with the bank), so the open own chunk is
+banked like any other chunk; ``invalidate`` (drop the written blocks instead) is the
+alternative for callers that write the pool alone.  No step reads a device value on the
+host, and the step counter is a device tensor (``meta[0]``), so admission can be captured
+in a CUDA graph.
 
 Two implementations with the same results: the torch ops below (the reference: CPU, and
 CUDA without the extension or with ``kernels = False``), and on CUDA three fused launches
@@ -185,6 +188,22 @@ class DeviceBank:
         held = torch.where(held >= 0, held, self.capacity)
         self.block_of_slot.index_fill_(0, held, -1)
         self.last_use.index_fill_(0, held, -1)  # evicted first
+
+    def write_through(self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+        """Write key/value [T, H, D] of token slots [T] into the bank's copies of the resident
+        blocks (the torch path; on CUDA the pool's write_kv does it in the same launch).
+        Padding (slots < 0) and blocks not resident land in the spare slot."""
+        if slots.numel() == 0:
+            return
+        if slots.device != self.device:
+            slots = slots.to(self.device)
+        slots = slots.to(torch.long)
+        blocks = torch.where(slots >= 0, slots // CHUNK_SIZE, self.num_blocks)
+        held = self.slot_of_block[blocks]  # dummy entry num_blocks is always -1
+        held = torch.where(held >= 0, held, self.capacity)
+        offs = slots % CHUNK_SIZE
+        self.data[held, :, 0, offs] = key.to(self.device, self.data.dtype)
+        self.data[held, :, 1, offs] = value.to(self.device, self.data.dtype)
 
     # ------------------------------------------------------------------ decode
     def admit(

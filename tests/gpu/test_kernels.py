@@ -140,6 +140,39 @@ def test_write_kv(dtype, uva):
     assert torch.equal(pool.cpu() if uva else pool, want.cpu() if uva else want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_write_kv_through_bank(dtype):
+    """write_kv with a bank writes the resident blocks' bank copies in the same launch,
+    like the torch path (DeviceBank.write_through); other slots stay untouched."""
+    from vllm_hga.bank import DeviceBank
+
+    nb, H, D, T, cap = 41, 4, 128, 150, 9
+    pool0 = torch.randn(nb, H, 2, CHUNK_SIZE, D, device=DEV).to(dtype)
+    banks = []
+    resident = torch.randperm(nb, device=DEV)[: cap - 2]  # the same in both; two slots empty
+    for kernels in (False, True):
+        bank = DeviceBank(cap, H, D, dtype, DEV)
+        bank.kernels = kernels
+        bank.bind(pool0)
+        bank.slot_of_block[resident] = torch.arange(cap - 2, device=DEV)
+        bank.block_of_slot[: cap - 2] = resident
+        bank.data[: cap - 2] = pool0[resident]
+        banks.append((bank, pool0.clone()))
+    kv = torch.randn(T, 2 * H * D, device=DEV).to(dtype)
+    key, value = kv[:, : H * D].view(T, H, D), kv[:, H * D :].view(T, H, D)
+    slots = torch.randperm(nb * CHUNK_SIZE, device=DEV)[:T]
+    slots[::5] = -1
+    (ref, ref_pool), (fused, pool) = banks
+    torch_ops.TorchOps.write_kv(ref_pool, key, value, slots, ref)
+    cuda_ops.write_kv(pool, key, value, slots, fused)
+    torch.cuda.synchronize()
+    assert torch.equal(pool, ref_pool)
+    assert torch.equal(fused.data[:cap], ref.data[:cap])
+    held = ref.block_of_slot[: cap - 2]
+    assert torch.equal(fused.data[: cap - 2], pool[held])  # resident copies = pool blocks
+    assert not torch.equal(fused.data[: cap - 2], pool0[held])  # and the writes hit some
+
+
 # ----------------------------------------------------------------------------- summaries
 @pytest.mark.parametrize("score", ["mean", "mean_std"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -516,4 +549,7 @@ def test_layer_decode_with_bank_no_host_sync(score, chunks):
     assert held.numel() == chunks if chunks == 4 else 0 < held.numel() < chunks
     for slot in held[:64].tolist():
         blk = int(bank.block_of_slot[slot])
-        assert torch.equal(bank.data[slot].cpu(), b.host[blk])
+        # the open own chunk is banked too: its unwritten tail is the pool's NaN poison
+        torch.testing.assert_close(
+            bank.data[slot].cpu(), b.host[blk], rtol=0, atol=0, equal_nan=True
+        )

@@ -117,13 +117,22 @@ class CudaOps(torch_ops.TorchOps):
 
     @staticmethod
     def write_kv(
-        pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
+        pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, bank=None
     ) -> None:
-        """torch_ops.write_kv without the host sync of its padding filter (slots < 0 skipped)."""
+        """torch_ops.write_kv without the host sync of its padding filter (slots < 0 skipped);
+        with a bank.DeviceBank (bound to this pool) its resident blocks get the same writes,
+        in the same launch."""
         T = key.shape[0]
+        through = () if bank is None or not bank.kernels else (bank.data, bank.slot_of_block)
         _ops().write_kv(
-            pool, key.to(pool.dtype), value.to(pool.dtype), slots[:T].to(torch.long).contiguous()
+            pool,
+            key.to(pool.dtype),
+            value.to(pool.dtype),
+            slots[:T].to(torch.long).contiguous(),
+            *through,
         )
+        if bank is not None and not through:
+            bank.write_through(key, value, slots[:T])
 
     @staticmethod
     def summarize_blocks(k: torch.Tensor, rot: torch_ops.SummaryRotation) -> torch.Tensor:

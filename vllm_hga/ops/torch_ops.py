@@ -306,8 +306,11 @@ class TorchOps:
     kernels = False  # CudaOps: True
 
     @staticmethod
-    def write_kv(pool, key, value, slots) -> None:
+    def write_kv(pool, key, value, slots, bank=None) -> None:
+        """bank: a bank.DeviceBank bound to this pool; its resident blocks get the writes too."""
         write_kv(pool, key, value, slots)
+        if bank is not None:
+            bank.write_through(key, value, slots[: key.shape[0]])
 
     @staticmethod
     def summarize_blocks(k, rot: SummaryRotation) -> torch.Tensor:
