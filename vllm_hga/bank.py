@@ -217,7 +217,8 @@ class DeviceBank:
         """Admit the chunks of a decode step's group lists; return the encoded rows.
 
         rows [R, Hq, Gt] pool K rows ((block*H + kv_head)*2)*M + group, token_ok
-        [R, Hq, Gt, 16]; columns own_cols = [a, b) are the open own chunk (never admitted).
+        [R, Hq, Gt, 16]; columns own_cols = [a, b) stay in the pool (the layer passes an empty
+        range: it writes through, so its open own chunk is banked like any other).
         """
         if self._use_kernels():
             return self._admit_kernels(pool, rows, token_ok, own_cols, metrics)
@@ -309,7 +310,7 @@ class DeviceBank:
             metrics.add("bank_hits", n_hit)
             metrics.add("bank_misses", n_miss)
             metrics.add("bank_bytes_fetched", n_admit * self.chunk_bytes)
-        # encode rows of resident chunks (the own chunk's columns stay in the pool)
+        # encode rows of resident chunks (own_cols' columns stay in the pool)
         s = self.slot_of_block[blk]
         in_bank = col_ok & (s >= 0)
         return torch.where(in_bank, -(s * H2M + rows % H2M) - 1, rows)
