@@ -478,15 +478,22 @@ def soak(args) -> Report:
         plan = Plan(client, args.max_len, args.seed, args.max_words)
         before = greedy_texts(client)
         # warm-up at full concurrency, every shape: the baseline RSS is the served one
-        warm = argparse.Namespace(requests=args.concurrency, near_max=1, load_minutes=0)
-        _load(Report(), plan, warm, None, args.concurrency)
+        _load(Report(), plan, args.concurrency, args.concurrency, near_max=1)
         rep.start = snapshot(server, client)
         log_from = server_log.stat().st_size
         log(
             f"warmed up; sending {args.requests} requests"
             + (f" a round, rounds for {args.load_minutes} min" if args.load_minutes else "")
         )
-        _load(rep, plan, args, lambda: snapshot(server, client))
+        _load(
+            rep,
+            plan,
+            args.requests,
+            args.concurrency,
+            args.near_max,
+            args.load_minutes,
+            idle=lambda: snapshot(server, client),
+        )
         log(f"load done in {rep.load_seconds} s")
         if args.bench_prompts:
             log(f"vllm bench serve: {args.bench_prompts} prompts")
@@ -511,25 +518,33 @@ def soak(args) -> Report:
     return rep
 
 
-def _load(rep: Report, plan: Plan, args, idle, concurrency: int = 0) -> None:
-    """Rounds of `args.requests` seeded requests (each with its `args.near_max` long
-    prompts and the bad-input rows), one round, or rounds until `args.load_minutes` have
+def _load(
+    rep: Report,
+    plan: Plan,
+    requests: int,
+    concurrency: int,
+    near_max: int,
+    minutes: float = 0,
+    idle=None,
+) -> None:
+    """Rounds of `requests` seeded requests (each with its `near_max` long prompts and the
+    bad-input rows) from `concurrency` clients: one round, or rounds until `minutes` have
     passed; after each round but the last, `idle()` (a snapshot once the server is idle)
     records the RSS trend."""
     t0, results = time.time(), []
-    with ThreadPoolExecutor(concurrency or args.concurrency) as pool:
+    with ThreadPoolExecutor(concurrency) as pool:
         while True:
             r0 = time.time()
-            todo = plan.requests(args.requests, args.near_max)
+            todo = plan.requests(requests, near_max)
             results += pool.map(lambda kp: plan.run(*kp), todo)
             rnd = {"requests": len(todo), "seconds": round(time.time() - r0, 1)}
             rnd["errors_5xx"] = sum(r.status >= 500 for r in results[-len(todo) :])
-            done = time.time() - t0 >= 60 * args.load_minutes
+            done = time.time() - t0 >= 60 * minutes
             if idle is not None and not done:
                 snap = idle()
                 rnd["rss_bytes"], rnd["rss_by_kind"] = snap["rss_bytes"], snap["rss_by_kind"]
             rep.rounds.append(rnd)
-            if idle is not None and args.load_minutes:
+            if idle is not None and minutes:
                 log(f"round {len(rep.rounds)}: {rnd}")
             if done:
                 break
