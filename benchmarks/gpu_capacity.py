@@ -44,6 +44,7 @@ import sys
 import time
 
 from benchmarks.gpu_e2e import QWEN3_30B_A3B, load_rows, model_dir
+from vllm_hga.config import _parse_bytes
 
 CHUNK = 64  # HGA's block size (one chunk)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4}
@@ -55,16 +56,6 @@ TOKENIZER_FILES = (
     "merges.txt",
     "chat_template.jinja",
 )
-
-
-def parse_bytes(text: str) -> int:
-    """'24MiB', '16GiB', '1073741824' -> bytes."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "b": 1}
-    t = str(text).strip().lower()
-    for unit, mult in units.items():
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -269,7 +260,7 @@ def measure_backend(args) -> dict:
     )
     if quant:
         kw["quantization"] = quant
-    kv_bytes = parse_bytes(args.kv_cache_bytes) if args.kv_cache_bytes else None
+    kv_bytes = _parse_bytes(args.kv_cache_bytes or None, "--kv-cache-bytes")
     gmu = None
     if device_type == "cuda":
         if kv_bytes is None:
