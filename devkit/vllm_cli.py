@@ -33,14 +33,22 @@ def vllm_distribution() -> str:
 
 
 def patch_version_lookup() -> None:
-    """Make ``importlib.metadata.version("vllm")`` answer for ``vllm_distribution()``."""
+    """Make ``importlib.metadata.version("vllm")`` answer for ``vllm_distribution()``, as
+    vLLM's platform detection reads it: the CPU build's version gets "+cpu" (which is how
+    that detection tells a CPU build; without it ``serve`` fails "Failed to infer device
+    type")."""
     dist = vllm_distribution()
     if dist == "vllm" or getattr(metadata.version, "_hga_patched", False):
         return
     real = metadata.version
 
+    cpu = "cpu" in dist.lower()
+
     def version(name: str) -> str:
-        return real(dist if name == "vllm" else name)
+        if name != "vllm":
+            return real(name)
+        v = real(dist)
+        return v + "+cpu" if cpu and "cpu" not in v else v
 
     version._hga_patched = True
     metadata.version = version
