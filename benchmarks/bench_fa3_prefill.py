@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.profile_decode import step_ms
 from vllm_hga.config import CHUNK_SIZE, GROUP_SIZE, HGAConfig
 
 GROUPS = CHUNK_SIZE // GROUP_SIZE
@@ -182,18 +183,6 @@ def random_routed(
 HQ, HKV, D = 32, 4, 128  # Qwen3-30B-A3B attention
 
 
-def _events_ms(fn, iters: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / iters
-
-
 def measure(S: int, groups: int, fa3, iters: int, check_tiles: int) -> dict:
     cfg = HGAConfig()
     nb = -(-S // CHUNK_SIZE)
@@ -209,9 +198,9 @@ def measure(S: int, groups: int, fa3, iters: int, check_tiles: int) -> dict:
     bt, used, cu = (x.cuda() for x in (rows.block_table, rows.seqused_k, rows.cu_seqlens_q))
     qp = pack_queries(q, rows, 0, HKV)
 
-    def sparse():
+    def run_sparse(q_packed):
         return fa3(
-            qp,
+            q_packed,
             k_pages,
             v_pages,
             rows.max_seqlen_q,
@@ -224,25 +213,11 @@ def measure(S: int, groups: int, fa3, iters: int, check_tiles: int) -> dict:
             fa_version=3,
         )
 
-    def sparse_with_packing():
-        return unpack_output(
-            fa3(
-                pack_queries(q, rows, 0, HKV),
-                k_pages,
-                v_pages,
-                rows.max_seqlen_q,
-                cu,
-                rows.max_seqlen_k,
-                seqused_k=used,
-                softmax_scale=scale,
-                causal=True,
-                block_table=bt,
-                fa_version=3,
-            ),
-            rows,
-            0,
-            HKV,
-        )
+    def sparse():
+        return run_sparse(qp)
+
+    def sparse_with_packing():  # the layout change a layer would pay around the call
+        return unpack_output(run_sparse(pack_queries(q, rows, 0, HKV)), rows, 0, HKV)
 
     k_dense = pool[:, :, 0].permute(0, 2, 1, 3)  # [blocks, 64, H_kv, D], strided
     v_dense = pool[:, :, 1].permute(0, 2, 1, 3)
@@ -278,7 +253,7 @@ def measure(S: int, groups: int, fa3, iters: int, check_tiles: int) -> dict:
         ("dense", dense),
     ):
         try:
-            row[f"{name}_ms"] = round(_events_ms(fn, iters), 3)
+            row[f"{name}_ms"] = round(step_ms(fn, iters), 3)
         except Exception as e:  # a layout FA3 refuses: recorded, the others still run
             row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
     if "sparse_ms" in row and check_tiles:
