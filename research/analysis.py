@@ -698,10 +698,12 @@ def reserve_router(reserve: int, by: str = "quest", alpha: float = 1.0):
 
 def research_router(kind: str, **params):
     """A router factory by name, for the replay's config entries (``"router": {...}``):
-    kind "reserve" -> ``reserve_router(**params)``; any ``stat_scores`` kind ->
-    ``stat_router(kind, **params)``."""
+    kind "reserve" -> ``reserve_router(**params)``; "tile" -> ``tile_router(**params)``;
+    any ``stat_scores`` kind -> ``stat_router(kind, **params)``."""
     if kind == "reserve":
         return reserve_router(**params)
+    if kind == "tile":
+        return tile_router(**params)
     return stat_router(kind, **params)
 
 
@@ -737,3 +739,102 @@ def find_span(tok, ids: list[int], text: str) -> range:
     start = first(lambda s: text[:12] in s) - 1
     end = first(lambda s: text in s)
     return range(max(0, start), end)
+
+
+# ------------------------------------------------------------------ tile-level routing
+def production_scores(q, chunk_sum, group_sum, cfg: HGAConfig, group_var=None):
+    """Per-query (group scores [N, Hq, n, M], chunk scores [N, Hq, n]) exactly as
+    ``routing.route`` computes them from one request's summaries (chunk_sum [1, n, Hkv, D],
+    group_sum [1, n, M, Hkv, D]; for "sketch" the pages' grid and code rows), before any
+    masking or top-k."""
+    N, Hq, _ = q.shape
+    chunk_sum, group_sum = chunk_sum[0], group_sum[0]
+    n, Hkv = chunk_sum.shape[0], chunk_sum.shape[1]
+    M = cfg.groups_per_chunk
+    qd = q.to(group_sum.dtype).view(N, Hkv, Hq // Hkv, -1)
+    if cfg.group_score == "sketch":
+        gsc = routing._sketch_scores(qd, chunk_sum, group_sum, "").reshape(N, Hq, n, M)
+    else:
+        gsc = torch.einsum("nkrd,jmkd->nkrjm", qd, group_sum).reshape(N, Hq, n, M)
+    if cfg.group_score == "mean_std":
+        spread = torch.einsum("nkrd,jkd->nkrj", qd * qd, group_var[0].to(qd.dtype))
+        gsc = gsc + cfg.score_alpha * spread.clamp(min=0).sqrt().reshape(N, Hq, n, 1)
+    if cfg.chunk_score == "max_group":
+        csc = gsc.amax(-1)
+    else:
+        csc = torch.einsum("nkrd,jkd->nkrj", qd, chunk_sum).reshape(N, Hq, n)
+    return gsc, csc
+
+
+def tile_router(agg: str = "max", per: str = "head", tile: int = 64):
+    """Router factory: tile-level routing for a paged-varlen prefill (issue 14).  The
+    queries of one tile (``tile`` consecutive positions, 64 = the queries of one chunk)
+    share ONE routed group list: per query head (per "head") or per KV head, shared by its
+    GQA query heads (per "kv").  Same sinks, local window and own chunk (causal) as
+    routing.route, same summaries and score functions (``production_scores``), same
+    K_c and G (cfg.groups_per_query):
+
+      agg "max"   tile score of a chunk / group = max over the tile's queries (and, per
+                  "kv", over the KV head's query heads) of the per-query scores;
+      agg "mean"  the scores of the tile's mean query (mean of q over the tile; per "kv",
+                  also over the KV head's query heads).
+
+    The tile's later queries help choose the groups of its earlier ones; that leaks no
+    token (every routed group lies in a closed chunk before the tile's own chunk), but it
+    is no longer per-query causal routing.  ``tile`` must divide the chunk size; tile=1
+    with agg "max", per "head" is routing.route."""
+    if agg not in ("max", "mean") or per not in ("head", "kv"):
+        raise ValueError(f"tile_router: agg {agg!r} / per {per!r} unknown")
+
+    def factory(k: torch.Tensor, cfg: HGAConfig, rope: RopeSpec):
+        if cfg.chunk_size % tile:
+            raise ValueError(f"tile {tile} must divide the chunk size {cfg.chunk_size}")
+        n = k.shape[0] // cfg.chunk_size
+        var = (
+            group_key_variance(k[: n * cfg.chunk_size], cfg).unsqueeze(0)
+            if cfg.group_score == "mean_std"
+            else None
+        )
+
+        def route(qb, pos, chunk_sum, group_sum, cfg_):
+            return tile_route(qb, pos, chunk_sum, group_sum, cfg_, agg, per, tile, var)
+
+        return route
+
+    return factory
+
+
+def tile_route(qb, pos, chunk_sum, group_sum, cfg, agg="max", per="head", tile=64, var=None):
+    """routing.route's contract (fixed [N, n], ids [N, Hq, G], ok [N, Hq, G]) with one
+    list per tile (see ``tile_router``); rows of one tile get identical lists."""
+    N, Hq, D = qb.shape
+    Hkv = chunk_sum.shape[2]
+    rep = Hq // Hkv
+    t_of, inv = torch.unique(pos // tile, return_inverse=True)  # tile of each row
+    nt = t_of.shape[0]
+    tpos = t_of * tile  # a position of each tile: its window and pool are the tile's
+    if agg == "mean":
+        qs = torch.zeros(nt, Hq, D, dtype=qb.dtype).index_add_(0, inv, qb)
+        qs = qs / torch.bincount(inv, minlength=nt).to(qb.dtype).view(nt, 1, 1)
+        if per == "kv":  # one mean query per KV head, over its query heads too
+            qs = qs.view(nt, Hkv, rep, D).mean(2, keepdim=True).expand(nt, Hkv, rep, D)
+            qs = qs.reshape(nt, Hq, D)
+        gsc, csc = production_scores(qs, chunk_sum, group_sum, cfg, var)
+    else:
+        g, c = production_scores(qb, chunk_sum, group_sum, cfg, var)
+        n, M = g.shape[2], g.shape[3]
+        gi = inv.view(N, 1, 1, 1).expand_as(g)
+        gsc = torch.full((nt, Hq, n, M), float("-inf")).scatter_reduce_(0, gi, g, "amax")
+        csc = gsc.amax(-1) if cfg.chunk_score == "max_group" else None
+        if csc is None:
+            ci = inv.view(N, 1, 1).expand_as(c)
+            csc = torch.full((nt, Hq, n), float("-inf")).scatter_reduce_(0, ci, c, "amax")
+    if per == "kv":  # one list per KV head: route Hkv "heads", then give it to the rep
+        n, M = gsc.shape[2], gsc.shape[3]
+        gsc = gsc.view(nt, Hkv, rep, n, M).amax(2)
+        csc = csc.view(nt, Hkv, rep, n).amax(2)
+    _, ids, ok = _two_level(gsc, csc, tpos, cfg)
+    if per == "kv":
+        ids, ok = ids.repeat_interleave(rep, 1), ok.repeat_interleave(rep, 1)
+    fixed, _ = routing.window_masks(pos, chunk_sum.shape[1], cfg)
+    return fixed, ids[inv], ok[inv]
