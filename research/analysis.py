@@ -202,10 +202,20 @@ def _summaries(k: torch.Tensor, cfg: HGAConfig, rope: RopeSpec):
             torch.zeros(1, 0, H, D),
         )
     pages = summarize_blocks(k[: n * C].view(n, C, H, D), SummaryRotation(rope, cfg, k.device))
-    var = (
-        group_key_variance(k[: n * C], cfg).unsqueeze(0) if cfg.group_score == "mean_std" else None
+    return (
+        pages[:, :, 0].unsqueeze(0),
+        pages[:, :, 1:].transpose(1, 2).unsqueeze(0),
+        _group_var(k, cfg),
     )
-    return pages[:, :, 0].unsqueeze(0), pages[:, :, 1:].transpose(1, 2).unsqueeze(0), var
+
+
+def _group_var(k: torch.Tensor, cfg: HGAConfig) -> torch.Tensor | None:
+    """The closed chunks' key variance [1, n, H, D], which "mean_std" routing reads (None
+    for the other scores)."""
+    if cfg.group_score != "mean_std":
+        return None
+    n = k.shape[0] // cfg.chunk_size
+    return group_key_variance(k[: n * cfg.chunk_size], cfg).unsqueeze(0)
 
 
 def hga_group_vis(qb, pos, summ, cfg: HGAConfig, n_groups: int, router=None):
@@ -664,11 +674,7 @@ def reserve_router(reserve: int, by: str = "quest", alpha: float = 1.0):
     def factory(k: torch.Tensor, cfg: HGAConfig, rope: RopeSpec):
         scores = stat_scores(by, alpha, k, cfg)
         n = k.shape[0] // cfg.chunk_size
-        var = (
-            group_key_variance(k[: n * cfg.chunk_size], cfg).unsqueeze(0)
-            if cfg.group_score == "mean_std"
-            else None
-        )
+        var = _group_var(k, cfg)
 
         def route(qb, pos, chunk_sum, group_sum, cfg_):
             G = cfg_.groups_per_query
@@ -789,12 +795,7 @@ def tile_router(agg: str = "max", per: str = "head", tile: int = 64):
     def factory(k: torch.Tensor, cfg: HGAConfig, rope: RopeSpec):
         if cfg.chunk_size % tile:
             raise ValueError(f"tile {tile} must divide the chunk size {cfg.chunk_size}")
-        n = k.shape[0] // cfg.chunk_size
-        var = (
-            group_key_variance(k[: n * cfg.chunk_size], cfg).unsqueeze(0)
-            if cfg.group_score == "mean_std"
-            else None
-        )
+        var = _group_var(k, cfg)
 
         def route(qb, pos, chunk_sum, group_sum, cfg_):
             return tile_route(qb, pos, chunk_sum, group_sum, cfg_, agg, per, tile, var)
