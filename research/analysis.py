@@ -580,7 +580,7 @@ def stat_router(
                 chunk_scores = torch.einsum("nkrd,jkd->nkrj", qd, chunk_sum[0]).reshape(N, Hq, n)
             else:
                 chunk_scores = group_scores.amax(-1)
-            return _two_level(group_scores, chunk_scores, pos, cfg_)
+            return routing.select_groups(group_scores, chunk_scores, pos, cfg_)
 
         return route
 
@@ -713,22 +713,6 @@ def research_router(kind: str, **params):
     return stat_router(kind, **params)
 
 
-def _two_level(group_scores, chunk_scores, pos, cfg):
-    """routing.route's selection given precomputed scores [N, Hq, n, M] / [N, Hq, n]."""
-    N, Hq, n, M = group_scores.shape
-    fixed, pool = routing.window_masks(pos, n, cfg)
-    Kc = min(cfg.topk_chunks, n)
-    G = min(cfg.groups_per_query, Kc * M)
-    pool_h = pool.unsqueeze(1).expand(N, Hq, n)
-    cs = chunk_scores.masked_fill(~pool_h, float("-inf"))
-    kept = torch.topk(cs, Kc, dim=-1).indices
-    kept_ok = pool_h.gather(-1, kept)
-    gsc = group_scores.gather(2, kept.unsqueeze(-1).expand(N, Hq, Kc, M))
-    gsc = gsc.masked_fill(~kept_ok.unsqueeze(-1), float("-inf")).view(N, Hq, Kc * M)
-    best = torch.topk(gsc, G, dim=-1).indices
-    return fixed, kept.gather(-1, best // M) * M + best % M, kept_ok.gather(-1, best // M)
-
-
 def find_span(tok, ids: list[int], text: str) -> range:
     """Token positions of `text` inside ids (binary search on decoded prefixes)."""
 
@@ -748,36 +732,12 @@ def find_span(tok, ids: list[int], text: str) -> range:
 
 
 # ------------------------------------------------------------------ tile-level routing
-def production_scores(q, chunk_sum, group_sum, cfg: HGAConfig, group_var=None):
-    """Per-query (group scores [N, Hq, n, M], chunk scores [N, Hq, n]) exactly as
-    ``routing.route`` computes them from one request's summaries (chunk_sum [1, n, Hkv, D],
-    group_sum [1, n, M, Hkv, D]; for "sketch" the pages' grid and code rows), before any
-    masking or top-k."""
-    N, Hq, _ = q.shape
-    chunk_sum, group_sum = chunk_sum[0], group_sum[0]
-    n, Hkv = chunk_sum.shape[0], chunk_sum.shape[1]
-    M = cfg.groups_per_chunk
-    qd = q.to(group_sum.dtype).view(N, Hkv, Hq // Hkv, -1)
-    if cfg.group_score == "sketch":
-        gsc = routing._sketch_scores(qd, chunk_sum, group_sum, "").reshape(N, Hq, n, M)
-    else:
-        gsc = torch.einsum("nkrd,jmkd->nkrjm", qd, group_sum).reshape(N, Hq, n, M)
-    if cfg.group_score == "mean_std":
-        spread = torch.einsum("nkrd,jkd->nkrj", qd * qd, group_var[0].to(qd.dtype))
-        gsc = gsc + cfg.score_alpha * spread.clamp(min=0).sqrt().reshape(N, Hq, n, 1)
-    if cfg.chunk_score == "max_group":
-        csc = gsc.amax(-1)
-    else:
-        csc = torch.einsum("nkrd,jkd->nkrj", qd, chunk_sum).reshape(N, Hq, n)
-    return gsc, csc
-
-
 def tile_router(agg: str = "max", per: str = "head", tile: int = 64):
     """Router factory: tile-level routing for a paged-varlen prefill (issue 14).  The
     queries of one tile (``tile`` consecutive positions, 64 = the queries of one chunk)
     share ONE routed group list: per query head (per "head") or per KV head, shared by its
     GQA query heads (per "kv").  Same sinks, local window and own chunk (causal) as
-    routing.route, same summaries and score functions (``production_scores``), same
+    routing.route, same summaries and score functions (``routing.route_scores``), same
     K_c and G (cfg.groups_per_query):
 
       agg "max"   tile score of a chunk / group = max over the tile's queries (and, per
@@ -820,9 +780,9 @@ def tile_route(qb, pos, chunk_sum, group_sum, cfg, agg="max", per="head", tile=6
         if per == "kv":  # one mean query per KV head, over its query heads too
             qs = qs.view(nt, Hkv, rep, D).mean(2, keepdim=True).expand(nt, Hkv, rep, D)
             qs = qs.reshape(nt, Hq, D)
-        gsc, csc = production_scores(qs, chunk_sum, group_sum, cfg, var)
+        gsc, csc = routing.route_scores(qs, chunk_sum, group_sum, cfg, var)
     else:
-        g, c = production_scores(qb, chunk_sum, group_sum, cfg, var)
+        g, c = routing.route_scores(qb, chunk_sum, group_sum, cfg, var)
         n, M = g.shape[2], g.shape[3]
         gi = inv.view(N, 1, 1, 1).expand_as(g)
         gsc = torch.full((nt, Hq, n, M), float("-inf")).scatter_reduce_(0, gi, g, "amax")
@@ -834,7 +794,7 @@ def tile_route(qb, pos, chunk_sum, group_sum, cfg, agg="max", per="head", tile=6
         n, M = gsc.shape[2], gsc.shape[3]
         gsc = gsc.view(nt, Hkv, rep, n, M).amax(2)
         csc = csc.view(nt, Hkv, rep, n).amax(2)
-    _, ids, ok = _two_level(gsc, csc, tpos, cfg)
+    _, ids, ok = routing.select_groups(gsc, csc, tpos, cfg)
     if per == "kv":
         ids, ok = ids.repeat_interleave(rep, 1), ok.repeat_interleave(rep, 1)
     fixed, _ = routing.window_masks(pos, chunk_sum.shape[1], cfg)

@@ -94,7 +94,7 @@ def test_max_tile_keeps_each_querys_top_group():
     pos = torch.arange(S)
     from research import analysis
 
-    g, _ = analysis.production_scores(q, *summ, cfg)
+    g, _ = routing.route_scores(q, *summ, cfg)
     _, ids, ok = _route({"agg": "max"}, cfg, rope, q, k, summ, pos)
     n = summ[0].shape[1] * 4
     vis = routing.group_mask(ids, ok, n)

@@ -72,17 +72,40 @@ def route(
     chunks every head sees, and per head the group ids (chunk * M + group) routing opened;
     slots with open_ok False are padding.
     """
+    n = chunk_sum.shape[1]
+    Kc, G = _budgets(n, cfg, groups_per_query)
+    if Kc == 0 or G == 0:  # nothing to route: skip the scoring
+        return _nothing_routed(q.shape[0], q.shape[1], pos, n, cfg)
+    group_scores, chunk_scores = route_scores(q, chunk_sum, group_sum, cfg, group_var)
+    return select_groups(group_scores, chunk_scores, pos, cfg, groups_per_query)
+
+
+def _budgets(n: int, cfg: HGAConfig, groups_per_query: int | None) -> tuple[int, int]:
+    """(chunks kept, groups opened) per query head with n chunk slots."""
+    G = cfg.groups_per_query if groups_per_query is None else groups_per_query
+    Kc = min(cfg.topk_chunks, n)
+    return Kc, min(G, Kc * cfg.groups_per_chunk)
+
+
+def _nothing_routed(N: int, Hq: int, pos: torch.Tensor, n: int, cfg: HGAConfig):
+    fixed, _ = window_masks(pos, n, cfg)
+    empty = torch.zeros(N, Hq, 0, dtype=torch.long, device=pos.device)
+    return fixed, empty, empty.bool()
+
+
+def route_scores(
+    q: torch.Tensor,
+    chunk_sum: torch.Tensor,
+    group_sum: torch.Tensor,
+    cfg: HGAConfig,
+    group_var: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Level-2 group scores [N, Hq, n, M] and level-1 chunk scores [N, Hq, n] of queries
+    q [N, Hq, D] over every chunk slot (``route``'s inputs; nothing masked yet)."""
     N, Hq, _ = q.shape
     n, Hkv = chunk_sum.shape[1], chunk_sum.shape[2]
     M = cfg.groups_per_chunk
     rep = Hq // Hkv
-    G = cfg.groups_per_query if groups_per_query is None else groups_per_query
-    fixed, pool = window_masks(pos, n, cfg)
-    Kc = min(cfg.topk_chunks, n)
-    G = min(G, Kc * M)
-    if Kc == 0 or G == 0:
-        empty = torch.zeros(N, Hq, 0, dtype=torch.long, device=q.device)
-        return fixed, empty, empty.bool()
     shared = chunk_sum.shape[0] == 1 and N > 1  # one request's summaries for all queries
     b = "" if shared else "n"
     if shared:
@@ -107,10 +130,27 @@ def route(
         chunk_scores = group_scores.amax(dim=-1)
     else:
         chunk_scores = torch.einsum(f"nkrd,{b}jkd->nkrj", qd, chunk_sum).reshape(N, Hq, n)
+    return group_scores, chunk_scores
+
+
+def select_groups(
+    group_scores: torch.Tensor,
+    chunk_scores: torch.Tensor,
+    pos: torch.Tensor,
+    cfg: HGAConfig,
+    groups_per_query: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``route``'s selection from scores (``route_scores``' shapes) of rows at positions
+    pos [N]: the top K_c pool chunks by chunk score, then the top G of their groups."""
+    N, Hq, n, M = group_scores.shape
+    Kc, G = _budgets(n, cfg, groups_per_query)
+    if Kc == 0 or G == 0:
+        return _nothing_routed(N, Hq, pos, n, cfg)
+    fixed, pool = window_masks(pos, n, cfg)
     pool_h = pool.unsqueeze(1).expand(N, Hq, n)
     chunk_scores = chunk_scores.masked_fill(~pool_h, NEG_INF)
     if cfg.local_chunks == 0:  # the preceding chunk is then in the pool: always keep it
-        prev = torch.arange(n, device=q.device) == (pos // cfg.chunk_size - 1).unsqueeze(1)
+        prev = torch.arange(n, device=pos.device) == (pos // cfg.chunk_size - 1).unsqueeze(1)
         chunk_scores = chunk_scores.masked_fill((prev & pool).unsqueeze(1), float("inf"))
     kept = torch.topk(chunk_scores, Kc, dim=-1).indices  # [N, Hq, Kc]
     kept_ok = pool_h.gather(-1, kept)
