@@ -92,8 +92,6 @@ def test_max_tile_keeps_each_querys_top_group():
     (per head) is open for every query of the tile."""
     cfg, rope, q, k, summ = _setup("sketch")
     pos = torch.arange(S)
-    from research import analysis
-
     g, _ = routing.route_scores(q, *summ, cfg)
     _, ids, ok = _route({"agg": "max"}, cfg, rope, q, k, summ, pos)
     n = summ[0].shape[1] * 4
